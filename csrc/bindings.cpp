@@ -1,0 +1,149 @@
+// The one place that exposes compiled ops to Python (module diffkern._C).
+// Every entry point re-validates its inputs with TORCH_CHECK (a Python exception, never a crash):
+// the Python layer checks first and gives friendlier messages, this is the last line of defence.
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+
+#include "cpu/group_norm.h"
+#ifdef WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "cuda/group_norm.h"
+#endif
+
+namespace diffkern {
+namespace {
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "group_norm: x must be float32, float16 or bfloat16, got ", t);
+  }
+  return DType::kFloat32;
+}
+
+const void* check_param(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x,
+                        at::IntArrayRef shape) {
+  if (!t.has_value()) return nullptr;
+  const at::Tensor& p = *t;
+  TORCH_CHECK_TYPE(p.scalar_type() == x.scalar_type(), "group_norm: ", name, " must have x's dtype ",
+                   x.scalar_type(), ", got ", p.scalar_type());
+  TORCH_CHECK(p.device() == x.device(), "group_norm: ", name, " must be on x's device ", x.device(),
+              ", got ", p.device());
+  TORCH_CHECK(p.sizes() == shape, "group_norm: ", name, " must have shape ", shape, ", got ", p.sizes());
+  TORCH_CHECK(p.is_contiguous(), "group_norm: ", name, " must be contiguous");
+  return p.data_ptr();
+}
+
+// Returns (y, mean, rstd). x is contiguous or channels-last-like (stride of C is 1 and the spatial
+// dims flatten to one stride of C); anything else is made contiguous by the Python layer.
+std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_groups,
+                                           const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& scale,
+                                           const std::optional<at::Tensor>& shift, double eps,
+                                           bool silu) {
+  TORCH_CHECK(x.dim() >= 2, "group_norm: x must have at least 2 dims (N, C, ...), got ", x.dim());
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK(num_groups > 0, "group_norm: num_groups must be positive, got ", num_groups);
+  TORCH_CHECK(C % num_groups == 0, "group_norm: num_channels ", C, " must be divisible by num_groups ",
+              num_groups);
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "group_norm: scale and shift must be given together");
+  TORCH_CHECK(eps >= 0, "group_norm: eps must be >= 0, got ", eps);
+  GroupNormArgs a;
+  a.dtype = to_dtype(x.scalar_type());
+  a.weight = check_param(weight, "weight", x, {C});
+  a.bias = check_param(bias, "bias", x, {C});
+  a.scale = check_param(scale, "scale", x, {N, C});
+  a.shift = check_param(shift, "shift", x, {N, C});
+
+  int64_t S = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) S *= x.size(d);
+  const bool contiguous = x.is_contiguous();
+  bool channels_last = false;
+  if (!contiguous) {
+    // channels-last-like: C innermost, spatial dims row-major outside it, N outermost
+    int64_t expected = C;
+    bool ok = x.stride(1) == 1 || C == 1;
+    for (int64_t d = x.dim() - 1; ok && d >= 2; --d) {
+      ok = x.size(d) == 1 || x.stride(d) == expected;
+      expected *= x.size(d);
+    }
+    ok = ok && (N <= 1 || x.stride(0) == C * S);
+    TORCH_CHECK(ok, "group_norm: x must be contiguous or channels_last, got strides ", x.strides());
+    channels_last = true;
+  }
+  at::Tensor y = at::empty_like(x, contiguous ? at::MemoryFormat::Contiguous : at::MemoryFormat::Preserve);
+  if (channels_last && !y.is_contiguous()) {
+    TORCH_CHECK(y.strides() == x.strides(), "group_norm: could not allocate y with x's strides");
+  }
+  auto stats_opts = x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({N, num_groups}, stats_opts);
+  at::Tensor rstd = at::empty({N, num_groups}, stats_opts);
+  if (x.numel() == 0) return {y, mean.fill_(0), rstd.fill_(0)};
+
+  a.x = x.data_ptr();
+  a.y = y.data_ptr();
+  a.mean = mean.data_ptr<float>();
+  a.rstd = rstd.data_ptr<float>();
+  a.N = N; a.C = C; a.S = S; a.G = num_groups;
+  a.channels_last = channels_last;
+  a.stride_n = C * S;
+  a.stride_c = channels_last ? 1 : S;
+  a.stride_s = channels_last ? C : 1;
+  a.eps = static_cast<float>(eps);
+  a.silu = silu;
+
+  if (x.device().is_cpu()) {
+    cpu::group_norm_forward(a);
+  } else if (x.device().is_cuda()) {
+#ifdef WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int64_t ws_elems = cuda::group_norm_workspace_elems(a, num_sms);
+    at::Tensor ws = at::empty({std::max<int64_t>(ws_elems, 1)}, stats_opts);
+    cudaError_t err = cuda::group_norm_forward(a, ws.data_ptr<float>(), num_sms,
+                                               at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "group_norm: CUDA kernel failed: ", cudaGetErrorString(err));
+#else
+    TORCH_CHECK(false, "group_norm: diffkern._C was built without CUDA kernels");
+#endif
+  } else {
+    TORCH_CHECK(false, "group_norm: unsupported device ", x.device());
+  }
+  return {y, mean, rstd};
+}
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+#ifdef WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+#else
+  d["cuda"] = false;
+  d["cuda_version"] = pybind11::none();
+#endif
+#ifdef DIFFKERN_CUDA_ARCHS
+  d["cuda_archs"] = std::string(DIFFKERN_CUDA_ARCHS);
+#else
+  d["cuda_archs"] = pybind11::none();
+#endif
+  d["cpu_capability"] = std::string(cpu::group_norm_capability());
+  d["torch_version"] = std::string(TORCH_VERSION);
+  return d;
+}
+
+}  // namespace
+}  // namespace diffkern
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "diffkern compiled kernels (CPU always, CUDA when built with it)";
+  m.def("group_norm_forward", &diffkern::group_norm_forward, "GroupNorm (+scale-shift) (+SiLU) forward",
+        pybind11::arg("x"), pybind11::arg("num_groups"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("scale"), pybind11::arg("shift"), pybind11::arg("eps"), pybind11::arg("silu"));
+  m.def("build_info", &diffkern::build_info, "How this extension was built");
+}
