@@ -46,7 +46,7 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
                                            const std::optional<at::Tensor>& bias,
                                            const std::optional<at::Tensor>& scale,
                                            const std::optional<at::Tensor>& shift, double eps,
-                                           bool silu) {
+                                           bool silu, const std::optional<at::Tensor>& out) {
   TORCH_CHECK(x.dim() >= 2, "group_norm: x must have at least 2 dims (N, C, ...), got ", x.dim());
   const int64_t N = x.size(0), C = x.size(1);
   TORCH_CHECK(num_groups > 0, "group_norm: num_groups must be positive, got ", num_groups);
@@ -77,9 +77,14 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
     TORCH_CHECK(ok, "group_norm: x must be contiguous or channels_last, got strides ", x.strides());
     channels_last = true;
   }
-  at::Tensor y = at::empty_like(x, contiguous ? at::MemoryFormat::Contiguous : at::MemoryFormat::Preserve);
-  if (channels_last && !y.is_contiguous()) {
-    TORCH_CHECK(y.strides() == x.strides(), "group_norm: could not allocate y with x's strides");
+  at::Tensor y;
+  if (out.has_value()) {
+    y = *out;
+    TORCH_CHECK(y.scalar_type() == x.scalar_type() && y.device() == x.device() && y.sizes() == x.sizes() &&
+                    y.strides() == x.strides(),
+                "group_norm: out must match x's dtype, device, shape and strides");
+  } else {
+    y = at::empty_strided(x.sizes(), x.strides(), x.options());
   }
   auto stats_opts = x.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({N, num_groups}, stats_opts);
@@ -144,6 +149,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "diffkern compiled kernels (CPU always, CUDA when built with it)";
   m.def("group_norm_forward", &diffkern::group_norm_forward, "GroupNorm (+scale-shift) (+SiLU) forward",
         pybind11::arg("x"), pybind11::arg("num_groups"), pybind11::arg("weight"), pybind11::arg("bias"),
-        pybind11::arg("scale"), pybind11::arg("shift"), pybind11::arg("eps"), pybind11::arg("silu"));
+        pybind11::arg("scale"), pybind11::arg("shift"), pybind11::arg("eps"), pybind11::arg("silu"),
+        pybind11::arg("out") = pybind11::none());
   m.def("build_info", &diffkern::build_info, "How this extension was built");
 }

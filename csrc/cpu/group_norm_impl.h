@@ -1,0 +1,449 @@
+// CPU GroupNorm (+ scale-shift) (+ SiLU) forward, written once and compiled once per instruction
+// set, like ATen/native/cpu kernels: the including TU defines CPU_CAPABILITY (DEFAULT or AVX2, and
+// CPU_CAPABILITY_AVX2 for the latter) before including this file, and everything here lives in
+// diffkern::cpu::CPU_CAPABILITY, so the copies never clash.
+//
+// Math, per (n, group g): mean, biased var over the group's C/G * S elements (float32 vector
+// accumulation over L1-sized chunks, two passes per chunk, chunks merged with Chan's formula in
+// double: no cancellation when |mean| >> std), rstd = 1 / sqrt(var + eps). Then per (n, c):
+//   y = act((x - M) * A + B),  M = mean, A = rstd * w * (1 + scale), B = b * (1 + scale) + shift
+// (one sub + one FMA per element; subtracting the mean first rather than folding it into B keeps
+// full accuracy when |mean| * rstd is large).
+//
+// Layouts:
+//   contiguous (stride_s == 1, S > 1): each group is one contiguous run of C/G * S elements. Groups
+//     are processed whole by one thread (stats, then apply while the group is still in L2) when
+//     there are enough groups to balance the threads; otherwise the groups are split in blocks:
+//     parallel block stats, merge, parallel apply over the flattened tensor.
+//   channels-last (stride_c == 1, and contiguous with S == 1): per-channel partial (count, mean,
+//     M2) over blocks of spatial rows, computed in parallel over (n, row block), merged per channel
+//     and then per group with Chan's formula; then a parallel apply over rows, vectorised over c.
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY (DEFAULT or AVX2) before including group_norm_impl.h"
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "../group_norm_args.h"
+
+namespace diffkern {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+namespace gn_detail {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kVF = fVec::size();  // floats per vector
+constexpr int64_t kK = 2 * kVF;        // elements per step (one Vectorized<Half/BFloat16>)
+
+inline float to_f(float v) { return v; }
+inline float to_f(c10::Half v) { return static_cast<float>(v); }
+inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
+template <typename T>
+inline T from_f(float v) { return static_cast<T>(v); }
+
+inline void load2(const float* p, fVec& a, fVec& b) {
+  a = fVec::loadu(p);
+  b = fVec::loadu(p + kVF);
+}
+inline void load2(const c10::Half* p, fVec& a, fVec& b) { at::vec::load_to_float<c10::Half>(p, a, b); }
+inline void load2(const c10::BFloat16* p, fVec& a, fVec& b) {
+  at::vec::load_to_float<c10::BFloat16>(p, a, b);
+}
+inline void store2(float* p, const fVec& a, const fVec& b) {
+  a.store(p);
+  b.store(p + kVF);
+}
+inline void store2(c10::Half* p, const fVec& a, const fVec& b) {
+  at::vec::convert_from_float<c10::Half>(a, b).store(p);
+}
+inline void store2(c10::BFloat16* p, const fVec& a, const fVec& b) {
+  at::vec::convert_from_float<c10::BFloat16>(a, b).store(p);
+}
+
+inline float hsum(const fVec& v) {
+  alignas(64) float t[kVF];
+  v.store(t);
+  float s = 0.f;
+  for (int64_t i = 0; i < kVF; ++i) s += t[i];
+  return s;
+}
+
+template <bool kSilu>
+inline fVec act(const fVec& v) {
+  if constexpr (kSilu) {
+    const fVec one(1.f);
+    return v / (one + (fVec(0.f) - v).exp_u20());
+  } else {
+    return v;
+  }
+}
+template <bool kSilu>
+inline float act_s(float v) {
+  if constexpr (kSilu) {
+    return v / (1.f + std::exp(-v));
+  } else {
+    return v;
+  }
+}
+
+// (count, mean, M2) partial statistics, merged with Chan's formula.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+};
+inline void merge(Moments& a, double nb, double mb, double m2b) {
+  if (nb <= 0) return;
+  if (a.n <= 0) {
+    a.n = nb;
+    a.mean = mb;
+    a.m2 = m2b;
+    return;
+  }
+  const double n = a.n + nb;
+  const double d = mb - a.mean;
+  a.mean += d * (nb / n);
+  a.m2 += m2b + d * d * (a.n * nb / n);
+  a.n = n;
+}
+inline void merge(Moments& a, const Moments& b) { merge(a, b.n, b.mean, b.m2); }
+
+// Statistics of one contiguous run, merged into acc. Chunks of kChunk elements (L1 resident) are
+// read twice: the float sum gives an approximate mean mf, then sum(x - mf) and sum((x - mf)^2)
+// give the chunk's exact-ish mean and M2 (shift by mf, corrected for the residual offset).
+template <typename T>
+inline void run_moments(const T* p, int64_t len, Moments& acc) {
+  constexpr int64_t kChunk = 2048;  // multiple of 2 * kK
+  for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+    const int64_t L = std::min(kChunk, len - c0);
+    const T* q = p + c0;
+    const int64_t Lv = L - L % (2 * kK);
+    fVec s0(0.f), s1(0.f), s2(0.f), s3(0.f);
+    for (int64_t i = 0; i < Lv; i += 2 * kK) {
+      fVec a, b, c, d;
+      load2(q + i, a, b);
+      load2(q + i + kK, c, d);
+      s0 = s0 + a;
+      s1 = s1 + b;
+      s2 = s2 + c;
+      s3 = s3 + d;
+    }
+    float sum = hsum((s0 + s1) + (s2 + s3));
+    for (int64_t i = Lv; i < L; ++i) sum += to_f(q[i]);
+    const float mf = sum / static_cast<float>(L);
+
+    const fVec vm(mf);
+    fVec d0(0.f), d1(0.f), q0(0.f), q1(0.f);
+    for (int64_t i = 0; i < Lv; i += 2 * kK) {
+      fVec a, b, c, d;
+      load2(q + i, a, b);
+      load2(q + i + kK, c, d);
+      a = a - vm;
+      b = b - vm;
+      c = c - vm;
+      d = d - vm;
+      d0 = d0 + (a + b);
+      d1 = d1 + (c + d);
+      q0 = at::vec::fmadd(a, a, q0);
+      q1 = at::vec::fmadd(b, b, q1);
+      q0 = at::vec::fmadd(c, c, q0);
+      q1 = at::vec::fmadd(d, d, q1);
+    }
+    double D = hsum(d0 + d1), Q = hsum(q0 + q1);
+    for (int64_t i = Lv; i < L; ++i) {
+      const double v = static_cast<double>(to_f(q[i]) - mf);
+      D += v;
+      Q += v * v;
+    }
+    const double dl = static_cast<double>(L);
+    merge(acc, dl, static_cast<double>(mf) + D / dl, std::max(0.0, Q - D * D / dl));
+  }
+}
+
+// Per-group result: writes the float mean / rstd outputs, returns them in double.
+inline void finish_group(const GroupNormArgs& a, int64_t ng, const Moments& m, double& mean, double& rstd) {
+  const double var = m.n > 0 ? std::max(0.0, m.m2 / m.n) : 0.0;
+  mean = m.mean;
+  rstd = 1.0 / std::sqrt(var + static_cast<double>(a.eps));
+  a.mean[ng] = static_cast<float>(mean);
+  a.rstd[ng] = static_cast<float>(rstd);
+}
+
+// Coefficients of y = act((x - M) * A + B) for channel c of sample n. M is the float nearest to the
+// mean and x - M is exact (or nearly) in float; the remainder mean - M (below half an ulp of the
+// mean, which matters when |mean| >> std) is folded into B in double.
+template <typename T>
+inline void coeffs(const GroupNormArgs& a, int64_t n, int64_t c, double mean, double rstd, float& M, float& A,
+                   float& B) {
+  const T* W = static_cast<const T*>(a.weight);
+  const T* Bi = static_cast<const T*>(a.bias);
+  const T* Sc = static_cast<const T*>(a.scale);
+  const T* Sh = static_cast<const T*>(a.shift);
+  const double w = W ? to_f(W[c]) : 1.0;
+  const double b = Bi ? to_f(Bi[c]) : 0.0;
+  const double s1 = Sc ? 1.0 + to_f(Sc[n * a.C + c]) : 1.0;
+  const double sh = Sh ? to_f(Sh[n * a.C + c]) : 0.0;
+  const double a_d = rstd * w * s1;
+  M = static_cast<float>(mean);
+  A = static_cast<float>(a_d);
+  B = static_cast<float>(b * s1 + sh - (mean - static_cast<double>(M)) * a_d);
+}
+
+// y[i] = act((x[i] - M) * A + B) over a contiguous run.
+template <typename T, bool kSilu>
+inline void apply_run(const T* x, T* y, int64_t len, float M, float A, float B) {
+  const fVec vM(M), vA(A), vB(B);
+  int64_t i = 0;
+  for (; i + 2 * kK <= len; i += 2 * kK) {
+    fVec u0, u1, u2, u3;
+    load2(x + i, u0, u1);
+    load2(x + i + kK, u2, u3);
+    u0 = at::vec::fmadd(u0 - vM, vA, vB);
+    u1 = at::vec::fmadd(u1 - vM, vA, vB);
+    u2 = at::vec::fmadd(u2 - vM, vA, vB);
+    u3 = at::vec::fmadd(u3 - vM, vA, vB);
+    store2(y + i, act<kSilu>(u0), act<kSilu>(u1));
+    store2(y + i + kK, act<kSilu>(u2), act<kSilu>(u3));
+  }
+  for (; i + kK <= len; i += kK) {
+    fVec u0, u1;
+    load2(x + i, u0, u1);
+    u0 = at::vec::fmadd(u0 - vM, vA, vB);
+    u1 = at::vec::fmadd(u1 - vM, vA, vB);
+    store2(y + i, act<kSilu>(u0), act<kSilu>(u1));
+  }
+  for (; i < len; ++i) y[i] = from_f<T>(act_s<kSilu>((to_f(x[i]) - M) * A + B));
+}
+
+// One channels-last row: y[c] = act((x[c] - M[c]) * A[c] + B[c]), c in [0, C).
+template <typename T, bool kSilu>
+inline void apply_row_cl(const T* x, T* y, int64_t C, const float* M, const float* A, const float* B) {
+  int64_t c = 0;
+  for (; c + kK <= C; c += kK) {
+    fVec u0, u1;
+    load2(x + c, u0, u1);
+    u0 = at::vec::fmadd(u0 - fVec::loadu(M + c), fVec::loadu(A + c), fVec::loadu(B + c));
+    u1 = at::vec::fmadd(u1 - fVec::loadu(M + c + kVF), fVec::loadu(A + c + kVF), fVec::loadu(B + c + kVF));
+    store2(y + c, act<kSilu>(u0), act<kSilu>(u1));
+  }
+  for (; c < C; ++c) y[c] = from_f<T>(act_s<kSilu>((to_f(x[c]) - M[c]) * A[c] + B[c]));
+}
+
+// Contiguous layout, one thread per whole group: stats then apply while the group is in cache.
+template <typename T, bool kSilu>
+void contiguous_fused(const GroupNormArgs& a) {
+  const T* X = static_cast<const T*>(a.x);
+  T* Y = static_cast<T*>(a.y);
+  const int64_t C = a.C, G = a.G, S = a.S, Cg = C / G, D = Cg * S;
+  at::parallel_for(0, a.N * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / G, g = ng % G;
+      Moments m;
+      run_moments(X + ng * D, D, m);
+      double mean, rstd;
+      finish_group(a, ng, m, mean, rstd);
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        float M, A, B;
+        coeffs<T>(a, n, c, mean, rstd, M, A, B);
+        const int64_t off = (n * C + c) * S;
+        apply_run<T, kSilu>(X + off, Y + off, S, M, A, B);
+      }
+    }
+  });
+}
+
+// Contiguous layout, groups split in blocks (few or very large groups).
+template <typename T, bool kSilu>
+void contiguous_split(const GroupNormArgs& a) {
+  const T* X = static_cast<const T*>(a.x);
+  T* Y = static_cast<T*>(a.y);
+  const int64_t N = a.N, C = a.C, G = a.G, S = a.S, Cg = C / G, D = Cg * S, NG = N * G;
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  constexpr int64_t kMinBlock = 8192;
+  int64_t nb = std::max<int64_t>(1, (8 * nt + NG - 1) / NG);           // blocks per group wanted
+  nb = std::min<int64_t>(nb, std::max<int64_t>(1, D / kMinBlock));      // but not tiny blocks
+  nb = std::max<int64_t>(nb, (D + (1 << 20) - 1) >> 20);                // and not huge ones
+  int64_t bs = (D + nb - 1) / nb;
+  bs = (bs + kK - 1) / kK * kK;
+  nb = (D + bs - 1) / bs;
+  std::vector<Moments> part(NG * nb);
+  at::parallel_for(0, NG * nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t ng = t / nb, k = t % nb;
+      const int64_t s0 = k * bs, len = std::min(bs, D - s0);
+      run_moments(X + ng * D + s0, len, part[t]);
+    }
+  });
+  std::vector<float> Mv(N * C), Av(N * C), Bv(N * C);
+  for (int64_t ng = 0; ng < NG; ++ng) {
+    Moments m;
+    for (int64_t k = 0; k < nb; ++k) merge(m, part[ng * nb + k]);
+    double mean, rstd;
+    finish_group(a, ng, m, mean, rstd);
+    const int64_t n = ng / G, g = ng % G;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+      coeffs<T>(a, n, c, mean, rstd, Mv[n * C + c], Av[n * C + c], Bv[n * C + c]);
+  }
+  const int64_t total = N * C * S;
+  at::parallel_for(0, total, 16384, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t row = i / S, s = i % S;
+      const int64_t len = std::min(S - s, end - i);
+      apply_run<T, kSilu>(X + i, Y + i, len, Mv[row], Av[row], Bv[row]);
+      i += len;
+    }
+  });
+}
+
+// Channels-last layout (x[n, s, c]), also used for contiguous x with S == 1 (same addresses).
+template <typename T, bool kSilu>
+void channels_last(const GroupNormArgs& a) {
+  const T* X = static_cast<const T*>(a.x);
+  T* Y = static_cast<T*>(a.y);
+  const int64_t N = a.N, C = a.C, G = a.G, S = a.S, Cg = C / G;
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  // Row blocks per sample: enough tasks for the threads, but blocks of >= ~16K elements.
+  int64_t nblk = std::max<int64_t>(1, (4 * nt + N - 1) / N);
+  nblk = std::min<int64_t>(nblk, std::max<int64_t>(1, S * C / 16384));
+  nblk = std::min<int64_t>(nblk, S);
+  const int64_t rpb = (S + nblk - 1) / nblk;
+  nblk = (S + rpb - 1) / rpb;
+  std::vector<Moments> part(N * nblk * C);
+  at::parallel_for(0, N * nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(3 * C);
+    float* s1 = buf.data();       // sums, then approximate means
+    float* s2 = s1 + C;           // sum(x - mf)
+    float* s3 = s2 + C;           // sum((x - mf)^2)
+    // Rows per sub-block: L1-sized, and at most 64 so that each channel's float accumulators sum
+    // few terms (they are merged in double with Chan's formula after every sub-block).
+    const int64_t sub = std::min<int64_t>(64, std::max<int64_t>(1, 8192 / C));
+    const int64_t Cv = C - C % kK;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / nblk, k = t % nblk;
+      const int64_t r0 = k * rpb, r1 = std::min(S, r0 + rpb);
+      Moments* P = part.data() + t * C;
+      for (int64_t rs = r0; rs < r1; rs += sub) {
+        const int64_t re = std::min(r1, rs + sub);
+        const float L = static_cast<float>(re - rs);
+        const T* base = X + (n * S + rs) * C;
+        std::fill(s1, s1 + C, 0.f);
+        for (int64_t r = 0; r < re - rs; ++r) {
+          const T* row = base + r * C;
+          for (int64_t c = 0; c < Cv; c += kK) {
+            fVec u0, u1;
+            load2(row + c, u0, u1);
+            (fVec::loadu(s1 + c) + u0).store(s1 + c);
+            (fVec::loadu(s1 + c + kVF) + u1).store(s1 + c + kVF);
+          }
+          for (int64_t c = Cv; c < C; ++c) s1[c] += to_f(row[c]);
+        }
+        for (int64_t c = 0; c < C; ++c) s1[c] /= L;
+        std::fill(s2, s2 + 2 * C, 0.f);
+        for (int64_t r = 0; r < re - rs; ++r) {
+          const T* row = base + r * C;
+          for (int64_t c = 0; c < Cv; c += kK) {
+            fVec u0, u1;
+            load2(row + c, u0, u1);
+            u0 = u0 - fVec::loadu(s1 + c);
+            u1 = u1 - fVec::loadu(s1 + c + kVF);
+            (fVec::loadu(s2 + c) + u0).store(s2 + c);
+            (fVec::loadu(s2 + c + kVF) + u1).store(s2 + c + kVF);
+            at::vec::fmadd(u0, u0, fVec::loadu(s3 + c)).store(s3 + c);
+            at::vec::fmadd(u1, u1, fVec::loadu(s3 + c + kVF)).store(s3 + c + kVF);
+          }
+          for (int64_t c = Cv; c < C; ++c) {
+            const float d = to_f(row[c]) - s1[c];
+            s2[c] += d;
+            s3[c] += d * d;
+          }
+        }
+        const double dl = static_cast<double>(L);
+        for (int64_t c = 0; c < C; ++c) {
+          const double dd = s2[c];
+          merge(P[c], dl, static_cast<double>(s1[c]) + dd / dl, std::max(0.0, s3[c] - dd * dd / dl));
+        }
+      }
+    }
+  });
+  std::vector<float> Mv(N * C), Av(N * C), Bv(N * C);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t g = 0; g < G; ++g) {
+        Moments m;
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+          Moments mc;
+          for (int64_t k = 0; k < nblk; ++k) merge(mc, part[(n * nblk + k) * C + c]);
+          merge(m, mc);
+        }
+        double mean, rstd;
+        finish_group(a, n * G + g, m, mean, rstd);
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c)
+          coeffs<T>(a, n, c, mean, rstd, Mv[n * C + c], Av[n * C + c], Bv[n * C + c]);
+      }
+    }
+  });
+  at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / S;
+      apply_row_cl<T, kSilu>(X + r * C, Y + r * C, C, Mv.data() + n * C, Av.data() + n * C, Bv.data() + n * C);
+    }
+  });
+}
+
+template <typename T, bool kSilu>
+void run(const GroupNormArgs& a) {
+  if (a.channels_last || a.S == 1) {
+    channels_last<T, kSilu>(a);
+    return;
+  }
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t NG = a.N * a.G;
+  const int64_t group_bytes = a.C / a.G * a.S * static_cast<int64_t>(sizeof(T));
+  const bool balanced = NG % nt == 0 || NG >= 8 * nt;
+  if (nt == 1 || (balanced && group_bytes <= (int64_t(2) << 20))) {
+    contiguous_fused<T, kSilu>(a);
+  } else {
+    contiguous_split<T, kSilu>(a);
+  }
+}
+
+template <typename T>
+void run_dtype(const GroupNormArgs& a) {
+  if (a.silu) {
+    run<T, true>(a);
+  } else {
+    run<T, false>(a);
+  }
+}
+
+}  // namespace gn_detail
+
+void group_norm_forward_impl(const GroupNormArgs& a) {
+  TORCH_CHECK(a.N >= 1 && a.C >= 1 && a.S >= 1 && a.G >= 1 && a.C % a.G == 0,
+              "group_norm (cpu): bad sizes N=", a.N, " C=", a.C, " S=", a.S, " G=", a.G);
+  TORCH_CHECK(a.stride_n == a.C * a.S, "group_norm (cpu): unexpected stride_n ", a.stride_n);
+  if (a.channels_last) {
+    TORCH_CHECK(a.stride_c == 1 && a.stride_s == a.C, "group_norm (cpu): unexpected channels_last strides");
+  } else {
+    TORCH_CHECK(a.stride_c == a.S && a.stride_s == 1, "group_norm (cpu): unexpected contiguous strides");
+  }
+  switch (a.dtype) {
+    case DType::kFloat32: gn_detail::run_dtype<float>(a); break;
+    case DType::kFloat16: gn_detail::run_dtype<c10::Half>(a); break;
+    case DType::kBFloat16: gn_detail::run_dtype<c10::BFloat16>(a); break;
+    default: TORCH_CHECK(false, "group_norm (cpu): unsupported dtype");
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace diffkern

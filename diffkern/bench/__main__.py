@@ -1,0 +1,64 @@
+"""`python -m diffkern.bench`: run the benchmark suite, print the table, write JSON + markdown.
+
+    python -m diffkern.bench                    # every op on the GPU if there is one, else the CPU
+    python -m diffkern.bench --device cpu --quick --no-compile --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+import torch
+
+from diffkern.bench import group_norm, harness
+
+SUITES = {"group_norm": group_norm}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # `diffkern bench ...`
+        argv = argv[1:]
+    p = argparse.ArgumentParser(prog="python -m diffkern.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ops", nargs="+", choices=sorted(SUITES), default=sorted(SUITES))
+    p.add_argument("--quick", action="store_true", help="one shape per set (smoke test)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown results")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    allocator = harness.pin_cpu_allocator() if device.type == "cpu" else None
+    env = harness.environment(device, allocator)
+    print(f"diffkern benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']})")
+    if allocator is not None:
+        print(f"glibc allocator pinned: {allocator}")
+    copy_gbps = harness.copy_bandwidth(device)
+    env["copy_bandwidth_gbps"] = round(copy_gbps, 1)
+    print(f"device-to-device copy bandwidth (read + write): {copy_gbps:.1f} GB/s")
+
+    failed = []
+    for op in args.ops:
+        suite = SUITES[op]
+        print(f"\n== {op}")
+        rows = suite.run(device, quick=args.quick, compile_reference=not args.no_compile)
+        checks = suite.targets(rows, device, copy_gbps)
+        notes = [f"Copy bandwidth (read + write) measured in the same run: {copy_gbps:.1f} GB/s.", ""]
+        notes += [f"- target {'met' if ok else 'MISSED'}: {text}" for text, ok in checks]
+        tag = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
+        json_path, md_path = harness.write_results(rows, env, args.out, f"{op}-{tag}{'-quick' if args.quick else ''}",
+                                                   notes)
+        print(harness.format_table(rows))
+        for text, ok in checks:
+            print(f"target {'met' if ok else 'MISSED'}: {text}")
+            if not ok:
+                failed.append(text)
+        print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

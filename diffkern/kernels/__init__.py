@@ -1,0 +1,1 @@
+"""Backend kernels: plain-PyTorch references (reference.py) and Triton kernels (triton/)."""

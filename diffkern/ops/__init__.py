@@ -1,0 +1,6 @@
+"""Public functional ops. Each op family lives in its own module with its backend table."""
+
+from diffkern._dispatch import available_backends, registered_ops, unavailable_reasons
+from diffkern.ops.group_norm import group_norm, group_norm_backend
+
+__all__ = ["group_norm", "group_norm_backend", "available_backends", "unavailable_reasons", "registered_ops"]

@@ -1,0 +1,309 @@
+"""group_norm: GroupNorm (+ ADM scale-shift) (+ SiLU) in one pass, with its backend table."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from diffkern import _dispatch, _ext
+from diffkern.kernels import reference
+
+OP = "group_norm"
+ACTIVATIONS = (None, "silu")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None,
+               activation=None, backend=None):
+    """GroupNorm with optional ADM scale-shift and SiLU, fused.
+
+    Computes ``act((GN(x) * weight + bias) * (1 + scale) + shift)``, the "scale-shift norm"
+    (AdaGN) of the ADM UNets of GLIDE, the DALL-E 2 decoder and Imagen, and the plain
+    GroupNorm + SiLU of the SD/LDM UNets.
+
+    Args:
+        x: (N, C, *spatial), 0 to 3 spatial dims; float32, float16 or bfloat16 (float64 on the
+            reference backend only). Contiguous or channels_last: the output keeps x's memory
+            format. Other strides are accepted and read through one contiguous copy (the output is
+            then contiguous).
+        num_groups: G, dividing C. Statistics are per sample and group, over C/G channels and
+            all spatial positions, biased variance, accumulated in float32 (float64 for float64).
+        weight, bias: (C,) per-channel affine, x's dtype and device, or None.
+        eps: added to the variance.
+        scale, shift: (N, C), x's dtype and device, given together or not at all; broadcast
+            over the spatial dims.
+        activation: None or "silu".
+        backend: "reference", "cpu", "cuda" or "triton"; None picks one (see
+            diffkern.use_backend and `group_norm_backend`).
+
+    Returns:
+        Tensor of x's shape, dtype and memory format. x is never modified. N = 0 gives an empty
+        result. Differentiable in x, weight, bias, scale and shift on every backend (the kernel
+        backends save per-group mean/rstd and compute the backward with PyTorch ops).
+
+    Equivalent PyTorch::
+
+        y = F.group_norm(x, num_groups, weight, bias, eps)
+        if scale is not None:
+            y = y * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        if activation == "silu":
+            y = F.silu(y)
+    """
+    call = _check(x, num_groups, weight, bias, eps, scale, shift, activation)
+    chosen = _dispatch.select(OP, call, x.device.type, backend)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return chosen.run(call)
+
+
+def group_norm_backend(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None,
+                       activation=None, backend=None):
+    """Name of the backend `group_norm` would use for these arguments (raises as it would)."""
+    call = _check(x, num_groups, weight, bias, eps, scale, shift, activation)
+    return _dispatch.select(OP, call, x.device.type, backend).name
+
+
+@dataclass
+class _Call:
+    x: torch.Tensor
+    num_groups: int
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
+    activation: str | None
+
+
+def _check_param(t, name, x, shape):
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"group_norm: {name} must be a Tensor or None, got {type(t).__name__}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"group_norm: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"group_norm: {name} must be on x's device {x.device}, got {t.device}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"group_norm: {name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _check(x, num_groups, weight, bias, eps, scale, shift, activation):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"group_norm: x must be a Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"group_norm: x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 2 or x.dim() > 5:
+        raise ValueError(f"group_norm: x must be (N, C, *spatial) with 0 to 3 spatial dims, got shape {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"group_norm: num_groups must be a positive int, got {num_groups!r}")
+    N, C = x.shape[:2]
+    if C % num_groups:
+        raise ValueError(f"group_norm: num_groups {num_groups} must divide the channel count {C}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"group_norm: eps must be a non-negative number, got {eps!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"group_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if (scale is None) != (shift is None):
+        raise ValueError("group_norm: scale and shift must be given together (got only "
+                         f"{'scale' if shift is None else 'shift'})")
+    _check_param(weight, "weight", x, (C,))
+    _check_param(bias, "bias", x, (C,))
+    _check_param(scale, "scale", x, (N, C))
+    _check_param(shift, "shift", x, (N, C))
+    return _Call(x, num_groups, weight, bias, float(eps), scale, shift, activation)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel backends: forward kernel + PyTorch backward from the saved (mean, rstd)
+
+def _is_channels_last_like(x):
+    N, C = x.shape[:2]
+    if x.stride(1) != 1 and C != 1:
+        return False
+    expected = C
+    for d in range(x.dim() - 1, 1, -1):
+        if x.shape[d] != 1 and x.stride(d) != expected:
+            return False
+        expected *= x.shape[d]
+    return N <= 1 or x.stride(0) == expected
+
+
+def _view_ncs(x):
+    N, C = x.shape[:2]
+    S = x.numel() // max(N * C, 1)
+    if x.is_contiguous():
+        return x.view(N, C, S)
+    return x.as_strided((N, C, S), (C * S, 1, C))
+
+
+def _dense(x):
+    return x if (x.is_contiguous() or _is_channels_last_like(x)) else x.contiguous()
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+# Kernel entry points: (x, G, weight, bias, scale, shift, eps, silu, out=None) -> (y, mean, rstd).
+# `out`, when given, must have the strides of _dense(x); tests pass a NaN-poisoned one.
+
+def _run_triton(x, num_groups, weight, bias, scale, shift, eps, silu, out=None):
+    from diffkern.kernels.triton import group_norm as tgn
+
+    x = _dense(x)
+    y = out if out is not None else torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    if y.stride() != x.stride() or y.shape != x.shape:
+        raise ValueError("group_norm: out must have the shape and strides of x")
+    c = _contig
+    mean, rstd = tgn.group_norm_forward(_view_ncs(x), num_groups, c(weight), c(bias), c(scale), c(shift),
+                                        eps, silu, _view_ncs(y))
+    return y, mean, rstd
+
+
+def _run_compiled(x, num_groups, weight, bias, scale, shift, eps, silu, out=None):
+    c = _contig
+    y, mean, rstd = _ext.extension().group_norm_forward(_dense(x), num_groups, c(weight), c(bias), c(scale),
+                                                        c(shift), eps, silu, out)
+    return y, mean, rstd
+
+
+def _expand_groups(t, xg):
+    """(N, G) -> (N, G, 1, ...) to broadcast against x viewed as (N, G, C/G, *spatial)."""
+    return t.reshape(t.shape + (1,) * (xg.dim() - 2))
+
+
+def _backward(ctx, dy):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    G, silu = ctx.num_groups, ctx.silu
+    N, C = x.shape[:2]
+    f32 = torch.float32
+    xg = x.to(f32).reshape(N, G, C // G, *x.shape[2:])
+    xhat = ((xg - _expand_groups(mean, xg)) * _expand_groups(rstd, xg)).reshape(x.shape)
+    bshape = (1, C) + (1,) * (x.dim() - 2)
+    w = weight.to(f32).view(bshape) if weight is not None else None
+    u = xhat * w if w is not None else xhat
+    if bias is not None:
+        u = u + bias.to(f32).view(bshape)
+    dv = dy.to(f32)
+    if scale is not None:
+        s1 = 1 + scale.to(f32).view(N, C, *bshape[2:])
+        v = u * s1 + shift.to(f32).view(N, C, *bshape[2:])
+    else:
+        v = u
+    if silu:
+        sig = torch.sigmoid(v)
+        dv = dv * sig * (1 + v * (1 - sig))
+    red = tuple(range(2, x.dim()))
+    g_x = g_w = g_b = g_scale = g_shift = None
+    if scale is not None:
+        if ctx.needs_input_grad[3]:
+            g_scale = (dv * u).sum(red).to(scale.dtype) if red else (dv * u).to(scale.dtype)
+        if ctx.needs_input_grad[4]:
+            g_shift = (dv.sum(red) if red else dv).to(shift.dtype)
+        du = dv * s1
+    else:
+        du = dv
+    if weight is not None and ctx.needs_input_grad[1]:
+        g_w = (du * xhat).sum((0,) + red).to(weight.dtype)
+    if bias is not None and ctx.needs_input_grad[2]:
+        g_b = du.sum((0,) + red).to(bias.dtype)
+    if ctx.needs_input_grad[0]:
+        dxhat = du * w if w is not None else du
+        dg = dxhat.reshape(N, G, -1)
+        xh = xhat.reshape(N, G, -1)
+        m1 = dg.mean(-1, keepdim=True)
+        m2 = (dg * xh).mean(-1, keepdim=True)
+        g_x = (rstd.unsqueeze(-1) * (dg - m1 - xh * m2)).reshape(x.shape).to(x.dtype)
+    return g_x, g_w, g_b, g_scale, g_shift, None, None, None, None
+
+
+class _GroupNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, silu, kernel):
+        y, mean, rstd = kernel(x, num_groups, weight, bias, scale, shift, eps, silu)
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.num_groups, ctx.silu = num_groups, silu
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        return _backward(ctx, dy)
+
+
+def _kernel_runner(kernel):
+    def run(call):
+        return _GroupNormFn.apply(call.x, call.weight, call.bias, call.scale, call.shift, call.num_groups,
+                                  call.eps, call.activation == "silu", kernel)
+    return run
+
+
+def _run_reference(call):
+    return reference.group_norm(call.x, call.num_groups, call.weight, call.bias, call.eps, scale=call.scale,
+                                shift=call.shift, activation=call.activation)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend table
+
+def _dtype_reasons(call, dtypes):
+    return [] if call.x.dtype in dtypes else [f"dtype {call.x.dtype} not supported (takes {list(dtypes)})"]
+
+
+def _device_reasons(call, device_types):
+    t = call.x.device.type
+    return [] if t in device_types else [f"device {t} not supported (takes {list(device_types)})"]
+
+
+def _ext_unavailable(need_cuda):
+    def why():
+        if _ext.extension() is None:
+            return _ext.extension_error()
+        if need_cuda and not _ext.build_info().get("cuda"):
+            return "diffkern._C was built without CUDA kernels"
+        if need_cuda and not torch.cuda.is_available():
+            return "no CUDA GPU visible"
+        return ""
+    return why
+
+
+def _triton_unavailable():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA GPU visible (set TRITON_INTERPRET=1 to run Triton on CPU tensors)"
+    return ""
+
+
+def _triton_reasons(call):
+    devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+    return _device_reasons(call, devices) + _dtype_reasons(call, KERNEL_DTYPES)
+
+
+_fam = _dispatch.op_family(OP)
+_fam.register(_dispatch.Backend(
+    "reference", _run_reference, lambda: "",
+    lambda call: _dtype_reasons(call, KERNEL_DTYPES + (torch.float64,)),
+    "eager PyTorch: F.group_norm, then scale-shift, then F.silu"))
+_fam.register(_dispatch.Backend(
+    "cpu", _kernel_runner(_run_compiled), _ext_unavailable(False),
+    lambda call: _device_reasons(call, ("cpu",)) + _dtype_reasons(call, KERNEL_DTYPES),
+    "C++ kernel, at::vec + at::parallel_for"))
+_fam.register(_dispatch.Backend(
+    "cuda", _kernel_runner(_run_compiled), _ext_unavailable(True),
+    lambda call: _device_reasons(call, ("cuda",)) + _dtype_reasons(call, KERNEL_DTYPES),
+    "CUDA C++ kernel"))
+_fam.register(_dispatch.Backend(
+    "triton", _kernel_runner(_run_triton), _triton_unavailable, _triton_reasons, "Triton kernel"))
+# Automatic choice, fastest first. CPU: the C++ kernel is 2-4x eager on the benchmark shapes
+# (benchmarks/results/); the Triton interpreter is for tests only and never picked automatically.
+# CUDA: see benchmarks/results/ for the measured order.
+_fam.priority = {"cpu": ["cpu", "reference"], "cuda": ["cuda", "triton", "reference"]}
+
+# forward kernels of the kernel backends, for tests that hand them a poisoned `out`
+FORWARD_KERNELS = {"cpu": _run_compiled, "cuda": _run_compiled, "triton": _run_triton}
