@@ -70,6 +70,7 @@ def candidates(case, device, compile_reference=True):
 
     out = [("reference", ref, "eager: F.group_norm, scale-shift, F.silu")]
     if compile_reference:
+        torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no stale guards
         compiled = torch.compile(reference.group_norm, dynamic=False)
         fn = lambda: compiled(x, GROUPS, w, b, scale=sc, shift=sh, activation="silu")  # noqa: E731
         try:
@@ -94,9 +95,9 @@ def candidates(case, device, compile_reference=True):
 def run(device, quick=False, compile_reference=True, log=print):
     rows = []
     for case in cases(device, quick):
-        cands, nbytes = candidates(case, device, compile_reference)
         times = {}
-        with torch.no_grad():
+        with torch.no_grad():  # inference: the compile peer is traced and timed under no_grad
+            cands, nbytes = candidates(case, device, compile_reference)
             for name, fn, note in cands:
                 times[name] = harness.time_fn(fn, device) if fn is not None else None
         t_ref = times["reference"]

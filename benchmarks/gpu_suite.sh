@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One call on a fresh GPU machine (its own python3 with torch + triton, no network):
+# build the CUDA extension for sm_90, run the tests (GPU ones included), measure the copy-bandwidth
+# ceiling, run the benchmark suite, and leave logs and results under $OUT (or ./gpu-out).
+#   bash benchmarks/gpu_suite.sh [test|bench|all] [extra args for python -m diffkern.bench]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+WHAT=${1:-all}; shift || true
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+
+echo "== machine"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+echo "== build (sm_90)"
+t0=$(date +%s)
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 \
+  || { tail -50 "$OUT/build.log"; exit 1; }
+echo "built in $(( $(date +%s) - t0 )) s"; grep -i "warn" "$OUT/build.log" | head -5
+$PY -m diffkern.info | tee "$OUT/info.txt"
+
+if [[ $WHAT == test || $WHAT == all ]]; then
+  echo "== tests"
+  $PY -m pytest -q -n 8 -p no:cacheprovider tests > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
+  tail -15 "$OUT/tests.log"
+fi
+if [[ $WHAT == bench || $WHAT == all ]]; then
+  echo "== benchmarks"
+  $PY -m diffkern.bench --out "$OUT" "$@" > "$OUT/bench.log" 2>&1; echo "bench exit $?"
+  grep -v "^W1\|^  " "$OUT/bench.log" | tail -80
+fi
