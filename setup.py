@@ -9,6 +9,7 @@ This file never downloads or installs anything.
 """
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -36,11 +37,17 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     cxx = ["-O3", "-std=c++17"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an OpenMP template inlined into our code: without -fopenmp it runs
+        # serially. torch ships libgomp, so this adds no second OpenMP runtime.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     sources = ["csrc/bindings.cpp", "csrc/cpu/group_norm.cpp", "csrc/cpu/group_norm_avx2.cpp"]
     use_cuda, why = _want_cuda()
     if not use_cuda:
         warnings.warn(f"diffkern: building the CPU kernels only, no CUDA kernels: {why}", stacklevel=1)
-        ext = CppExtension("diffkern._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("diffkern._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     else:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             import torch
@@ -55,6 +62,7 @@ def _extensions():
             sources + ["csrc/cuda/group_norm.cu"],
             extra_compile_args={"cxx": cxx + defines,
                                 "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + defines},
+            extra_link_args=link,
         )
     return [ext], {"build_ext": BuildExtension}
 

@@ -22,6 +22,8 @@ echo "built in $(( $(date +%s) - t0 )) s"; grep -i "warn" "$OUT/build.log" | hea
 $PY -m diffkern.info | tee "$OUT/info.txt"
 
 if [[ $WHAT == test || $WHAT == all ]]; then
+  echo "== probe: compiled-code input checks"
+  $PY -X faulthandler benchmarks/gpu_probe_checks.py 2>&1 | tail -25
   echo "== tests"
   $PY -m pytest -q -n 8 -p no:cacheprovider tests > "$OUT/tests.log" 2>&1; echo "pytest exit $?"
   tail -15 "$OUT/tests.log"

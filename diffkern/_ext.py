@@ -1,6 +1,7 @@
 """Lazy access to the compiled extension diffkern._C."""
 
 import functools
+import warnings
 
 
 @functools.lru_cache(maxsize=None)
@@ -8,7 +9,11 @@ def _load():
     try:
         from diffkern import _C
     except ImportError as e:  # not built, or built against another torch
-        return None, f"diffkern._C could not be imported ({e}); reinstall with `pip install --no-build-isolation .`"
+        why = f"diffkern._C could not be imported ({e}); reinstall with `pip install --no-build-isolation .`"
+        # said once, on first use (never at import): the reference/Triton backends still work
+        warnings.warn(f"{why}. The compiled backends are unavailable; see `python -m diffkern.info`.",
+                      RuntimeWarning, stacklevel=3)
+        return None, why
     return _C, ""
 
 

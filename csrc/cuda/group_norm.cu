@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cooperative_groups.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -175,6 +176,14 @@ struct Params {
   float eps;
   bool silu;
   bool svec;       // contiguous: S % VEC == 0 (a vector never straddles channels)
+  // rows path (channels_last, gn_rows_kernel)
+  int rl_Cv;       // 16-byte vectors per row (C / VEC)
+  int rl_R;        // rows covered by one pass of the block (blockDim.x == rl_R * rl_Cv)
+  int rl_TR;       // rows per tile (one tile per block per wave)
+  int rl_RB;       // tiles per sample
+  int rl_Nw;       // samples per wave
+  int rl_waves;    // waves
+  int64_t rl_tile_bytes;  // dynamic smem bytes of the tile (multiple of 16)
 };
 
 // Chan/Welford merge of (nb, mb, M2b) into (n, m, M2).
@@ -596,6 +605,209 @@ gn_apply_kernel(Params p) {
   }
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// Rows path (channels_last, C % (16 / sizeof(T)) == 0): one cooperative persistent kernel.
+//
+// The batch is processed in waves of rl_Nw samples. In a wave, block b owns tile rb = b % RB of
+// sample n = wave * Nw + b / RB: rows [rb * TR, rb * TR + TR) x all C channels, one contiguous
+// range of memory. The tile is copied global -> shared memory with cp.async (16-byte vectors,
+// fully coalesced, everything in flight at once); thread (ry, cv) owns the vectors of column cv in
+// rows ry, ry + R, ... and accumulates per-channel Welford statistics of x - K_g over them, where
+// K_g is the group's first element (x[n, s = 0, g * Cg]); the block merges them (Chan) per group
+// into one partial per (sample, group, tile) in the workspace. A grid-wide barrier later every
+// block merges the partials of its sample, and applies y = act((x - K) * A + (B - ms * A)) to the
+// tile still held in shared memory. x is read from DRAM exactly once, y written once.
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem_src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Wait until at most n of this thread's cp.async groups are pending (n clamped to 7: stricter).
+__device__ __forceinline__ void cp_async_wait(int n) {
+  switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;\n" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 7;\n" ::: "memory"); break;
+  }
+}
+
+constexpr int kRowsMaxThreads = 512;
+constexpr int kRowsChunk = 2;  // vectors per thread per cp.async group
+
+template <typename T>
+__global__ void __launch_bounds__(kRowsMaxThreads, 2)
+gn_rows_kernel(Params p) {
+  constexpr int VEC = 16 / (int)sizeof(T);
+  constexpr int U = kRowsChunk;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x;
+  const int nthr = blockDim.x;  // == R * Cv
+  const int lane = tid & 31, warp = tid >> 5, nwarps = nthr >> 5;
+  const int Cv = p.rl_Cv, R = p.rl_R, TR = p.rl_TR, RB = p.rl_RB, Nw = p.rl_Nw;
+  const int C = static_cast<int>(p.C), G = static_cast<int>(p.G), Cg = static_cast<int>(p.Cg);
+  const int cv = tid % Cv;
+  const int ry = tid / Cv;
+
+  uint4* tile = reinterpret_cast<uint4*>(smem);                       // TR * Cv vectors
+  float* s_m = reinterpret_cast<float*>(smem + p.rl_tile_bytes);      // nthr * VEC
+  float* s_M2 = s_m + nthr * VEC;                                     // nthr * VEC
+  float* s_cnt = s_M2 + nthr * VEC;                                   // R
+  float* s_stat = s_cnt + R;                                          // 2 * G
+
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const int64_t SC = p.S * p.C;
+  const int c0 = cv * VEC;
+
+  const int nl = blockIdx.x / RB;
+  const int rb = blockIdx.x - nl * RB;
+  const int64_t row0 = static_cast<int64_t>(rb) * TR;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(TR), p.S - row0));
+  const int nv = rows * Cv;  // vectors in this tile
+  const int kmax = (TR + R - 1) / R;
+  const int KC = (kmax + U - 1) / U;
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+
+  for (int w = 0; w < p.rl_waves; ++w) {
+    const int64_t n = static_cast<int64_t>(w) * Nw + nl;
+    const bool active = n < p.N;  // uniform across the block
+    float* part = p.ws + static_cast<int64_t>(w & 1) * Nw * G * RB * 3;
+    const T* xs = x + n * SC;
+    float K[VEC], wsc[VEC], bsc[VEC];
+    if (active) {
+      const T* xt = xs + row0 * C;
+      for (int j = 0; j < KC; ++j) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int v = tid + (j * U + u) * nthr;
+          if (v < nv) cp_async16(tile + v, xt + static_cast<int64_t>(v) * VEC);
+        }
+        cp_async_commit();
+      }
+      float m[VEC], M2[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        K[i] = to_f<T>(xs[((c0 + i) / Cg) * Cg]);  // the group's first element
+        m[i] = 0.f;
+        M2[i] = 0.f;
+      }
+      float cnt = 0.f;
+      for (int j = 0; j < KC; ++j) {
+        cp_async_wait(KC - 1 - j);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int v = tid + (j * U + u) * nthr;
+          if (v < nv) {
+            float f[VEC];
+            raw_to_f<T, VEC>(tile[v], f);
+            cnt += 1.f;
+            const float rc = __frcp_rn(cnt);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+              const float d = f[i] - K[i];
+              const float delta = d - m[i];
+              m[i] = fmaf(delta, rc, m[i]);
+              M2[i] = fmaf(delta, d - m[i], M2[i]);
+            }
+          }
+        }
+      }
+      float4* pm = reinterpret_cast<float4*>(s_m + tid * VEC);
+      float4* pM = reinterpret_cast<float4*>(s_M2 + tid * VEC);
+#pragma unroll
+      for (int i = 0; i < VEC / 4; ++i) {
+        pm[i] = make_float4(m[4 * i], m[4 * i + 1], m[4 * i + 2], m[4 * i + 3]);
+        pM[i] = make_float4(M2[4 * i], M2[4 * i + 1], M2[4 * i + 2], M2[4 * i + 3]);
+      }
+      if (cv == 0) s_cnt[ry] = cnt;
+      // Per-channel parts of the coefficients (independent of the statistics).
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const int c = c0 + i;
+        const float wt = p.weight ? to_f<T>(static_cast<const T*>(p.weight)[c]) : 1.f;
+        const float bi = p.bias ? to_f<T>(static_cast<const T*>(p.bias)[c]) : 0.f;
+        float sc = 1.f, sh = 0.f;
+        if (p.scale) {
+          sc = 1.f + to_f<T>(static_cast<const T*>(p.scale)[n * p.C + c]);
+          sh = to_f<T>(static_cast<const T*>(p.shift)[n * p.C + c]);
+        }
+        wsc[i] = wt * sc;
+        bsc[i] = fmaf(bi, sc, sh);
+      }
+    }
+    __syncthreads();
+    if (active) {
+      // One warp per group: merge the R x Cg per-(row-thread, channel) Welford states.
+      const int items = R * Cg;
+      for (int g = warp; g < G; g += nwarps) {
+        float c = 0.f, mm = 0.f, MM = 0.f;
+        for (int j = lane; j < items; j += 32) {
+          const int r = j / Cg;
+          const int idx = r * C + g * Cg + (j - r * Cg);
+          chan_merge(c, mm, MM, s_cnt[r], s_m[idx], s_M2[idx]);
+        }
+        warp_chan(c, mm, MM);
+        if (lane == 0) {
+          float* q = part + ((static_cast<int64_t>(nl) * G + g) * RB + rb) * 3;
+          q[0] = c;
+          q[1] = mm;
+          q[2] = MM;
+        }
+      }
+    }
+    grid.sync();
+    if (active) {
+      for (int g = warp; g < G; g += nwarps) {
+        float c = 0.f, mm = 0.f, MM = 0.f;
+        const float* q = part + (static_cast<int64_t>(nl) * G + g) * RB * 3;
+        for (int j = lane; j < RB; j += 32) {
+          chan_merge(c, mm, MM, __ldcg(q + 3 * j), __ldcg(q + 3 * j + 1), __ldcg(q + 3 * j + 2));
+        }
+        warp_chan(c, mm, MM);
+        if (lane == 0) {
+          const float var = c > 0.f ? fmaxf(MM / c, 0.f) : 0.f;
+          const float rstd = rsqrtf(var + p.eps);
+          s_stat[2 * g] = mm;
+          s_stat[2 * g + 1] = rstd;
+          if (rb == 0) {
+            p.mean[n * G + g] = to_f<T>(xs[g * Cg]) + mm;
+            p.rstd[n * G + g] = rstd;
+          }
+        }
+      }
+      __syncthreads();
+      float A[VEC], B[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const int g = (c0 + i) / Cg;
+        A[i] = s_stat[2 * g + 1] * wsc[i];
+        B[i] = fmaf(-s_stat[2 * g], A[i], bsc[i]);  // y_pre = (x - K) * A + (B - ms * A)
+      }
+      T* yt = y + n * SC + row0 * C;
+      for (int k = 0; k < kmax; ++k) {
+        const int v = tid + k * nthr;
+        if (v < nv) {
+          float f[VEC];
+          raw_to_f<T, VEC>(tile[v], f);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) f[i] = act(fmaf(f[i] - K[i], A[i], B[i]), p.silu);
+          store_vec<T, VEC, false>(yt + static_cast<int64_t>(v) * VEC, f);
+        }
+      }
+    }
+    __syncthreads();  // s_m / s_stat / tile reused by the next wave
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Host-side planning.
 
@@ -609,6 +821,10 @@ struct Plan {
   int64_t smem_bytes = 0;  // resident: dynamic shared memory
   int64_t grid = 1;
   int64_t ws_elems = 0;
+  // rows path (channels_last): cooperative gn_rows_kernel
+  bool rows = false;
+  int rl_R = 0, rl_TR = 0, rl_RB = 0, rl_Nw = 0, rl_waves = 0;
+  int64_t rl_tile_bytes = 0;
 };
 
 bool aligned(const void* ptr, int64_t bytes) {
@@ -635,9 +851,102 @@ int choose_vec(const GroupNormArgs& a) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Blocks of gn_rows_kernel<T> resident per SM for this configuration (0 on error).
+template <typename T>
+int rows_occupancy(int threads, int64_t smem) {
+  auto kern = gn_rows_kernel<T>;
+  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  int nb = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kern, threads,
+                                                    static_cast<size_t>(smem)) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return nb;
+}
+
+// Plans the rows path (channels_last); false when it does not apply.
+bool make_rows_plan(const GroupNormArgs& a, int num_sms, Plan& pl) {
+  if (!use_cl(a)) return false;
+  const int es = elem_size(a.dtype);
+  const int vec = 16 / es;
+  if (a.C % vec != 0 || !aligned(a.x, 16) || !aligned(a.y, 16)) return false;
+  const int64_t Cv = a.C / vec;
+  if (Cv > kRowsMaxThreads) return false;
+  int64_t R = std::max<int64_t>(1, kRowsMaxThreads / Cv);
+  R = std::min<int64_t>(R, a.S);
+  int64_t threads = R * Cv;
+  if (threads % 32 != 0) {  // keep whole warps: the group reductions use full-warp shuffles
+    // round R down to make R * Cv a multiple of 32 when possible, else pad is not allowed: bail
+    int64_t R2 = R;
+    while (R2 > 1 && (R2 * Cv) % 32 != 0) --R2;
+    if ((R2 * Cv) % 32 != 0) return false;
+    R = R2;
+    threads = R * Cv;
+  }
+  int dev = 0, real_sms = 0, smem_sm = 0, optin = 0, coop = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&real_sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) !=
+          cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (!coop || real_sms < 1) return false;
+  const int sms = std::min(num_sms, real_sms);
+  const int64_t row_bytes = a.C * es;
+  const int64_t scratch = threads * vec * 2 * 4 + R * 4 + 2 * a.G * 4;
+  // Aim at two blocks per SM (1 KB of shared memory is reserved per block).
+  const int64_t budget = std::min<int64_t>(optin, smem_sm / 2 - 1024);
+  const int64_t TRmax = (budget - scratch) / row_bytes;
+  if (TRmax < 1) return false;
+  int occ = 0;
+  switch (a.dtype) {
+    case DType::kFloat32: occ = rows_occupancy<float>((int)threads, TRmax * row_bytes + scratch); break;
+    case DType::kFloat16: occ = rows_occupancy<__half>((int)threads, TRmax * row_bytes + scratch); break;
+    case DType::kBFloat16:
+      occ = rows_occupancy<__nv_bfloat16>((int)threads, TRmax * row_bytes + scratch);
+      break;
+  }
+  if (occ < 1) return false;
+  const int64_t P = static_cast<int64_t>(occ) * sms;  // co-resident blocks
+  const int64_t RBmin = ceil_div(a.S, TRmax);
+  if (RBmin > P) return false;  // one sample does not fit in the whole GPU's shared memory
+  const int64_t Nwmax = std::min<int64_t>(a.N, P / RBmin);
+  const int64_t waves = ceil_div(a.N, Nwmax);
+  const int64_t Nw = ceil_div(a.N, waves);
+  int64_t RB = std::min<int64_t>(P / Nw, ceil_div(a.S, R));
+  RB = std::max<int64_t>(RB, RBmin);
+  const int64_t TR = ceil_div(a.S, RB);
+  RB = ceil_div(a.S, TR);
+  if (waves > 0x7fffffff) return false;
+  pl.rows = true;
+  pl.resident = false;
+  pl.vec = vec;
+  pl.splits = RB;
+  pl.threads = static_cast<int>(threads);
+  pl.rl_R = static_cast<int>(R);
+  pl.rl_TR = static_cast<int>(TR);
+  pl.rl_RB = static_cast<int>(RB);
+  pl.rl_Nw = static_cast<int>(Nw);
+  pl.rl_waves = static_cast<int>(waves);
+  pl.rl_tile_bytes = TR * row_bytes;
+  pl.smem_bytes = TR * row_bytes + scratch;
+  pl.grid = Nw * RB;
+  pl.ws_elems = 2 * Nw * a.G * RB * 3;
+  return true;
+}
+
 Plan make_plan(const GroupNormArgs& a, int num_sms) {
   Plan pl;
   if (num_sms < 1) num_sms = 1;
+  if (make_rows_plan(a, num_sms, pl)) return pl;
   const int es = elem_size(a.dtype);
   const int64_t Cg = a.C / a.G;
   const int64_t D = Cg * a.S;
@@ -720,7 +1029,22 @@ cudaError_t dispatch_vec(const Plan& pl, const Params& p, cudaStream_t s) {
 }
 
 template <typename T>
+cudaError_t launch_rows(const Plan& pl, Params p, cudaStream_t stream) {
+  auto kern = gn_rows_kernel<T>;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(pl.smem_bytes));
+  if (e != cudaSuccess) return e;
+  void* kargs[] = {&p};
+  e = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kern),
+                                  dim3(static_cast<unsigned>(pl.grid)), dim3(pl.threads), kargs,
+                                  static_cast<size_t>(pl.smem_bytes), stream);
+  if (e != cudaSuccess) return e;
+  return cudaGetLastError();
+}
+
+template <typename T>
 cudaError_t dispatch_layout(const Plan& pl, const Params& p, bool cl, cudaStream_t s) {
+  if (pl.rows) return launch_rows<T>(pl, p, s);
   return cl ? dispatch_vec<T, true>(pl, p, s) : dispatch_vec<T, false>(pl, p, s);
 }
 
@@ -768,6 +1092,13 @@ cudaError_t group_norm_forward(const GroupNormArgs& args, float* workspace, int 
   p.eps = args.eps;
   p.silu = args.silu;
   p.svec = (args.S % pl.vec) == 0;
+  p.rl_Cv = pl.rows ? static_cast<int>(args.C / pl.vec) : 0;
+  p.rl_R = pl.rl_R;
+  p.rl_TR = pl.rl_TR;
+  p.rl_RB = pl.rl_RB;
+  p.rl_Nw = pl.rl_Nw;
+  p.rl_waves = pl.rl_waves;
+  p.rl_tile_bytes = pl.rl_tile_bytes;
 
   const bool cl = use_cl(args);
   switch (args.dtype) {

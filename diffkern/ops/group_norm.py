@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -236,8 +238,13 @@ class _GroupNormFn(torch.autograd.Function):
 
 def _kernel_runner(kernel):
     def run(call):
-        return _GroupNormFn.apply(call.x, call.weight, call.bias, call.scale, call.shift, call.num_groups,
-                                  call.eps, call.activation == "silu", kernel)
+        tensors = (call.x, call.weight, call.bias, call.scale, call.shift)
+        silu = call.activation == "silu"
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return _GroupNormFn.apply(*tensors, call.num_groups, call.eps, silu, kernel)
+        # inference: skip autograd's bookkeeping (several microseconds a call, which is most of
+        # the time at batch 2 on a GPU)
+        return kernel(call.x, call.num_groups, call.weight, call.bias, call.scale, call.shift, call.eps, silu)[0]
     return run
 
 
@@ -259,6 +266,7 @@ def _device_reasons(call, device_types):
 
 
 def _ext_unavailable(need_cuda):
+    @functools.lru_cache(maxsize=None)  # fixed for the life of the process
     def why():
         if _ext.extension() is None:
             return _ext.extension_error()
@@ -271,11 +279,14 @@ def _ext_unavailable(need_cuda):
 
 
 def _triton_unavailable():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    return _triton_unavailable_for(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_unavailable_for(interpret):
+    if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if not torch.cuda.is_available() and not interpret:
         return "no CUDA GPU visible (set TRITON_INTERPRET=1 to run Triton on CPU tensors)"
     return ""
 
