@@ -1,51 +1,67 @@
 // CPU group_norm forward: the portable (DEFAULT) build of group_norm_impl.h, plus the run-time
-// dispatch to the AVX2 build (group_norm_avx2.cpp) on x86-64 CPUs with avx2 + fma.
+// dispatch to the AVX512 (group_norm_avx512.cpp) and AVX2 (group_norm_avx2.cpp) builds on x86-64
+// CPUs that support them.
 #include "group_norm.h"
 
 #define CPU_CAPABILITY DEFAULT
 #include "group_norm_impl.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define DIFFKERN_CPU_HAS_AVX2_KERNEL 1
+#define DIFFKERN_CPU_HAS_X86_KERNELS 1
 #endif
 
 namespace diffkern {
 namespace cpu {
 
-#ifdef DIFFKERN_CPU_HAS_AVX2_KERNEL
+#ifdef DIFFKERN_CPU_HAS_X86_KERNELS
 namespace AVX2 {
 void group_norm_forward_impl(const GroupNormArgs& a);  // group_norm_avx2.cpp
 }  // namespace AVX2
+namespace AVX512 {
+void group_norm_forward_impl(const GroupNormArgs& a);  // group_norm_avx512.cpp
+}  // namespace AVX512
 #endif
 
 namespace {
 
-bool cpu_has_avx2() {
-#ifdef DIFFKERN_CPU_HAS_AVX2_KERNEL
-  static const bool has = [] {
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+#ifdef DIFFKERN_CPU_HAS_X86_KERNELS
+  static const Isa isa = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kDefault;
   }();
-  return has;
+  return isa;
 #else
-  return false;
+  return Isa::kDefault;
 #endif
 }
 
 }  // namespace
 
 void group_norm_forward(const GroupNormArgs& args) {
-#ifdef DIFFKERN_CPU_HAS_AVX2_KERNEL
-  if (cpu_has_avx2()) {
-    AVX2::group_norm_forward_impl(args);
-    return;
+#ifdef DIFFKERN_CPU_HAS_X86_KERNELS
+  switch (cpu_isa()) {
+    case Isa::kAvx512: AVX512::group_norm_forward_impl(args); return;
+    case Isa::kAvx2: AVX2::group_norm_forward_impl(args); return;
+    default: break;
   }
 #endif
   DEFAULT::group_norm_forward_impl(args);
 }
 
-const char* group_norm_capability() { return cpu_has_avx2() ? "avx2" : "default"; }
+const char* group_norm_capability() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "default";
+  }
+}
 
 }  // namespace cpu
 }  // namespace diffkern

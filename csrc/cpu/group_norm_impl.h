@@ -1,7 +1,12 @@
 // CPU GroupNorm (+ scale-shift) (+ SiLU) forward, written once and compiled once per instruction
-// set, like ATen/native/cpu kernels: the including TU defines CPU_CAPABILITY (DEFAULT or AVX2, and
-// CPU_CAPABILITY_AVX2 for the latter) before including this file, and everything here lives in
+// set, like ATen/native/cpu kernels: the including TU defines CPU_CAPABILITY (DEFAULT, AVX2 or
+// AVX512, and CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 for the latter) before including this file, and everything here lives in
 // diffkern::cpu::CPU_CAPABILITY, so the copies never clash.
+//
+// Output stores: when y is large (kStreamMinBytes) the AVX2 / AVX512 builds write it with
+// non-temporal (streaming) stores, after a scalar prologue that aligns each run to the vector size:
+// this saves the read-for-ownership of every output line, which otherwise costs as much as the
+// reads of x. Each thread issues an sfence after its last streaming store.
 //
 // Math, per (n, group g): mean, biased var over the group's C/G * S elements (float32 vector
 // accumulation over L1-sized chunks, two passes per chunk, chunks merged with Chan's formula in
@@ -19,7 +24,7 @@
 //     M2) over blocks of spatial rows, computed in parallel over (n, row block), merged per channel
 //     and then per group with Chan's formula; then a parallel apply over rows, vectorised over c.
 #ifndef CPU_CAPABILITY
-#error "define CPU_CAPABILITY (DEFAULT or AVX2) before including group_norm_impl.h"
+#error "define CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) before including group_norm_impl.h"
 #endif
 
 #include <ATen/Parallel.h>
@@ -70,6 +75,66 @@ inline void store2(c10::BFloat16* p, const fVec& a, const fVec& b) {
   at::vec::convert_from_float<c10::BFloat16>(a, b).store(p);
 }
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+constexpr bool kHasStream = true;
+#else
+constexpr bool kHasStream = false;
+#endif
+// Streaming stores of one step (2 * kVF elements) to a sizeof(fVec)-aligned address.
+#if defined(CPU_CAPABILITY_AVX512)
+inline void store2_nt(float* p, const fVec& a, const fVec& b) {
+  _mm512_stream_ps(p, a);
+  _mm512_stream_ps(p + kVF, b);
+}
+inline void store2_nt(c10::Half* p, const fVec& a, const fVec& b) {
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<c10::Half>(a, b));
+}
+inline void store2_nt(c10::BFloat16* p, const fVec& a, const fVec& b) {
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<c10::BFloat16>(a, b));
+}
+inline void stream_fence() { _mm_sfence(); }
+#elif defined(CPU_CAPABILITY_AVX2)
+inline void store2_nt(float* p, const fVec& a, const fVec& b) {
+  _mm256_stream_ps(p, a);
+  _mm256_stream_ps(p + kVF, b);
+}
+inline void store2_nt(c10::Half* p, const fVec& a, const fVec& b) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<c10::Half>(a, b));
+}
+inline void store2_nt(c10::BFloat16* p, const fVec& a, const fVec& b) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<c10::BFloat16>(a, b));
+}
+inline void stream_fence() { _mm_sfence(); }
+#else
+template <typename T>
+inline void store2_nt(T* p, const fVec& a, const fVec& b) { store2(p, a, b); }
+inline void stream_fence() {}
+#endif
+template <bool kNT, typename T>
+inline void store2x(T* p, const fVec& a, const fVec& b) {
+  if constexpr (kNT) {
+    store2_nt(p, a, b);
+  } else {
+    store2(p, a, b);
+  }
+}
+
+// Outputs at least this large are written with streaming stores (where the ISA has them): they do
+// not fit in the (per-core) L2, and a later reader finds them in DRAM / L3 either way.
+constexpr int64_t kStreamMinBytes = int64_t(2) << 20;
+template <typename T>
+inline bool want_stream(const GroupNormArgs& a) {
+  return kHasStream && a.N * a.C * a.S * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes &&
+         reinterpret_cast<uintptr_t>(a.y) % sizeof(T) == 0;
+}
+// Elements to write before y + i is aligned for streaming stores (at most len).
+template <typename T>
+inline int64_t stream_peel(const T* y, int64_t len) {
+  constexpr uintptr_t kAlign = sizeof(fVec);
+  const uintptr_t mis = reinterpret_cast<uintptr_t>(y) % kAlign;
+  return mis == 0 ? 0 : std::min<int64_t>(len, static_cast<int64_t>((kAlign - mis) / sizeof(T)));
+}
+
 inline float hsum(const fVec& v) {
   alignas(64) float t[kVF];
   v.store(t);
@@ -102,10 +167,33 @@ inline __m256 silu_avx2(__m256 v) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The same for 16 floats, with AVX512's exponent tools: f = t - floor(t) in one vreduceps, 2^f by the
+// degree-5 minimax polynomial above rewritten for [0, 1) (q(f) = sqrt(2) p(f - 1/2); rel. error
+// 1.9e-7 in float), 2^floor(t) applied by vscalefps, and rcp14 + one Newton step (rel. error ~4e-9).
+inline __m512 silu_avx512(__m512 v) {
+  __m512 t = _mm512_mul_ps(v, _mm512_set1_ps(-1.44269504088896341f));  // -v * log2(e)
+  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-125.5f)), _mm512_set1_ps(125.5f));
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // t - floor(t)
+  __m512 p = _mm512_set1_ps(0.0018759156810119748f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.008987795561552048f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0558338463306427f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24014845490455627f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931539177894592f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999998807907104f));
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_scalef_ps(p, t));  // 1 + exp(-v)
+  __m512 r = _mm512_rcp14_ps(d);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // Newton: r * (2 - d * r)
+  return _mm512_mul_ps(v, r);
+}
+#endif
+
 template <bool kSilu>
 inline fVec act(const fVec& v) {
   if constexpr (kSilu) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+    return fVec(silu_avx512(v));
+#elif defined(CPU_CAPABILITY_AVX2)
     return fVec(silu_avx2(v));
 #else
     const fVec one(1.f);
@@ -232,12 +320,17 @@ inline void coeffs(const GroupNormArgs& a, int64_t n, int64_t c, double mean, do
   }
 }
 
-// y[i] = act((x[i] - M) * A + B) over a contiguous run (kSub == false: M == 0, no subtraction).
-template <typename T, bool kSilu, bool kSub>
+// y[i] = act((x[i] - M) * A + B) over a contiguous run (kSub == false: M == 0, no subtraction;
+// kNT: streaming stores, after a scalar prologue up to the first aligned y).
+template <typename T, bool kSilu, bool kSub, bool kNT>
 inline void apply_run_impl(const T* x, T* y, int64_t len, float M, float A, float B) {
   const fVec vM(M), vA(A), vB(B);
   auto sub = [&](const fVec& u) { return kSub ? u - vM : u; };
   int64_t i = 0;
+  if constexpr (kNT) {
+    for (const int64_t p = stream_peel(y, len); i < p; ++i)
+      y[i] = from_f<T>(act_s<kSilu>((to_f(x[i]) - M) * A + B));
+  }
   for (; i + 2 * kK <= len; i += 2 * kK) {
     fVec u0, u1, u2, u3;
     load2(x + i, u0, u1);
@@ -246,38 +339,48 @@ inline void apply_run_impl(const T* x, T* y, int64_t len, float M, float A, floa
     u1 = at::vec::fmadd(sub(u1), vA, vB);
     u2 = at::vec::fmadd(sub(u2), vA, vB);
     u3 = at::vec::fmadd(sub(u3), vA, vB);
-    store2(y + i, act<kSilu>(u0), act<kSilu>(u1));
-    store2(y + i + kK, act<kSilu>(u2), act<kSilu>(u3));
+    store2x<kNT>(y + i, act<kSilu>(u0), act<kSilu>(u1));
+    store2x<kNT>(y + i + kK, act<kSilu>(u2), act<kSilu>(u3));
   }
   for (; i + kK <= len; i += kK) {
     fVec u0, u1;
     load2(x + i, u0, u1);
     u0 = at::vec::fmadd(sub(u0), vA, vB);
     u1 = at::vec::fmadd(sub(u1), vA, vB);
-    store2(y + i, act<kSilu>(u0), act<kSilu>(u1));
+    store2x<kNT>(y + i, act<kSilu>(u0), act<kSilu>(u1));
   }
   for (; i < len; ++i) y[i] = from_f<T>(act_s<kSilu>((to_f(x[i]) - M) * A + B));
 }
 
 template <typename T, bool kSilu>
-inline void apply_run(const T* x, T* y, int64_t len, float M, float A, float B) {
-  if (M == 0.f) {
-    apply_run_impl<T, kSilu, false>(x, y, len, M, A, B);
+inline void apply_run(const T* x, T* y, int64_t len, float M, float A, float B, bool stream) {
+  if (stream) {
+    if (M == 0.f) {
+      apply_run_impl<T, kSilu, false, kHasStream>(x, y, len, M, A, B);
+    } else {
+      apply_run_impl<T, kSilu, true, kHasStream>(x, y, len, M, A, B);
+    }
+  } else if (M == 0.f) {
+    apply_run_impl<T, kSilu, false, false>(x, y, len, M, A, B);
   } else {
-    apply_run_impl<T, kSilu, true>(x, y, len, M, A, B);
+    apply_run_impl<T, kSilu, true, false>(x, y, len, M, A, B);
   }
 }
 
 // One channels-last row: y[c] = act((x[c] - M[c]) * A[c] + B[c]), c in [0, C).
-template <typename T, bool kSilu>
-inline void apply_row_cl(const T* x, T* y, int64_t C, const float* M, const float* A, const float* B) {
+template <typename T, bool kSilu, bool kNT>
+inline void apply_row_cl_impl(const T* x, T* y, int64_t C, const float* M, const float* A, const float* B) {
   int64_t c = 0;
+  if constexpr (kNT) {
+    for (const int64_t p = stream_peel(y, C); c < p; ++c)
+      y[c] = from_f<T>(act_s<kSilu>((to_f(x[c]) - M[c]) * A[c] + B[c]));
+  }
   for (; c + kK <= C; c += kK) {
     fVec u0, u1;
     load2(x + c, u0, u1);
     u0 = at::vec::fmadd(u0 - fVec::loadu(M + c), fVec::loadu(A + c), fVec::loadu(B + c));
     u1 = at::vec::fmadd(u1 - fVec::loadu(M + c + kVF), fVec::loadu(A + c + kVF), fVec::loadu(B + c + kVF));
-    store2(y + c, act<kSilu>(u0), act<kSilu>(u1));
+    store2x<kNT>(y + c, act<kSilu>(u0), act<kSilu>(u1));
   }
   for (; c < C; ++c) y[c] = from_f<T>(act_s<kSilu>((to_f(x[c]) - M[c]) * A[c] + B[c]));
 }
@@ -288,6 +391,7 @@ void contiguous_fused(const GroupNormArgs& a) {
   const T* X = static_cast<const T*>(a.x);
   T* Y = static_cast<T*>(a.y);
   const int64_t C = a.C, G = a.G, S = a.S, Cg = C / G, D = Cg * S;
+  const bool stream = want_stream<T>(a);
   at::parallel_for(0, a.N * G, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, g = ng % G;
@@ -299,9 +403,10 @@ void contiguous_fused(const GroupNormArgs& a) {
         float M, A, B;
         coeffs<T>(a, n, c, mean, rstd, M, A, B);
         const int64_t off = (n * C + c) * S;
-        apply_run<T, kSilu>(X + off, Y + off, S, M, A, B);
+        apply_run<T, kSilu>(X + off, Y + off, S, M, A, B, stream);
       }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -338,14 +443,16 @@ void contiguous_split(const GroupNormArgs& a) {
       coeffs<T>(a, n, c, mean, rstd, Mv[n * C + c], Av[n * C + c], Bv[n * C + c]);
   }
   const int64_t total = N * C * S;
+  const bool stream = want_stream<T>(a);
   at::parallel_for(0, total, 16384, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     while (i < end) {
       const int64_t row = i / S, s = i % S;
       const int64_t len = std::min(S - s, end - i);
-      apply_run<T, kSilu>(X + i, Y + i, len, Mv[row], Av[row], Bv[row]);
+      apply_run<T, kSilu>(X + i, Y + i, len, Mv[row], Av[row], Bv[row], stream);
       i += len;
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -436,11 +543,18 @@ void channels_last(const GroupNormArgs& a) {
       }
     }
   });
+  const bool stream = want_stream<T>(a);
   at::parallel_for(0, N * S, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / S;
-      apply_row_cl<T, kSilu>(X + r * C, Y + r * C, C, Mv.data() + n * C, Av.data() + n * C, Bv.data() + n * C);
+      const float *Mr = Mv.data() + n * C, *Ar = Av.data() + n * C, *Br = Bv.data() + n * C;
+      if (stream) {
+        apply_row_cl_impl<T, kSilu, kHasStream>(X + r * C, Y + r * C, C, Mr, Ar, Br);
+      } else {
+        apply_row_cl_impl<T, kSilu, false>(X + r * C, Y + r * C, C, Mr, Ar, Br);
+      }
     }
+    if (stream) stream_fence();
   });
 }
 

@@ -873,6 +873,10 @@ int rows_occupancy(int threads, int64_t smem) {
 bool make_rows_plan(const GroupNormArgs& a, int num_sms, Plan& pl) {
   if (!use_cl(a)) return false;
   const int es = elem_size(a.dtype);
+  // The per-(n, g) paths read rows of Cg channels with choose_vec-wide vectors; measured on H200
+  // they beat this path when those vectors are >= 8 bytes (e.g. Cg = 40 for fp16), and lose by
+  // 1.5-1.8x when they are 2-4 bytes (Cg = 10, 6: SD / GLIDE). Use this path only in that case.
+  if (choose_vec(a) * es > 4) return false;
   const int vec = 16 / es;
   if (a.C % vec != 0 || !aligned(a.x, 16) || !aligned(a.y, 16)) return false;
   const int64_t Cv = a.C / vec;
