@@ -36,14 +36,15 @@ def _want_cuda():
 def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-std=c++17"]
+    # no -std flag: torch's build helpers pick the standard its headers need (C++20 for torch 2.13)
+    cxx = ["-O3"]
     link = []
     if sys.platform.startswith("linux"):
         # at::parallel_for is an OpenMP template inlined into our code: without -fopenmp it runs
         # serially. torch ships libgomp, so this adds no second OpenMP runtime.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    sources = ["csrc/bindings.cpp", "csrc/cpu/group_norm.cpp", "csrc/cpu/group_norm_avx2.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/cpu/group_norm.cpp", "csrc/cpu/group_norm_avx2.cpp", "csrc/cpu/group_norm_avx512.cpp"]
     use_cuda, why = _want_cuda()
     if not use_cuda:
         warnings.warn(f"diffkern: building the CPU kernels only, no CUDA kernels: {why}", stacklevel=1)
@@ -61,7 +62,7 @@ def _extensions():
             "diffkern._C",
             sources + ["csrc/cuda/group_norm.cu"],
             extra_compile_args={"cxx": cxx + defines,
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + defines},
+                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + defines},
             extra_link_args=link,
         )
     return [ext], {"build_ext": BuildExtension}

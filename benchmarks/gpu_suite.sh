@@ -10,6 +10,8 @@ mkdir -p "$OUT"
 WHAT=${1:-all}; shift || true
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+# the device copy of the tree has no .git: write the SHA here first (git rev-parse --short HEAD > .gpu/GIT_SHA)
+export DIFFKERN_GIT_SHA=${DIFFKERN_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || cat .gpu/GIT_SHA 2>/dev/null)}
 
 echo "== machine"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"

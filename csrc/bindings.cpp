@@ -1,10 +1,17 @@
 // The one place that exposes compiled ops to Python (module diffkern._C).
-// Every entry point re-validates its inputs with TORCH_CHECK (a Python exception, never a crash):
-// the Python layer checks first and gives friendlier messages, this is the last line of defence.
+// Every entry point re-validates its inputs (a Python ValueError/TypeError naming the argument,
+// never a crash): the Python layer checks first, this is the last line of defence.
+//
+// Error messages are built with std::to_string and string concatenation, never with iostreams
+// (c10::str, TORCH_CHECK's formatting). On the H200 image (torch 2.11 built with gcc-toolset-13,
+// this module with Ubuntu's g++ 13.3) formatting an integer through an ostringstream created in this
+// module crashed the process (seen 2026-11-26, narrowed down with benchmarks/gpu_probe_checks.py:
+// throwing worked, `c10::str("...", int64)` did not), most likely two libstdc++ locale-facet copies.
 #include <torch/extension.h>
 
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "cpu/group_norm.h"
 #ifdef WITH_CUDA
@@ -16,12 +23,37 @@
 namespace diffkern {
 namespace {
 
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+inline void append(std::string& s, T v) { s += std::to_string(v); }
+inline void append(std::string& s, at::IntArrayRef v) {
+  s += "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  s += "]";
+}
+inline void append(std::string& s, at::ScalarType t) { s += c10::toString(t); }
+inline void append(std::string& s, const c10::Device& d) { s += d.str(); }
+template <typename... Ts>
+std::string message(const Ts&... parts) {
+  std::string s;
+  (append(s, parts), ...);
+  return s;
+}
+
+#define DK_CHECK(cond, exc, ...) \
+  do {                           \
+    if (!(cond)) throw exc(message(__VA_ARGS__)); \
+  } while (0)
+#define DK_CHECK_VALUE(cond, ...) DK_CHECK(cond, pybind11::value_error, __VA_ARGS__)
+#define DK_CHECK_TYPE(cond, ...) DK_CHECK(cond, pybind11::type_error, __VA_ARGS__)
+
 DType to_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "group_norm: x must be float32, float16 or bfloat16, got ", t);
+    default: DK_CHECK_TYPE(false, "group_norm: x must be float32, float16 or bfloat16, got ", t);
   }
   return DType::kFloat32;
 }
@@ -30,12 +62,12 @@ const void* check_param(const std::optional<at::Tensor>& t, const char* name, co
                         at::IntArrayRef shape) {
   if (!t.has_value()) return nullptr;
   const at::Tensor& p = *t;
-  TORCH_CHECK_TYPE(p.scalar_type() == x.scalar_type(), "group_norm: ", name, " must have x's dtype ",
+  DK_CHECK_TYPE(p.scalar_type() == x.scalar_type(), "group_norm: ", name, " must have x's dtype ",
                    x.scalar_type(), ", got ", p.scalar_type());
-  TORCH_CHECK(p.device() == x.device(), "group_norm: ", name, " must be on x's device ", x.device(),
+  DK_CHECK_VALUE(p.device() == x.device(), "group_norm: ", name, " must be on x's device ", x.device(),
               ", got ", p.device());
-  TORCH_CHECK(p.sizes() == shape, "group_norm: ", name, " must have shape ", shape, ", got ", p.sizes());
-  TORCH_CHECK(p.is_contiguous(), "group_norm: ", name, " must be contiguous");
+  DK_CHECK_VALUE(p.sizes() == shape, "group_norm: ", name, " must have shape ", shape, ", got ", p.sizes());
+  DK_CHECK_VALUE(p.is_contiguous(), "group_norm: ", name, " must be contiguous");
   return p.data_ptr();
 }
 
@@ -47,13 +79,13 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
                                            const std::optional<at::Tensor>& scale,
                                            const std::optional<at::Tensor>& shift, double eps,
                                            bool silu, const std::optional<at::Tensor>& out) {
-  TORCH_CHECK(x.dim() >= 2, "group_norm: x must have at least 2 dims (N, C, ...), got ", x.dim());
+  DK_CHECK_VALUE(x.dim() >= 2, "group_norm: x must have at least 2 dims (N, C, ...), got ", x.dim());
   const int64_t N = x.size(0), C = x.size(1);
-  TORCH_CHECK(num_groups > 0, "group_norm: num_groups must be positive, got ", num_groups);
-  TORCH_CHECK(C % num_groups == 0, "group_norm: num_channels ", C, " must be divisible by num_groups ",
+  DK_CHECK_VALUE(num_groups > 0, "group_norm: num_groups must be positive, got ", num_groups);
+  DK_CHECK_VALUE(C % num_groups == 0, "group_norm: num_channels ", C, " must be divisible by num_groups ",
               num_groups);
-  TORCH_CHECK(scale.has_value() == shift.has_value(), "group_norm: scale and shift must be given together");
-  TORCH_CHECK(eps >= 0, "group_norm: eps must be >= 0, got ", eps);
+  DK_CHECK_VALUE(scale.has_value() == shift.has_value(), "group_norm: scale and shift must be given together");
+  DK_CHECK_VALUE(eps >= 0, "group_norm: eps must be >= 0, got ", eps);
   GroupNormArgs a;
   a.dtype = to_dtype(x.scalar_type());
   a.weight = check_param(weight, "weight", x, {C});
@@ -74,13 +106,13 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
       expected *= x.size(d);
     }
     ok = ok && (N <= 1 || x.stride(0) == C * S);
-    TORCH_CHECK(ok, "group_norm: x must be contiguous or channels_last, got strides ", x.strides());
+    DK_CHECK_VALUE(ok, "group_norm: x must be contiguous or channels_last, got strides ", x.strides());
     channels_last = true;
   }
   at::Tensor y;
   if (out.has_value()) {
     y = *out;
-    TORCH_CHECK(y.scalar_type() == x.scalar_type() && y.device() == x.device() && y.sizes() == x.sizes() &&
+    DK_CHECK_VALUE(y.scalar_type() == x.scalar_type() && y.device() == x.device() && y.sizes() == x.sizes() &&
                     y.strides() == x.strides(),
                 "group_norm: out must match x's dtype, device, shape and strides");
   } else {
@@ -113,15 +145,27 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
     at::Tensor ws = at::empty({std::max<int64_t>(ws_elems, 1)}, stats_opts);
     cudaError_t err = cuda::group_norm_forward(a, ws.data_ptr<float>(), num_sms,
                                                at::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, "group_norm: CUDA kernel failed: ", cudaGetErrorString(err));
+    DK_CHECK(err == cudaSuccess, std::runtime_error, "group_norm: CUDA kernel failed: ", cudaGetErrorString(err));
 #else
-    TORCH_CHECK(false, "group_norm: diffkern._C was built without CUDA kernels");
+    DK_CHECK_VALUE(false, "group_norm: diffkern._C was built without CUDA kernels");
 #endif
   } else {
-    TORCH_CHECK(false, "group_norm: unsupported device ", x.device());
+    DK_CHECK_VALUE(false, "group_norm: unsupported device ", x.device());
   }
   return {y, mean, rstd};
 }
+
+// Throws one kind of C++ exception (0: pybind11::value_error, 1: c10::Error via TORCH_CHECK,
+// 2: std::runtime_error), for diagnosing exception translation on a given build.
+void debug_throw(int kind) {
+  if (kind == 0) throw pybind11::value_error("debug_throw: pybind11::value_error");
+  if (kind == 1) TORCH_CHECK(false, "debug_throw: c10::Error");
+  throw std::runtime_error("debug_throw: std::runtime_error");
+}
+
+// Formats an int64 into an error message the way the checks do and throws it (diagnostics for
+// the crash described at the top of this file).
+void debug_throw_formatted(int64_t v) { DK_CHECK_VALUE(false, "debug_throw_formatted: ", v); }
 
 pybind11::dict build_info() {
   pybind11::dict d;
@@ -152,4 +196,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("scale"), pybind11::arg("shift"), pybind11::arg("eps"), pybind11::arg("silu"),
         pybind11::arg("out") = pybind11::none());
   m.def("build_info", &diffkern::build_info, "How this extension was built");
+  m.def("_debug_throw", &diffkern::debug_throw, "Throw a C++ exception of the given kind (diagnostics)");
+  m.def("_debug_throw_formatted", &diffkern::debug_throw_formatted, "Throw a formatted message (diagnostics)");
 }

@@ -9,7 +9,7 @@ namespace cpu {
 // binding; this only asserts layout assumptions (TORCH_CHECK, never aborts).
 void group_norm_forward(const GroupNormArgs& args);
 
-// The instruction set the kernel picked at run time: "avx2" or "default".
+// The instruction set the kernel picked at run time: "avx512", "avx2" or "default".
 const char* group_norm_capability();
 
 }  // namespace cpu

@@ -170,7 +170,8 @@ inline __m256 silu_avx2(__m256 v) {
 #if defined(CPU_CAPABILITY_AVX512)
 // The same for 16 floats, with AVX512's exponent tools: f = t - floor(t) in one vreduceps, 2^f by the
 // degree-5 minimax polynomial above rewritten for [0, 1) (q(f) = sqrt(2) p(f - 1/2); rel. error
-// 1.9e-7 in float), 2^floor(t) applied by vscalefps, and rcp14 + one Newton step (rel. error ~4e-9).
+// 1.9e-7 in float), 2^floor(t) applied by vscalefps, then one division: on Zen 4 the divider runs
+// beside the FMA pipes, which this loop saturates, so v / d beats rcp14 + Newton + multiply.
 inline __m512 silu_avx512(__m512 v) {
   __m512 t = _mm512_mul_ps(v, _mm512_set1_ps(-1.44269504088896341f));  // -v * log2(e)
   t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-125.5f)), _mm512_set1_ps(125.5f));
@@ -182,9 +183,7 @@ inline __m512 silu_avx512(__m512 v) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931539177894592f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999998807907104f));
   const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_scalef_ps(p, t));  // 1 + exp(-v)
-  __m512 r = _mm512_rcp14_ps(d);
-  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // Newton: r * (2 - d * r)
-  return _mm512_mul_ps(v, r);
+  return _mm512_div_ps(v, d);
 }
 #endif
 
@@ -456,6 +455,51 @@ void contiguous_split(const GroupNormArgs& a) {
   });
 }
 
+// Channels-last statistics of columns [c, c + NS * kK) over R rows of stride C, register-blocked
+// (NS * 2 vectors of accumulators, one pass over the rows): s1[c..] = column sums; then, with the
+// column means m = s1, s2[c..] = sum(x - m), s3[c..] = sum((x - m)^2).
+template <int NS, typename T>
+inline void cl_col_sums(const T* base, int64_t C, int64_t R, int64_t c, float* s1) {
+  fVec acc[2 * NS];
+  for (int j = 0; j < 2 * NS; ++j) acc[j] = fVec(0.f);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* row = base + r * C + c;
+    for (int j = 0; j < NS; ++j) {
+      fVec u0, u1;
+      load2(row + j * kK, u0, u1);
+      acc[2 * j] = acc[2 * j] + u0;
+      acc[2 * j + 1] = acc[2 * j + 1] + u1;
+    }
+  }
+  for (int j = 0; j < 2 * NS; ++j) acc[j].store(s1 + c + j * kVF);
+}
+template <int NS, typename T>
+inline void cl_col_devs(const T* base, int64_t C, int64_t R, int64_t c, const float* s1, float* s2, float* s3) {
+  fVec m[2 * NS], d[2 * NS], q[2 * NS];
+  for (int j = 0; j < 2 * NS; ++j) {
+    m[j] = fVec::loadu(s1 + c + j * kVF);
+    d[j] = fVec(0.f);
+    q[j] = fVec(0.f);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const T* row = base + r * C + c;
+    for (int j = 0; j < NS; ++j) {
+      fVec u0, u1;
+      load2(row + j * kK, u0, u1);
+      u0 = u0 - m[2 * j];
+      u1 = u1 - m[2 * j + 1];
+      d[2 * j] = d[2 * j] + u0;
+      d[2 * j + 1] = d[2 * j + 1] + u1;
+      q[2 * j] = at::vec::fmadd(u0, u0, q[2 * j]);
+      q[2 * j + 1] = at::vec::fmadd(u1, u1, q[2 * j + 1]);
+    }
+  }
+  for (int j = 0; j < 2 * NS; ++j) {
+    d[j].store(s2 + c + j * kVF);
+    q[j].store(s3 + c + j * kVF);
+  }
+}
+
 // Channels-last layout (x[n, s, c]), also used for contiguous x with S == 1 (same addresses).
 template <typename T, bool kSilu>
 void channels_last(const GroupNormArgs& a) {
@@ -475,9 +519,10 @@ void channels_last(const GroupNormArgs& a) {
     float* s1 = buf.data();       // sums, then approximate means
     float* s2 = s1 + C;           // sum(x - mf)
     float* s3 = s2 + C;           // sum((x - mf)^2)
-    // Rows per sub-block: L1-sized, and at most 64 so that each channel's float accumulators sum
-    // few terms (they are merged in double with Chan's formula after every sub-block).
-    const int64_t sub = std::min<int64_t>(64, std::max<int64_t>(1, 8192 / C));
+    // Rows per sub-block: L2-resident (it is read twice, column block by column block, with the
+    // accumulators in registers), and at most 64 so that each channel's float accumulators sum few
+    // terms (they are merged in double with Chan's formula after every sub-block).
+    const int64_t sub = std::min<int64_t>(64, std::max<int64_t>(1, 32768 / C));
     const int64_t Cv = C - C % kK;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / nblk, k = t % nblk;
@@ -487,36 +532,27 @@ void channels_last(const GroupNormArgs& a) {
         const int64_t re = std::min(r1, rs + sub);
         const float L = static_cast<float>(re - rs);
         const T* base = X + (n * S + rs) * C;
-        std::fill(s1, s1 + C, 0.f);
-        for (int64_t r = 0; r < re - rs; ++r) {
-          const T* row = base + r * C;
-          for (int64_t c = 0; c < Cv; c += kK) {
-            fVec u0, u1;
-            load2(row + c, u0, u1);
-            (fVec::loadu(s1 + c) + u0).store(s1 + c);
-            (fVec::loadu(s1 + c + kVF) + u1).store(s1 + c + kVF);
-          }
-          for (int64_t c = Cv; c < C; ++c) s1[c] += to_f(row[c]);
+        const int64_t R = re - rs;
+        int64_t c = 0;
+        for (; c + 2 * kK <= C; c += 2 * kK) cl_col_sums<2>(base, C, R, c, s1);
+        for (; c < Cv; c += kK) cl_col_sums<1>(base, C, R, c, s1);
+        for (; c < C; ++c) {
+          float sum = 0.f;
+          for (int64_t r = 0; r < R; ++r) sum += to_f(base[r * C + c]);
+          s1[c] = sum;
         }
-        for (int64_t c = 0; c < C; ++c) s1[c] /= L;
-        std::fill(s2, s2 + 2 * C, 0.f);
-        for (int64_t r = 0; r < re - rs; ++r) {
-          const T* row = base + r * C;
-          for (int64_t c = 0; c < Cv; c += kK) {
-            fVec u0, u1;
-            load2(row + c, u0, u1);
-            u0 = u0 - fVec::loadu(s1 + c);
-            u1 = u1 - fVec::loadu(s1 + c + kVF);
-            (fVec::loadu(s2 + c) + u0).store(s2 + c);
-            (fVec::loadu(s2 + c + kVF) + u1).store(s2 + c + kVF);
-            at::vec::fmadd(u0, u0, fVec::loadu(s3 + c)).store(s3 + c);
-            at::vec::fmadd(u1, u1, fVec::loadu(s3 + c + kVF)).store(s3 + c + kVF);
+        for (c = 0; c < C; ++c) s1[c] /= L;
+        for (c = 0; c + 2 * kK <= C; c += 2 * kK) cl_col_devs<2>(base, C, R, c, s1, s2, s3);
+        for (; c < Cv; c += kK) cl_col_devs<1>(base, C, R, c, s1, s2, s3);
+        for (; c < C; ++c) {
+          float t2 = 0.f, t3 = 0.f;
+          for (int64_t r = 0; r < R; ++r) {
+            const float d = to_f(base[r * C + c]) - s1[c];
+            t2 += d;
+            t3 += d * d;
           }
-          for (int64_t c = Cv; c < C; ++c) {
-            const float d = to_f(row[c]) - s1[c];
-            s2[c] += d;
-            s3[c] += d * d;
-          }
+          s2[c] = t2;
+          s3[c] = t3;
         }
         const double dl = static_cast<double>(L);
         for (int64_t c = 0; c < C; ++c) {
@@ -587,9 +623,9 @@ void run_dtype(const GroupNormArgs& a) {
 }  // namespace gn_detail
 
 void group_norm_forward_impl(const GroupNormArgs& a) {
-  TORCH_CHECK(a.N >= 1 && a.C >= 1 && a.S >= 1 && a.G >= 1 && a.C % a.G == 0,
-              "group_norm (cpu): bad sizes N=", a.N, " C=", a.C, " S=", a.S, " G=", a.G);
-  TORCH_CHECK(a.stride_n == a.C * a.S, "group_norm (cpu): unexpected stride_n ", a.stride_n);
+  // string-only messages: see the note on iostream formatting at the top of csrc/bindings.cpp
+  TORCH_CHECK(a.N >= 1 && a.C >= 1 && a.S >= 1 && a.G >= 1 && a.C % a.G == 0, "group_norm (cpu): bad sizes");
+  TORCH_CHECK(a.stride_n == a.C * a.S, "group_norm (cpu): unexpected stride_n");
   if (a.channels_last) {
     TORCH_CHECK(a.stride_c == 1 && a.stride_s == a.C, "group_norm (cpu): unexpected channels_last strides");
   } else {

@@ -99,6 +99,8 @@ class Row:
 
 
 def git_sha():
+    if os.environ.get("DIFFKERN_GIT_SHA"):  # set by benchmarks/gpu_suite.sh: the GPU copy has no .git
+        return os.environ["DIFFKERN_GIT_SHA"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parents[2])
