@@ -50,6 +50,24 @@ def _chunk_stats(x_ptr, base, shift, s_begin, s_end, CPG, stride_c, stride_s,
 
 
 @triton.jit
+def _channel_coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, ch, mask_c, rstd,
+                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr):
+    """(A, B) of y = act((x - mean) * A + B) for channels `ch` of sample n; rstd per channel."""
+    a = rstd
+    if HAS_WEIGHT:
+        a = a * tl.load(w_ptr + ch, mask=mask_c, other=1.0).to(tl.float32)
+    b = tl.zeros_like(a)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
+    if HAS_SCALE_SHIFT:
+        sc = 1.0 + tl.load(scale_ptr + n * C + ch, mask=mask_c, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + n * C + ch, mask=mask_c, other=0.0).to(tl.float32)
+        a = a * sc
+        b = b * sc + sh
+    return a, b
+
+
+@triton.jit
 def _chunk_apply(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, n, c0, C, CPG,
                  stride_c, stride_s, s_begin, s_end, shift, m, rstd,
                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
@@ -57,18 +75,9 @@ def _chunk_apply(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, n, c0, 
     for cb in range(0, CPG, BLOCK_C):
         offs_c = cb + tl.arange(0, BLOCK_C)
         mask_c = offs_c < CPG
-        ch = c0 + offs_c
-        a = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
-        if HAS_WEIGHT:
-            a = a * tl.load(w_ptr + ch, mask=mask_c, other=1.0).to(tl.float32)
-        b = tl.zeros([BLOCK_C], tl.float32)
-        if HAS_BIAS:
-            b = tl.load(b_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
-        if HAS_SCALE_SHIFT:
-            sc = 1.0 + tl.load(scale_ptr + n * C + ch, mask=mask_c, other=0.0).to(tl.float32)
-            sh = tl.load(shift_ptr + n * C + ch, mask=mask_c, other=0.0).to(tl.float32)
-            a = a * sc
-            b = b * sc + sh
+        a, b = _channel_coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c0 + offs_c, mask_c,
+                                     tl.full([BLOCK_C], 1.0, tl.float32) * rstd,
+                                     HAS_WEIGHT, HAS_BIAS, HAS_SCALE_SHIFT)
         for sb in range(s_begin, s_end, BLOCK_S):
             offs_s = sb + tl.arange(0, BLOCK_S)
             mask = mask_c[:, None] & (offs_s < s_end)[None, :]
@@ -263,17 +272,9 @@ def _rows_apply_kernel(
         # x - mean as (x - K_g) - (mean - K_g): exact-ish when |mean| >> std
         k = tl.load(x_ptr + base + (offs_c // CPG) * CPG, mask=mask_c, other=0.0).to(tl.float32)
         m = tl.load(shifted_mean_ptr + grp, mask=mask_c, other=0.0)
-        a = tl.load(rstd_ptr + grp, mask=mask_c, other=0.0)
-        if HAS_WEIGHT:
-            a = a * tl.load(w_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-        b = tl.zeros([BLOCK_C], tl.float32)
-        if HAS_BIAS:
-            b = tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        if HAS_SCALE_SHIFT:
-            sc = 1.0 + tl.load(scale_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-            sh = tl.load(shift_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-            a = a * sc
-            b = b * sc + sh
+        a, b = _channel_coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, offs_c, mask_c,
+                                     tl.load(rstd_ptr + grp, mask=mask_c, other=0.0),
+                                     HAS_WEIGHT, HAS_BIAS, HAS_SCALE_SHIFT)
         for rb in range(r_begin, r_end, BLOCK_R):
             offs_r = rb + tl.arange(0, BLOCK_R)
             mask = (offs_r < r_end)[:, None] & mask_c[None, :]
