@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from diffkern.bench import group_norm, harness
+from diffkern.bench import attention, group_norm, harness
 
-SUITES = {"group_norm": group_norm}
+SUITES = {"group_norm": group_norm, "attention": attention}
 
 
 def main(argv=None):

@@ -139,9 +139,15 @@ def environment(device, allocator):
 
 
 def format_table(rows):
-    head = ["case", "dtype", "layout", "backend", "median us", "GB/s", "x ref", "x best peer", "note"]
-    body = [[r.case, r.dtype, r.layout, r.backend, f"{r.median_us:.1f}",
-             "" if r.gbps is None else f"{r.gbps:.1f}",
+    head = ["case", "dtype", "layout", "backend", "median us", "GB/s or TFLOP/s", "x ref", "x best peer", "note"]
+
+    def rate(r):
+        if r.gbps is not None:
+            return f"{r.gbps:.1f}"
+        tf = r.extra.get("tflops")
+        return "" if tf is None else f"{tf:.2f} TF"
+
+    body = [[r.case, r.dtype, r.layout, r.backend, f"{r.median_us:.1f}", rate(r),
              "" if r.speedup_vs_reference is None else f"{r.speedup_vs_reference:.2f}",
              "" if r.speedup_vs_best_peer is None else f"{r.speedup_vs_best_peer:.2f}", r.note] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]

@@ -13,6 +13,7 @@ def test_bench_quick_run_writes_results(tmp_path, capsys, monkeypatch):
     assert bench.main(["--device", "cpu", "--quick", "--no-compile", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| case" in out and "reference" in out
+    assert list(tmp_path.glob("attention-*.json"))
     (json_file,) = tmp_path.glob("group_norm-*.json")
     data = json.loads(json_file.read_text())
     assert {"date", "git_sha", "torch", "device", "command", "allocator"} <= set(data["environment"])

@@ -1,0 +1,140 @@
+"""attention benchmark: forward (and forward + backward on a GPU) TFLOP/s against the reference,
+SDPA (default dispatch and each of its backends that runs), xformers and concat + SDPA for the prefix.
+
+FLOPs counted: 4 * B * H * Sq * (Sp + Sk) * D for the forward (two matmuls), 2.5x that for
+forward + backward (the usual FlashAttention accounting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from diffkern import ops
+from diffkern.bench import harness
+from diffkern.kernels import reference
+
+
+@dataclass
+class Case:
+    name: str
+    B: int
+    H: int
+    Sq: int
+    Sk: int
+    D: int
+    Sp: int
+    dtype: torch.dtype
+    causal: bool = False
+
+
+def cases(device, quick=False):
+    if device.type == "cpu":  # small shapes only: CPU attention is for correctness, not the product
+        shapes = [("sd15-self", 2, 8, 256, 256, 160, 0), ("sd15-cross", 2, 8, 256, 77, 160, 0),
+                  ("sd15-self", 2, 8, 64, 64, 160, 0), ("glide-prefix", 2, 3, 256, 256, 64, 128)]
+        return [Case(*s, torch.float32) for s in (shapes[:1] if quick else shapes)]
+    shapes = []
+    for s, d in ((4096, 40), (1024, 80), (256, 160), (64, 160)):
+        shapes += [("sd15-self", 2, 8, s, s, d, 0), ("sd15-cross", 2, 8, s, 77, d, 0)]
+    shapes += [("sd2-self", 2, 5, 9216, 9216, 64, 0), ("sd2-cross", 2, 5, 9216, 77, 64, 0),
+               ("glide-prefix", 2, 3, 1024, 1024, 64, 128),
+               ("synthetic", 2, 16, 4096, 4096, 128, 0), ("synthetic", 1, 16, 16384, 16384, 128, 0)]
+    if quick:
+        shapes = [shapes[0], shapes[-3], shapes[-2]]
+    return [Case(*s, dt) for dt in (torch.float16, torch.bfloat16) for s in shapes]
+
+
+def _sdpa_backends():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return {}
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+             "math": "MATH"}
+    return {k: (lambda b=getattr(SDPBackend, v): sdpa_kernel(b)) for k, v in names.items() if hasattr(SDPBackend, v)}
+
+
+def candidates(case, device):
+    """[(name, forward fn, note)] for one case; each fn returns the output."""
+    g = torch.Generator(device=device).manual_seed(0)
+    t = lambda S: torch.randn(case.B, case.H, S, case.D, device=device, dtype=case.dtype, generator=g)  # noqa: E731
+    q, k, v = t(case.Sq), t(case.Sk), t(case.Sk)
+    prefix = (t(case.Sp), t(case.Sp)) if case.Sp else None
+    kw = dict(causal=case.causal, kv_prefix=prefix)
+    out = []
+    scores_bytes = case.B * case.H * case.Sq * (case.Sk + case.Sp) * 4
+    if scores_bytes < (4 << 30):
+        out.append(("reference", lambda: reference.attention(q, k, v, **kw), "plain math, fp32 scores"))
+    if device.type == "cuda" and not prefix:
+        for name, ctx in _sdpa_backends().items():
+            out.append((f"sdpa[{name}]", _in_context(ctx, lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=case.causal)), "peer"))
+    note = "peer: concat + SDPA" if prefix else "peer: torch SDPA, its own dispatch"
+    for name in ops.available_backends("attention"):
+        if name == "reference" or (name == "triton" and device.type == "cpu"):
+            continue
+        try:
+            ops.attention_backend(q, k, v, backend=name, **kw)
+        except ValueError:
+            continue
+        out.append((name, (lambda n=name: ops.attention(q, k, v, backend=n, **kw)),
+                    note if name == "sdpa" else ("peer" if name == "xformers" else "")))
+    return out
+
+
+def _in_context(ctx_factory, fn):
+    def run():
+        with ctx_factory():
+            return fn()
+    return run
+
+
+def run(device, quick=False, compile_reference=True, log=print):
+    rows = []
+    for case in cases(device, quick):
+        flops = 4 * case.B * case.H * case.Sq * (case.Sk + case.Sp) * case.D
+        label = f"{case.name} ({case.B}, {case.H}, {case.Sq}, {case.Sk}, {case.D})" + (f" +{case.Sp}" if case.Sp else "")
+        times = {}
+        with torch.no_grad():
+            cands = candidates(case, device)
+            for name, fn, _ in cands:
+                try:
+                    times[name] = harness.time_fn(fn, device)
+                except RuntimeError as e:  # e.g. an SDPA backend that does not take this shape
+                    times[name] = None
+                    log(f"  {name} failed on {label}: {str(e).splitlines()[0][:100]}")
+        peers = [t for n, t in times.items() if t and (n.startswith("sdpa") or n == "xformers")]
+        best_peer = min(peers) if peers else None
+        t_ref = times.get("reference")
+        for name, fn, note in cands:
+            t = times[name]
+            rows.append(harness.Row(
+                "attention", label, (case.B, case.H, case.Sq, case.Sk, case.D, case.Sp), str(case.dtype)[6:],
+                "causal" if case.causal else "-", name, float("nan") if t is None else t * 1e6,
+                None, (t_ref / t) if (t and t_ref) else None,
+                (best_peer / t) if (t and best_peer and name == "triton") else None, note,
+                {"tflops": None if t is None else flops / t / 1e12}))
+        log(f"  {label} {str(case.dtype)[6:]}: " + ", ".join(f"{n} {t * 1e6:.0f}us" for n, t in times.items() if t))
+    return rows
+
+
+def targets(rows, device, copy_gbps):
+    """Issue 3's forward targets on a GPU (triton against the best peer); none on CPU."""
+    if device.type != "cuda":
+        return []
+    out = []
+    for r in rows:
+        if r.backend != "triton" or r.speedup_vs_best_peer is None:
+            continue
+        D = r.shape[4]
+        need = 1.0 if D in (64, 128) else 1.2
+        text = f"triton {r.case} {r.dtype}: {r.speedup_vs_best_peer:.2f}x best peer (target {need}x)"
+        ok = r.speedup_vs_best_peer >= need
+        if r.shape[:5] == (2, 16, 4096, 4096, 128):
+            tf = r.extra["tflops"]
+            text += f", {tf:.0f} TFLOP/s (target 450)"
+            ok = ok and tf >= 450
+        out.append((text, ok))
+    return out

@@ -1,0 +1,269 @@
+"""attention: scaled dot-product attention with text prefix, causal mask and bias, with its backend table."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from diffkern import _dispatch
+from diffkern.kernels import reference
+
+OP = "attention"
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM_TRITON = 256
+
+
+def attention(q, k, v, *, attn_bias=None, causal=False, scale=None, kv_prefix=None, backend=None):
+    """softmax(q k^T * scale + attn_bias) v, with optional always-visible prefix keys and causal mask.
+
+    Args:
+        q: (B, H, Sq, D). k, v: (B, H, Sk, D). Any strides (views of a fused qkv projection or
+            ``x.view(B, S, H, D).transpose(1, 2)`` are read in place by the Triton kernel).
+            float16, bfloat16 or float32 (float64 on the reference and sdpa backends). The Triton
+            kernel runs float32 inputs in full float32 (no tf32) and accumulates in float32.
+        attn_bias: additive float bias, or bool keep-mask (True = attend, SDPA's meaning),
+            broadcastable to (B, H, Sq, Sp + Sk): key-padding masks, relative position biases.
+        causal: query i sees main key j <= i (top-left, as SDPA's is_causal, also for Sq != Sk);
+            prefix keys stay visible.
+        scale: softmax scale, default D ** -0.5.
+        kv_prefix: (kp, vp), each (B, H, Sp, D): keys/values attended before k/v, never
+            concatenated by the Triton kernel (GLIDE / DALL-E 2 / Imagen ``encoder_kv``).
+        backend: "triton", "sdpa", "xformers" or "reference"; None chooses (see diffkern.use_backend).
+
+    Returns:
+        (B, H, Sq, D) in q's dtype. A query row whose keys are all masked returns zeros (not NaN),
+        and passes no gradient. Differentiable in q, k, v, the prefix and a float attn_bias on
+        every backend.
+
+    Equivalent PyTorch (no prefix, no fully masked rows)::
+
+        F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=causal, scale=scale)
+    """
+    call = _check(q, k, v, attn_bias, causal, scale, kv_prefix)
+    return _dispatch.select(OP, call, q.device.type, backend).run(call)
+
+
+def attention_backend(q, k, v, *, attn_bias=None, causal=False, scale=None, kv_prefix=None, backend=None):
+    """Name of the backend `attention` would use for these arguments (raises as it would)."""
+    call = _check(q, k, v, attn_bias, causal, scale, kv_prefix)
+    return _dispatch.select(OP, call, q.device.type, backend).name
+
+
+@dataclass
+class _Call:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor | None
+    causal: bool
+    scale: float
+    kp: torch.Tensor | None
+    vp: torch.Tensor | None
+
+    @property
+    def total_keys(self):
+        return self.k.shape[2] + (0 if self.kp is None else self.kp.shape[2])
+
+
+def _check_4d(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"attention: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"attention: {name} must have rank 4 (B, H, S, D), got shape {tuple(t.shape)}")
+
+
+def _check(q, k, v, attn_bias, causal, scale, kv_prefix):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_4d(t, name)
+    if not q.is_floating_point():
+        raise TypeError(f"attention: q must be a floating-point tensor, got {q.dtype}")
+    B, H, Sq, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"attention: {name} must be on q's device {q.device}, got {t.device}")
+        if t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+            raise ValueError(f"attention: {name} must be (B={B}, H={H}, S, D={D}), got {tuple(t.shape)}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"attention: k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
+    kp = vp = None
+    if kv_prefix is not None:
+        if not isinstance(kv_prefix, (tuple, list)) or len(kv_prefix) != 2:
+            raise TypeError("attention: kv_prefix must be a (keys, values) pair of tensors")
+        kp, vp = kv_prefix
+        for name, t in (("kv_prefix[0]", kp), ("kv_prefix[1]", vp)):
+            _check_4d(t, name)
+            if t.dtype != q.dtype:
+                raise TypeError(f"attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"attention: {name} must be on q's device {q.device}, got {t.device}")
+            if t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+                raise ValueError(f"attention: {name} must be (B={B}, H={H}, Sp, D={D}), got {tuple(t.shape)}")
+        if kp.shape[2] != vp.shape[2]:
+            raise ValueError("attention: kv_prefix keys and values must have the same length")
+    if attn_bias is not None:
+        if not isinstance(attn_bias, torch.Tensor):
+            raise TypeError(f"attention: attn_bias must be a Tensor or None, got {type(attn_bias).__name__}")
+        if attn_bias.dtype != torch.bool and not attn_bias.is_floating_point():
+            raise TypeError(f"attention: attn_bias must be float or bool, got {attn_bias.dtype}")
+        if attn_bias.device != q.device:
+            raise ValueError(f"attention: attn_bias must be on q's device {q.device}, got {attn_bias.device}")
+        full = (B, H, Sq, k.shape[2] + (0 if kp is None else kp.shape[2]))
+        try:
+            if attn_bias.dim() > 4 or torch.broadcast_shapes(attn_bias.shape, full) != full:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"attention: attn_bias of shape {tuple(attn_bias.shape)} does not broadcast to "
+                             f"(B, H, Sq, Sp + Sk) = {full}") from None
+    if not isinstance(causal, bool):
+        raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
+    if scale is None:
+        scale = D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"attention: scale must be a number or None, got {type(scale).__name__}")
+    return _Call(q, k, v, attn_bias, causal, float(scale), kp, vp)
+
+
+# ---------------------------------------------------------------------------------------------
+# backends
+
+def _run_reference(c):
+    prefix = None if c.kp is None else (c.kp, c.vp)
+    return reference.attention(c.q, c.k, c.v, attn_bias=c.bias, causal=c.causal, scale=c.scale, kv_prefix=prefix)
+
+
+def _keep_mask(c):
+    """Bool (.., Sq, Sp + Sk) of visible keys from causal + bool bias, or None when all are visible."""
+    Sq, Sp = c.q.shape[2], 0 if c.kp is None else c.kp.shape[2]
+    keep = None
+    if c.causal:
+        i = torch.arange(Sq, device=c.q.device)[:, None]
+        j = torch.arange(c.total_keys, device=c.q.device)[None, :]
+        keep = (j < Sp) | (j - Sp <= i)
+    if c.bias is not None and c.bias.dtype == torch.bool:
+        keep = c.bias if keep is None else keep & c.bias
+    return keep
+
+
+def _dead_rows(c, keep):
+    """Bool (.., Sq, 1): rows whose keys are all masked, or None. Peers return NaN there."""
+    rows = None if keep is None else ~keep
+    if c.bias is not None and c.bias.is_floating_point():
+        neg = torch.isneginf(c.bias)
+        rows = neg if rows is None else neg | rows
+    return None if rows is None else rows.all(-1, keepdim=True)
+
+
+def _peer_mask(c):
+    """(mask for a peer kernel: float additive or bool keep, dead rows). Dead rows get an all-visible
+    mask so the peer computes finite values (and gradients) there; the caller zeroes them."""
+    keep = _keep_mask(c)
+    dead = _dead_rows(c, keep)
+    if c.bias is not None and c.bias.is_floating_point():
+        bias = c.bias.to(c.q.dtype)
+        mask = bias if keep is None else torch.where(keep, bias, float("-inf"))
+        if dead is not None:
+            mask = torch.where(dead, 0.0, mask)
+    else:
+        mask = keep
+        if dead is not None and mask is not None:
+            mask = mask | dead
+    return mask, dead
+
+
+def _with_prefix(c):
+    if c.kp is None:
+        return c.k, c.v
+    return torch.cat([c.kp, c.k], dim=2), torch.cat([c.vp, c.v], dim=2)
+
+
+def _run_sdpa(c):
+    k, v = _with_prefix(c)
+    if c.bias is None and (not c.causal or c.kp is None):
+        return F.scaled_dot_product_attention(c.q, k, v, is_causal=c.causal, scale=c.scale)
+    mask, dead = _peer_mask(c)
+    out = F.scaled_dot_product_attention(c.q, k, v, attn_mask=mask, scale=c.scale)
+    return out if dead is None else out.masked_fill(dead, 0.0)
+
+
+def _run_xformers(c):
+    import xformers.ops as xops
+
+    k, v = _with_prefix(c)
+    bias, dead = None, None
+    if c.bias is not None or c.causal:
+        mask, dead = _peer_mask(c)
+        full = (c.q.shape[0], c.q.shape[1], c.q.shape[2], c.total_keys)
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, device=c.q.device, dtype=c.q.dtype).masked_fill(~mask, float("-inf"))
+        bias = mask.to(c.q.dtype).expand(full).contiguous()  # xformers wants a dense bias
+    t = (lambda x: x.transpose(1, 2))  # xformers wants (B, S, H, D)
+    out = xops.memory_efficient_attention(t(c.q), t(k), t(v), attn_bias=bias, scale=c.scale).transpose(1, 2)
+    return out if dead is None else out.masked_fill(dead, 0.0)
+
+
+def _run_triton(c):
+    from diffkern.ops import _attention_triton
+
+    return _attention_triton.run(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend table
+
+def _dtype_reasons(c, dtypes):
+    return [] if c.q.dtype in dtypes else [f"dtype {c.q.dtype} not supported (takes {list(dtypes)})"]
+
+
+@functools.lru_cache(maxsize=None)
+def _xformers_unavailable():
+    if importlib.util.find_spec("xformers") is None:
+        return "xformers is not installed"
+    if not torch.cuda.is_available():
+        return "xformers needs a CUDA GPU"
+    return ""
+
+
+def _xformers_reasons(c):
+    why = [] if c.q.device.type == "cuda" else [f"device {c.q.device.type} not supported (takes ['cuda'])"]
+    return why + _dtype_reasons(c, KERNEL_DTYPES)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_unavailable_for(interpret):
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and not interpret:
+        return "no CUDA GPU visible (set TRITON_INTERPRET=1 to run Triton on CPU tensors)"
+    return ""
+
+
+def _triton_reasons(c):
+    devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+    why = [] if c.q.device.type in devices else [f"device {c.q.device.type} not supported (takes {list(devices)})"]
+    if c.q.shape[-1] > MAX_HEAD_DIM_TRITON or c.q.shape[-1] < 1:
+        why.append(f"head dim {c.q.shape[-1]} not supported (takes 1 to {MAX_HEAD_DIM_TRITON})")
+    return why + _dtype_reasons(c, KERNEL_DTYPES)
+
+
+_fam = _dispatch.op_family(OP)
+_fam.register(_dispatch.Backend("reference", _run_reference, lambda: "",
+                                lambda c: _dtype_reasons(c, KERNEL_DTYPES + (torch.float64,)),
+                                "plain math, float32 scores and softmax (materialises Sq x Sk)"))
+_fam.register(_dispatch.Backend("sdpa", _run_sdpa, lambda: "",
+                                lambda c: _dtype_reasons(c, KERNEL_DTYPES + (torch.float64,)),
+                                "torch scaled_dot_product_attention (prefix concatenated, masks built)"))
+_fam.register(_dispatch.Backend("xformers", _run_xformers, _xformers_unavailable, _xformers_reasons,
+                                "xformers memory_efficient_attention (prefix concatenated)"))
+_fam.register(_dispatch.Backend("triton", _run_triton,
+                                lambda: _triton_unavailable_for(os.environ.get("TRITON_INTERPRET") == "1"),
+                                _triton_reasons, "Triton FlashAttention-2 forward + backward"))
+# CPU: SDPA (the Triton interpreter is for tests). CUDA: unmeasured so far, so SDPA first (its own
+# dispatcher picks flash/efficient/cudnn); benchmarks/results/ will decide the order per head dim.
+_fam.priority = {"cpu": ["sdpa", "reference"], "cuda": ["sdpa", "triton", "xformers", "reference"]}
