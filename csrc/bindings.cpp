@@ -14,10 +14,13 @@
 #include <type_traits>
 
 #include "cpu/group_norm.h"
+#include "cpu/dynamic_threshold.h"
+#include "cpu/guided_step.h"
 #ifdef WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include "cuda/group_norm.h"
+#include "cuda/dynamic_threshold.h"
 #endif
 
 namespace diffkern {
@@ -155,6 +158,131 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
   return {y, mean, rstd};
 }
 
+// dynamic_threshold: returns (y, thresholds (B,) float32). x is (B, ...) contiguous; see
+// diffkern/ops/dynamic_threshold.py for the semantics.
+std::vector<at::Tensor> dynamic_threshold_forward(const at::Tensor& x, double percentile,
+                                                  std::optional<double> max_value,
+                                                  const std::optional<at::Tensor>& out) {
+  DK_CHECK_VALUE(x.dim() >= 1, "dynamic_threshold: x must have at least 1 dim (B, ...), got ", x.dim());
+  DK_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                "dynamic_threshold: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  DK_CHECK_VALUE(x.is_contiguous(), "dynamic_threshold: x must be contiguous");
+  DK_CHECK_VALUE(percentile >= 0.0 && percentile <= 1.0, "dynamic_threshold: percentile must be in [0, 1], got ",
+                 percentile);
+  DK_CHECK_VALUE(!max_value.has_value() || *max_value >= 1.0,
+                 "dynamic_threshold: max_value must be >= 1 or None, got ", max_value.value_or(0.0));
+  const int64_t B = x.size(0);
+  const int64_t n = B == 0 ? 0 : x.numel() / B;
+  at::Tensor y;
+  if (out.has_value()) {
+    y = *out;
+    DK_CHECK_VALUE(y.scalar_type() == x.scalar_type() && y.device() == x.device() && y.sizes() == x.sizes() &&
+                       y.is_contiguous(),
+                   "dynamic_threshold: out must be contiguous and match x's dtype, device and shape");
+  } else {
+    y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  }
+  at::Tensor thresholds = at::empty({B}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) return {y, thresholds.fill_(1.0)};
+  DynamicThresholdArgs a;
+  a.x = x.data_ptr();
+  a.y = y.data_ptr();
+  a.thresholds = thresholds.data_ptr<float>();
+  a.dtype = x.scalar_type() == at::kFloat ? DTDType::kFloat32
+            : x.scalar_type() == at::kHalf ? DTDType::kFloat16 : DTDType::kBFloat16;
+  a.B = B;
+  a.n = n;
+  a.percentile = percentile;
+  a.has_max = max_value.has_value();
+  a.max_value = max_value.value_or(0.0);
+  if (x.device().is_cpu()) {
+    cpu::dynamic_threshold_forward(a);
+  } else if (x.device().is_cuda()) {
+#ifdef WITH_CUDA
+    DK_CHECK_VALUE(n < (int64_t{1} << 32), "dynamic_threshold: at most 2^32 - 1 elements per sample on CUDA, got ", n);
+    c10::cuda::CUDAGuard guard(x.device());
+    at::Tensor ws = at::empty({cuda::dynamic_threshold_workspace_bytes(B)}, x.options().dtype(at::kByte));
+    cudaError_t err = cuda::dynamic_threshold_forward(a, ws.data_ptr(), at::cuda::getCurrentCUDAStream());
+    DK_CHECK(err == cudaSuccess, std::runtime_error, "dynamic_threshold: CUDA kernel failed: ",
+             cudaGetErrorString(err));
+#else
+    DK_CHECK_VALUE(false, "dynamic_threshold: diffkern._C was built without CUDA kernels");
+#endif
+  } else {
+    DK_CHECK_VALUE(false, "dynamic_threshold: unsupported device ", x.device());
+  }
+  return {y, thresholds};
+}
+
+// guided_step: one pass of the CPU kernel into preallocated outputs (the Python layer plans the
+// passes: with abs_out only |unclipped x0| is written, for the dynamic-threshold statistics).
+DType guided_step_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: DK_CHECK_TYPE(false, "guided_step: sample must be float32, float16 or bfloat16, got ", t);
+  }
+  return DType::kFloat32;
+}
+
+void guided_step_check(const at::Tensor& t, const char* name, const at::Tensor& x, at::ScalarType dtype,
+                       at::IntArrayRef shape) {
+  DK_CHECK_TYPE(t.scalar_type() == dtype, "guided_step: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  DK_CHECK_VALUE(t.device() == x.device(), "guided_step: ", name, " must be on sample's device ", x.device(),
+                 ", got ", t.device());
+  DK_CHECK_VALUE(t.sizes() == shape, "guided_step: ", name, " must have shape ", shape, ", got ", t.sizes());
+  DK_CHECK_VALUE(t.is_contiguous(), "guided_step: ", name, " must be contiguous");
+}
+
+void guided_step_forward(const at::Tensor& x, const at::Tensor& m, const std::optional<at::Tensor>& u,
+                         const std::optional<at::Tensor>& noise, const at::Tensor& coeffs,
+                         const at::Tensor& prev, const at::Tensor& x0,
+                         const std::optional<at::Tensor>& thresholds, const std::optional<at::Tensor>& abs_out,
+                         int64_t pred, int64_t clip, bool learned, double guidance_scale, double clip_range) {
+  DK_CHECK_VALUE(x.dim() >= 2, "guided_step: sample must be (B, C, *spatial), got ", x.dim(), " dims");
+  DK_CHECK_VALUE(x.device().is_cpu(), "guided_step: the compiled kernel takes CPU tensors, got ", x.device());
+  DK_CHECK_VALUE(pred >= 0 && pred <= 2, "guided_step: prediction_type code must be 0, 1 or 2, got ", pred);
+  DK_CHECK_VALUE(clip >= 0 && clip <= 2, "guided_step: clip code must be 0, 1 or 2, got ", clip);
+  const auto dt = x.scalar_type();
+  GuidedStepArgs a;
+  a.dtype = guided_step_dtype(dt);
+  const int64_t B = x.size(0), C = x.size(1);
+  DK_CHECK_VALUE(x.is_contiguous(), "guided_step: sample must be contiguous");
+  std::vector<int64_t> m_shape(x.sizes().begin(), x.sizes().end());
+  m_shape[1] = learned ? 2 * C : C;
+  guided_step_check(m, "model_output", x, dt, m_shape);
+  if (u.has_value()) guided_step_check(*u, "uncond_output", x, dt, m_shape);
+  if (noise.has_value()) guided_step_check(*noise, "noise", x, dt, x.sizes());
+  guided_step_check(prev, "prev", x, dt, x.sizes());
+  guided_step_check(x0, "x0", x, dt, x.sizes());
+  guided_step_check(coeffs, "coeffs", x, at::kFloat, {B, learned ? 8 : 6});
+  const int64_t N = B > 0 ? x.numel() / B : 0;
+  if (abs_out.has_value()) {
+    guided_step_check(*abs_out, "abs_out", x, at::kFloat, {B, N});
+  } else if (clip == 2) {
+    DK_CHECK_VALUE(thresholds.has_value(), "guided_step: clip='dynamic' needs thresholds (or abs_out)");
+    guided_step_check(*thresholds, "thresholds", x, at::kFloat, {B});
+    a.thresholds = thresholds->data_ptr<float>();
+  }
+  if (x.numel() == 0) return;
+  a.x = x.data_ptr();
+  a.m = m.data_ptr();
+  a.u = u.has_value() ? u->data_ptr() : nullptr;
+  a.noise = noise.has_value() ? noise->data_ptr() : nullptr;
+  a.coeffs = coeffs.data_ptr<float>();
+  a.prev = prev.data_ptr();
+  a.x0 = x0.data_ptr();
+  a.abs_out = abs_out.has_value() ? abs_out->data_ptr<float>() : nullptr;
+  a.B = B; a.N = N; a.M_stride = learned ? 2 * N : N; a.K = learned ? 8 : 6;
+  a.pred = static_cast<int>(pred);
+  a.clip = static_cast<int>(clip);
+  a.learned = learned;
+  a.guidance_scale = static_cast<float>(guidance_scale);
+  a.clip_range = static_cast<float>(clip_range);
+  cpu::guided_step_forward(a);
+}
+
 // Throws one kind of C++ exception (0: pybind11::value_error, 1: c10::Error via TORCH_CHECK,
 // 2: std::runtime_error), for diagnosing exception translation on a given build.
 void debug_throw(int kind) {
@@ -195,6 +323,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("num_groups"), pybind11::arg("weight"), pybind11::arg("bias"),
         pybind11::arg("scale"), pybind11::arg("shift"), pybind11::arg("eps"), pybind11::arg("silu"),
         pybind11::arg("out") = pybind11::none());
+  m.def("dynamic_threshold_forward", &diffkern::dynamic_threshold_forward,
+        "dynamic thresholding by radix select, returns (y, thresholds)", pybind11::arg("x"),
+        pybind11::arg("percentile"), pybind11::arg("max_value") = pybind11::none(),
+        pybind11::arg("out") = pybind11::none());
+  m.def("guided_step_forward", &diffkern::guided_step_forward,
+        "guided_step: one pass into preallocated outputs (abs_out: the dynamic-threshold statistics pass)",
+        pybind11::arg("x"), pybind11::arg("m"), pybind11::arg("u"), pybind11::arg("noise"), pybind11::arg("coeffs"),
+        pybind11::arg("prev"), pybind11::arg("x0"), pybind11::arg("thresholds"), pybind11::arg("abs_out"),
+        pybind11::arg("pred"), pybind11::arg("clip"), pybind11::arg("learned"), pybind11::arg("guidance_scale"),
+        pybind11::arg("clip_range"));
   m.def("build_info", &diffkern::build_info, "How this extension was built");
   m.def("_debug_throw", &diffkern::debug_throw, "Throw a C++ exception of the given kind (diagnostics)");
   m.def("_debug_throw_formatted", &diffkern::debug_throw_formatted, "Throw a formatted message (diagnostics)");

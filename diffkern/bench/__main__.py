@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from diffkern.bench import attention, group_norm, harness
+from diffkern.bench import attention, dynamic_threshold, group_norm, harness
 
-SUITES = {"group_norm": group_norm, "attention": attention}
+SUITES = {"group_norm": group_norm, "attention": attention, "dynamic_threshold": dynamic_threshold}
 
 
 def main(argv=None):

@@ -7,7 +7,6 @@ forward + backward (the usual FlashAttention accounting).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch

@@ -1,6 +1,5 @@
 """Multi-head self/cross attention module on diffkern.ops.attention."""
 
-import torch
 from torch import nn
 
 from diffkern import ops

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from diffkern import _dispatch
+from diffkern.ops import _backends
 from diffkern.kernels import reference
 
 OP = "attention"
@@ -218,7 +218,7 @@ def _run_triton(c):
 # backend table
 
 def _dtype_reasons(c, dtypes):
-    return [] if c.q.dtype in dtypes else [f"dtype {c.q.dtype} not supported (takes {list(dtypes)})"]
+    return _backends.dtype_reasons(c.q, dtypes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -231,26 +231,14 @@ def _xformers_unavailable():
 
 
 def _xformers_reasons(c):
-    why = [] if c.q.device.type == "cuda" else [f"device {c.q.device.type} not supported (takes ['cuda'])"]
-    return why + _dtype_reasons(c, KERNEL_DTYPES)
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_unavailable_for(interpret):
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if not torch.cuda.is_available() and not interpret:
-        return "no CUDA GPU visible (set TRITON_INTERPRET=1 to run Triton on CPU tensors)"
-    return ""
+    return _backends.device_reasons(c.q, ("cuda",)) + _dtype_reasons(c, KERNEL_DTYPES)
 
 
 def _triton_reasons(c):
-    devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
-    why = [] if c.q.device.type in devices else [f"device {c.q.device.type} not supported (takes {list(devices)})"]
+    why = _backends.device_reasons(c.q, _backends.triton_device_types())
     if c.q.shape[-1] > MAX_HEAD_DIM_TRITON or c.q.shape[-1] < 1:
         why.append(f"head dim {c.q.shape[-1]} not supported (takes 1 to {MAX_HEAD_DIM_TRITON})")
     return why + _dtype_reasons(c, KERNEL_DTYPES)
-
 
 _fam = _dispatch.op_family(OP)
 _fam.register(_dispatch.Backend("reference", _run_reference, lambda: "",
@@ -262,7 +250,7 @@ _fam.register(_dispatch.Backend("sdpa", _run_sdpa, lambda: "",
 _fam.register(_dispatch.Backend("xformers", _run_xformers, _xformers_unavailable, _xformers_reasons,
                                 "xformers memory_efficient_attention (prefix concatenated)"))
 _fam.register(_dispatch.Backend("triton", _run_triton,
-                                lambda: _triton_unavailable_for(os.environ.get("TRITON_INTERPRET") == "1"),
+                                _backends.triton_unavailable,
                                 _triton_reasons, "Triton FlashAttention-2 forward + backward"))
 # CPU: SDPA (the Triton interpreter is for tests). CUDA: unmeasured so far, so SDPA first (its own
 # dispatcher picks flash/efficient/cudnn); benchmarks/results/ will decide the order per head dim.

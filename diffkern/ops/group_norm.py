@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
 
 from diffkern import _dispatch, _ext
+from diffkern.ops import _backends
 from diffkern.kernels import reference
 
 OP = "group_norm"
@@ -257,44 +255,22 @@ def _run_reference(call):
 # backend table
 
 def _dtype_reasons(call, dtypes):
-    return [] if call.x.dtype in dtypes else [f"dtype {call.x.dtype} not supported (takes {list(dtypes)})"]
+    return _backends.dtype_reasons(call.x, dtypes)
 
 
 def _device_reasons(call, device_types):
-    t = call.x.device.type
-    return [] if t in device_types else [f"device {t} not supported (takes {list(device_types)})"]
+    return _backends.device_reasons(call.x, device_types)
 
 
 def _ext_unavailable(need_cuda):
-    @functools.lru_cache(maxsize=None)  # fixed for the life of the process
-    def why():
-        if _ext.extension() is None:
-            return _ext.extension_error()
-        if need_cuda and not _ext.build_info().get("cuda"):
-            return "diffkern._C was built without CUDA kernels"
-        if need_cuda and not torch.cuda.is_available():
-            return "no CUDA GPU visible"
-        return ""
-    return why
+    return _backends.extension_unavailable("group_norm_forward", need_cuda)
 
 
-def _triton_unavailable():
-    return _triton_unavailable_for(os.environ.get("TRITON_INTERPRET") == "1")
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_unavailable_for(interpret):
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if not torch.cuda.is_available() and not interpret:
-        return "no CUDA GPU visible (set TRITON_INTERPRET=1 to run Triton on CPU tensors)"
-    return ""
+_triton_unavailable = _backends.triton_unavailable
 
 
 def _triton_reasons(call):
-    devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
-    return _device_reasons(call, devices) + _dtype_reasons(call, KERNEL_DTYPES)
-
+    return _device_reasons(call, _backends.triton_device_types()) + _dtype_reasons(call, KERNEL_DTYPES)
 
 _fam = _dispatch.op_family(OP)
 _fam.register(_dispatch.Backend(

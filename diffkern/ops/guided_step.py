@@ -1,0 +1,267 @@
+"""guided_step: one fused sampler update (CFG combine, x0/eps conversion, clipping or dynamic
+thresholding, DDPM/DDIM update), with its backend table."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from diffkern import _dispatch, _ext
+from diffkern.ops import _backends
+from diffkern.kernels import reference
+
+OP = "guided_step"
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+CLIPS = ("none", "static", "dynamic")
+VARIANCES = ("fixed", "learned_range")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_scale=1.0,
+                prediction_type="epsilon", clip="none", clip_range=1.0, dynamic_percentile=0.995,
+                dynamic_max_value=1.0, variance="fixed", noise=None, backend=None):
+    """One sampler step x_t -> x_{t-1}, fused: guidance, x0 and eps, clipping, update, noise.
+
+    Args:
+        sample: x_t, (B, C, *spatial); float32, float16 or bfloat16 (float64 on the reference
+            backend only).
+        model_output: the conditional model output, (B, C, *spatial), or (B, 2C, *spatial) with
+            variance="learned_range" (the last C channels are v in [-1, 1]); x's dtype and device.
+        coeffs: float32 (or float64) (B, 6), or (B, 8) for variance="learned_range": per sample
+            [sa, s1m, c_x0, c_xt, c_eps, sigma(, min_log, max_log)], sa = sqrt(alpha_prod_t),
+            s1m = sqrt(1 - alpha_prod_t). DDPM posteriors and DDIM with any eta are encoded here.
+        uncond_output: None, or the unconditional output with model_output's shape; then
+            pred = uncond + guidance_scale * (cond - uncond) on the first C channels (variance
+            channels always come from model_output).
+        prediction_type: "epsilon" (x0 = (x - s1m pred) / sa), "sample" (x0 = pred) or
+            "v_prediction" (x0 = sa x - s1m pred).
+        clip: "none", "static" (x0 clamped to [-clip_range, clip_range]) or "dynamic" (Imagen
+            dynamic thresholding as diffusers' _threshold_sample: per sample s = the
+            dynamic_percentile quantile of |x0| (linear interpolation), clamped to
+            [1, dynamic_max_value]; x0 = clamp(x0, -s, s) / s).
+        variance: "fixed" (std = sigma) or "learned_range" (std = exp(0.5 * (f max_log +
+            (1 - f) min_log)), f = (v + 1) / 2, per element).
+        noise: None (no noise term) or a tensor of x's shape, dtype and device.
+        backend: "reference", "cpu" or "triton"; None picks one (see diffkern.use_backend and
+            `guided_step_backend`).
+
+    eps_hat = (x - sa x0) / s1m when clipping or for "sample"; pred for "epsilon";
+    sa pred + s1m x for "v_prediction". A zero c_eps drops that term.
+
+    Returns:
+        (prev_sample, pred_original_sample): x's shape and dtype, contiguous; prev_sample =
+        c_x0 x0 + c_xt x + c_eps eps_hat + std noise, pred_original_sample = x0 after clipping.
+        Math in float32 (float64 for float64). Inputs are never modified. Not differentiable.
+
+    Equivalent PyTorch: `diffkern.kernels.reference.guided_step`.
+    """
+    call = _check(sample, model_output, coeffs, uncond_output, guidance_scale, prediction_type, clip,
+                  clip_range, dynamic_percentile, dynamic_max_value, variance, noise)
+    chosen = _dispatch.select(OP, call, sample.device.type, backend)
+    if sample.numel() == 0:
+        return (torch.empty(sample.shape, dtype=sample.dtype, device=sample.device),
+                torch.empty(sample.shape, dtype=sample.dtype, device=sample.device))
+    return chosen.run(call)
+
+
+def guided_step_backend(sample, model_output, coeffs, *, uncond_output=None, guidance_scale=1.0,
+                        prediction_type="epsilon", clip="none", clip_range=1.0, dynamic_percentile=0.995,
+                        dynamic_max_value=1.0, variance="fixed", noise=None, backend=None):
+    """Name of the backend `guided_step` would use for these arguments (raises as it would)."""
+    call = _check(sample, model_output, coeffs, uncond_output, guidance_scale, prediction_type, clip,
+                  clip_range, dynamic_percentile, dynamic_max_value, variance, noise)
+    return _dispatch.select(OP, call, sample.device.type, backend).name
+
+
+@dataclass
+class _Call:
+    sample: torch.Tensor
+    model_output: torch.Tensor
+    coeffs: torch.Tensor
+    uncond_output: torch.Tensor | None
+    guidance_scale: float
+    prediction_type: str
+    clip: str
+    clip_range: float
+    dynamic_percentile: float
+    dynamic_max_value: float
+    variance: str
+    noise: torch.Tensor | None
+
+    def reference_kwargs(self):
+        return dict(uncond_output=self.uncond_output, guidance_scale=self.guidance_scale,
+                    prediction_type=self.prediction_type, clip=self.clip, clip_range=self.clip_range,
+                    dynamic_percentile=self.dynamic_percentile, dynamic_max_value=self.dynamic_max_value,
+                    variance=self.variance, noise=self.noise)
+
+
+def _check_tensor(t, name, x, shape):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"guided_step: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"guided_step: {name} must have sample's dtype {x.dtype}, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"guided_step: {name} must be on sample's device {x.device}, got {t.device}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"guided_step: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _number(v, name):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise TypeError(f"guided_step: {name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _check(x, m, coeffs, uncond, guidance_scale, prediction_type, clip, clip_range, percentile,
+           max_value, variance, noise):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"guided_step: sample must be a Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"guided_step: sample must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"guided_step: sample must be (B, C, *spatial), got shape {tuple(x.shape)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"guided_step: prediction_type must be one of {PREDICTION_TYPES}, "
+                         f"got {prediction_type!r}")
+    if clip not in CLIPS:
+        raise ValueError(f"guided_step: clip must be one of {CLIPS}, got {clip!r}")
+    if variance not in VARIANCES:
+        raise ValueError(f"guided_step: variance must be one of {VARIANCES}, got {variance!r}")
+    guidance_scale = _number(guidance_scale, "guidance_scale")
+    clip_range = _number(clip_range, "clip_range")
+    percentile = _number(percentile, "dynamic_percentile")
+    max_value = _number(max_value, "dynamic_max_value")
+    if not 0.0 <= percentile <= 1.0:
+        raise ValueError(f"guided_step: dynamic_percentile must be in [0, 1], got {percentile!r}")
+    if clip == "static" and clip_range < 0:
+        raise ValueError(f"guided_step: clip_range must be >= 0, got {clip_range!r}")
+    B, C = x.shape[:2]
+    learned = variance == "learned_range"
+    m_shape = (B, 2 * C if learned else C) + tuple(x.shape[2:])
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"guided_step: model_output must be a Tensor, got {type(m).__name__}")
+    if tuple(m.shape) != m_shape:
+        extra = (" (variance='learned_range' needs 2C channels)" if learned
+                 else " (2C channels only with variance='learned_range')")
+        raise ValueError(f"guided_step: model_output must have shape {m_shape}{extra}, got {tuple(m.shape)}")
+    _check_tensor(m, "model_output", x, m_shape)
+    if uncond is not None:
+        _check_tensor(uncond, "uncond_output", x, m_shape)
+    if noise is not None:
+        _check_tensor(noise, "noise", x, x.shape)
+    if not isinstance(coeffs, torch.Tensor):
+        raise TypeError(f"guided_step: coeffs must be a Tensor, got {type(coeffs).__name__}")
+    if coeffs.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"guided_step: coeffs must be float32 (or float64), got {coeffs.dtype}")
+    k = 8 if learned else 6
+    if tuple(coeffs.shape) != (B, k):
+        raise ValueError(f"guided_step: coeffs must have shape {(B, k)} for variance={variance!r}, "
+                         f"got {tuple(coeffs.shape)}")
+    if coeffs.device != x.device:
+        raise ValueError(f"guided_step: coeffs must be on sample's device {x.device}, got {coeffs.device}")
+    return _Call(x, m, coeffs, uncond, guidance_scale, prediction_type, clip, clip_range, percentile,
+                 max_value, variance, noise)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel backends: the same host plan for every kernel
+
+PRED_CODES = {p: i for i, p in enumerate(PREDICTION_TYPES)}
+CLIP_CODES = {c: i for i, c in enumerate(CLIPS)}
+
+
+def thresholds_by_selection(abs_x0, percentile, max_value):
+    """Per-row s = clamp(quantile(row, percentile), 1, max_value) of a float32 (B, N) |x0|, by
+    selection (two order statistics, torch.quantile's linear interpolation)."""
+    n = abs_x0.shape[1]
+    # rank in float32 as torch.quantile computes it for float32 input
+    rank = float(torch.tensor(percentile, dtype=torch.float32) * (n - 1))
+    lo = min(int(math.floor(rank)), n - 1)
+    hi = min(lo + 1, n - 1)
+    a = torch.kthvalue(abs_x0, lo + 1, dim=1).values
+    if hi != lo and rank != lo:
+        a = torch.lerp(a, torch.kthvalue(abs_x0, hi + 1, dim=1).values, rank - lo)
+    s = a
+    return torch.clamp(s, min=1, max=max_value).contiguous()
+
+
+def _kernel_runner(launch):
+    """launch(call, x, m, u, noise, coeffs, prev, x0, thresholds, abs_out) runs one pass over
+    contiguous tensors; with abs_out (float32 (B, N)) it only writes |unclipped x0| there."""
+    def run(call, out=None):
+        x = call.sample.contiguous()
+        m = call.model_output.contiguous()
+        u = None if call.uncond_output is None else call.uncond_output.contiguous()
+        noise = None if call.noise is None else call.noise.contiguous()
+        coeffs = call.coeffs.to(torch.float32).contiguous()
+        prev, x0 = out if out is not None else (torch.empty_like(x), torch.empty_like(x))
+        thresholds = None
+        if call.clip == "dynamic":
+            B = x.shape[0]
+            # float32 x0 buffer: the output itself when it is float32, else a scratch
+            abs_x0 = x0.view(B, -1) if x.dtype == torch.float32 else torch.empty(
+                (B, x[0].numel()), dtype=torch.float32, device=x.device)
+            launch(call, x, m, u, noise, coeffs, prev, x0, None, abs_x0)
+            thresholds = thresholds_by_selection(abs_x0, call.dynamic_percentile, call.dynamic_max_value)
+        launch(call, x, m, u, noise, coeffs, prev, x0, thresholds, None)
+        return prev, x0
+    return run
+
+
+def _launch_compiled(call, x, m, u, noise, coeffs, prev, x0, thresholds, abs_out, module=None):
+    (module or _ext.extension()).guided_step_forward(
+        x, m, u, noise, coeffs, prev, x0, thresholds, abs_out, PRED_CODES[call.prediction_type],
+        CLIP_CODES[call.clip], call.variance == "learned_range", call.guidance_scale, call.clip_range)
+
+
+def _launch_triton(*args):
+    from diffkern.kernels.triton import guided_step as triton_guided_step  # lazy: no import-time Triton
+
+    return triton_guided_step.guided_step(*args)
+
+
+def _run_reference(call):
+    return reference.guided_step(call.sample, call.model_output, call.coeffs, **call.reference_kwargs())
+
+
+# ---------------------------------------------------------------------------------------------
+# backend table
+
+def _dtype_reasons(call, dtypes):
+    return _backends.dtype_reasons(call.sample, dtypes)
+
+
+def _device_reasons(call, device_types):
+    return _backends.device_reasons(call.sample, device_types)
+
+
+_ext_unavailable = _backends.extension_unavailable("guided_step_forward")
+_triton_unavailable = _backends.triton_unavailable
+
+
+def _triton_reasons(call):
+    return _device_reasons(call, _backends.triton_device_types()) + _dtype_reasons(call, KERNEL_DTYPES)
+
+_fam = _dispatch.op_family(OP)
+_fam.register(_dispatch.Backend(
+    "reference", _run_reference, lambda: "",
+    lambda call: _dtype_reasons(call, KERNEL_DTYPES + (torch.float64,)),
+    "eager PyTorch, about ten elementwise passes (torch.quantile for dynamic thresholding)"))
+_fam.register(_dispatch.Backend(
+    "cpu", _kernel_runner(_launch_compiled), _ext_unavailable,
+    lambda call: _device_reasons(call, ("cpu",)) + _dtype_reasons(call, KERNEL_DTYPES),
+    "C++ kernel, at::vec + at::parallel_for, one pass (two with dynamic thresholding)"))
+_fam.register(_dispatch.Backend(
+    "triton", _kernel_runner(_launch_triton), _triton_unavailable, _triton_reasons,
+    "Triton kernel, one pass (two with dynamic thresholding)"))
+# Automatic choice, fastest first. CPU: one pass over the inputs against about ten for eager
+# PyTorch (numbers to come from benchmarks/); the Triton interpreter is for tests only and never
+# picked on CPU. CUDA: no CUDA C++ kernel yet, and the Triton kernel has only run in the interpreter,
+# so CUDA tensors default to the reference until a GPU run has verified and timed it (backend="triton"
+# asks for it).
+_fam.priority = {"cpu": ["cpu", "reference"], "cuda": ["reference"]}
+
+# single-pass launchers of the kernel backends, for tests that hand them poisoned outputs
+LAUNCHERS = {"cpu": _launch_compiled, "triton": _launch_triton}

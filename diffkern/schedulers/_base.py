@@ -1,0 +1,260 @@
+"""What DDPM and DDIM share: diffusers-style config, schedule tensors, noise, add_noise."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from diffkern.schedulers import _guided_step
+from diffkern.schedulers.schedules import make_betas, space_timesteps
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+class FrozenConfig(dict):
+    """Read-only config dict with attribute access, like diffusers' FrozenDict."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def _immutable(self, *args, **kwargs):
+        raise TypeError(
+            "scheduler config is frozen; build a new scheduler with from_config(config, key=value)"
+        )
+
+    __setitem__ = __delitem__ = __setattr__ = setdefault = update = pop = popitem = clear = _immutable
+
+
+@dataclass
+class SchedulerOutput:
+    """Result of `step`: the sample at the previous timestep and the (clipped) predicted x0."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+    def __getitem__(self, i):
+        return self.to_tuple()[i]
+
+    def to_tuple(self):
+        return (self.prev_sample, self.pred_original_sample)
+
+
+def randn_like_diffusers(shape, generator, device, dtype):
+    """torch.randn drawn exactly as diffusers' `randn_tensor` draws it (same generator calls)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    rand_device = device
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    if generator is not None:
+        gen_type = generator[0].device.type if isinstance(generator, (list, tuple)) else generator.device.type
+        if gen_type != device.type:
+            if gen_type != "cpu":
+                raise ValueError(f"cannot draw a {device} tensor from a generator on {gen_type}")
+            rand_device = torch.device("cpu")  # CPU generator: draw on CPU, then move (as diffusers does)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        one = (1,) + tuple(shape[1:])
+        return torch.cat(
+            [torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]
+        ).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+class _Scheduler:
+    """Base: subclasses set `_defaults` (diffusers' config keys plus ours) and implement `step`."""
+
+    _defaults: ClassVar[dict] = {}
+    order = 1
+
+    def __init__(self, **config):
+        unknown = sorted(set(config) - set(self._defaults))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}: unknown config keys {unknown}; known: {sorted(self._defaults)}"
+            )
+        cfg = dict(self._defaults)
+        cfg.update(config)
+        if cfg.get("trained_betas") is not None and not isinstance(cfg["trained_betas"], list):
+            cfg["trained_betas"] = [float(b) for b in torch.as_tensor(cfg["trained_betas"]).flatten()]
+        self._validate(cfg)
+        if cfg.get("timestep_respacing", 0) is None:  # our extension: absent unless used, so configs stay
+            del cfg["timestep_respacing"]  # loadable by diffusers without an "unexpected key" warning
+        self.config = FrozenConfig(cfg)
+        self.betas = make_betas(
+            cfg["num_train_timesteps"],
+            cfg["beta_start"],
+            cfg["beta_end"],
+            cfg["beta_schedule"],
+            cfg["trained_betas"],
+            cfg.get("rescale_betas_zero_snr", False),
+        )
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.use_timesteps = None
+        if cfg.get("timestep_respacing") is not None:
+            self.use_timesteps = sorted(
+                space_timesteps(cfg["num_train_timesteps"], cfg["timestep_respacing"])
+            )
+        self._post_init()
+
+    @classmethod
+    def from_config(cls, config=None, **kwargs):
+        """Build from a diffusers config (dict / FrozenDict, or a scheduler with `.config`) plus overrides.
+
+        Keys this class does not know (other schedulers' options, "_class_name", ...) are ignored,
+        as diffusers ignores them; keyword overrides must be known keys.
+        """
+        if config is not None and hasattr(config, "config") and not isinstance(config, dict):
+            config = config.config
+        merged = {k: v for k, v in dict(config or {}).items() if k in cls._defaults}
+        merged.update(kwargs)
+        return cls(**merged)
+
+    def _validate(self, cfg):
+        name = type(self).__name__
+        if not isinstance(cfg["num_train_timesteps"], int) or cfg["num_train_timesteps"] < 1:
+            raise ValueError(
+                f"{name}: num_train_timesteps must be a positive int, got {cfg['num_train_timesteps']!r}"
+            )
+        if cfg["prediction_type"] not in PREDICTION_TYPES:
+            raise ValueError(
+                f"{name}: prediction_type must be one of {PREDICTION_TYPES}, got {cfg['prediction_type']!r}"
+            )
+        if cfg["timestep_spacing"] not in self._spacings:
+            raise ValueError(
+                f"{name}: timestep_spacing must be one of {self._spacings}, got {cfg['timestep_spacing']!r}"
+            )
+        if cfg.get("thresholding") and not 0 < cfg["dynamic_thresholding_ratio"] <= 1:
+            raise ValueError(
+                f"{name}: dynamic_thresholding_ratio must be in (0, 1], "
+                f"got {cfg['dynamic_thresholding_ratio']!r}"
+            )
+
+    _spacings = TIMESTEP_SPACINGS
+
+    def _post_init(self):
+        pass
+
+    def __len__(self):
+        return self.config.num_train_timesteps
+
+    # -- diffusers scheduler API ----------------------------------------------------------------
+    def scale_model_input(self, sample, timestep=None):
+        """Identity (DDPM/DDIM do not scale the model input); present for the diffusers contract."""
+        return sample
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """Forward process q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, per-sample t."""
+        acp = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)
+        timesteps = torch.as_tensor(timesteps, device=original_samples.device)
+        shape = (-1,) + (1,) * (original_samples.dim() - 1)
+        sa = (acp[timesteps] ** 0.5).flatten().view(shape)
+        s1m = ((1 - acp[timesteps]) ** 0.5).flatten().view(shape)
+        return sa * original_samples + s1m * noise
+
+    def get_velocity(self, sample, noise, timesteps):
+        """v-prediction target sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022)."""
+        acp = self.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)
+        timesteps = torch.as_tensor(timesteps, device=sample.device)
+        shape = (-1,) + (1,) * (sample.dim() - 1)
+        sa = (acp[timesteps] ** 0.5).flatten().view(shape)
+        s1m = ((1 - acp[timesteps]) ** 0.5).flatten().view(shape)
+        return sa * noise - s1m * sample
+
+    # -- helpers for step ------------------------------------------------------------------------
+    def _abar(self, t):
+        return float(self.alphas_cumprod[int(t)])
+
+    def _respaced_timesteps(self, num_inference_steps, device):
+        if num_inference_steps is not None and num_inference_steps != len(self.use_timesteps):
+            raise ValueError(
+                f"{type(self).__name__}: timestep_respacing={self.config.timestep_respacing!r} keeps "
+                f"{len(self.use_timesteps)} steps; call set_timesteps(None) or with that number, "
+                f"got {num_inference_steps}"
+            )
+        self.num_inference_steps = len(self.use_timesteps)
+        self.timesteps = torch.tensor(self.use_timesteps[::-1], dtype=torch.int64, device=device)
+
+    def _spaced_timesteps(self, num_inference_steps, device, reverse=True):
+        cfg = self.config
+        n, N = num_inference_steps, cfg.num_train_timesteps
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{type(self).__name__}: num_inference_steps must be a positive int, got {n!r}")
+        if n > N:
+            raise ValueError(
+                f"{type(self).__name__}: num_inference_steps={n} cannot exceed num_train_timesteps={N}"
+            )
+        self.num_inference_steps = n
+        if cfg.timestep_spacing == "linspace":
+            ts = np.linspace(0, N - 1, n).round().astype(np.int64)
+        elif cfg.timestep_spacing == "leading":
+            ts = (np.arange(0, n) * (N // n)).round().astype(np.int64) + cfg.steps_offset
+        else:  # trailing
+            ts = np.round(np.arange(N, 0, -N / n))[::-1].astype(np.int64) - 1
+        ts = torch.from_numpy(ts.copy())
+        if reverse:
+            ts = ts.flip(0)
+        self.timesteps = ts.to(device)
+
+    def _call_step(
+        self,
+        sample,
+        model_output,
+        coeffs,
+        *,
+        uncond_output,
+        guidance_scale,
+        noise,
+        eps_from_clipped,
+        variance="fixed",
+    ):
+        """Run guided_step once. eps_from_clipped=False reproduces diffusers' DDIM default (x0 clipped
+        but the eps term from the unclipped prediction): the op runs unclipped with c_x0 = 0 and the
+        clipped x0 term is added here."""
+        op, _ = _guided_step.resolve()
+        cfg = self.config
+        clip = "dynamic" if cfg.get("thresholding") else ("static" if cfg.clip_sample else "none")
+        kw = {
+            "uncond_output": uncond_output,
+            "guidance_scale": guidance_scale,
+            "prediction_type": cfg.prediction_type,
+            "clip_range": cfg.clip_sample_range,
+            "dynamic_percentile": cfg.get("dynamic_thresholding_ratio", 0.995),
+            "dynamic_max_value": cfg.get("sample_max_value", 1.0),
+            "variance": variance,
+            "noise": noise,
+        }
+        no_eps_term = float(coeffs[0, 4]) == 0.0  # coeffs are still on the CPU here: no device sync
+        coeffs = coeffs.to(sample.device)
+        if clip == "none" or eps_from_clipped or no_eps_term:
+            return op(sample, model_output, coeffs, clip=clip, **kw)
+        partial = coeffs.clone()
+        partial[:, 2] = 0
+        prev, x0 = op(sample, model_output, partial, clip="none", **kw)
+        x0 = _guided_step.clip_x0(
+            x0, clip, kw["clip_range"], kw["dynamic_percentile"], kw["dynamic_max_value"]
+        )
+        c_x0 = coeffs[:, 2].to(sample.dtype).view((-1,) + (1,) * (sample.dim() - 1))
+        return prev + c_x0 * x0, x0
+
+
+def coeff_rows(batch, values):
+    """(B, len(values)) float32 coefficients computed in float64."""
+    return (
+        torch.tensor([values], dtype=torch.float64).to(torch.float32).expand(batch, len(values)).contiguous()
+    )
+
+
+def sqrt(x):
+    return math.sqrt(max(x, 0.0))

@@ -1,0 +1,76 @@
+"""A plain sampling loop over any scheduler with the diffusers step contract."""
+
+from __future__ import annotations
+
+import torch
+
+from diffkern.schedulers._base import randn_like_diffusers
+
+
+def _progress(iterable, enabled, total):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: without it the loop runs without a bar
+        return iterable
+    return tqdm(iterable, total=total)
+
+
+@torch.no_grad()
+def sample_loop(
+    model_fn,
+    scheduler,
+    shape,
+    *,
+    guidance_scale=None,
+    generator=None,
+    progress=True,
+    num_inference_steps=None,
+    device=None,
+    dtype=torch.float32,
+    x_T=None,
+    step_kwargs=None,
+    callback=None,
+):
+    """Run the reverse process from x_T ~ N(0, I) * init_noise_sigma and return x_0.
+
+    Args:
+        model_fn: (x, t) -> model output. With `guidance_scale` set it must return a pair
+            (cond_output, uncond_output) and the guidance is fused into the scheduler step
+            (uncond + w * (cond - uncond)); the caller decides how to batch the two passes.
+        scheduler: a diffkern (or diffusers) scheduler; `set_timesteps(num_inference_steps,
+            device=device)` is called first (num_inference_steps None is for respaced schedulers).
+        shape: (B, C, *spatial) of the sample.
+        generator: torch.Generator (or list, one per sample) for x_T and every step's noise, drawn
+            as diffusers' pipelines draw them, so trajectories match theirs.
+        progress: tqdm bar when tqdm is importable.
+        x_T: start sample instead of drawing one. step_kwargs: extra `step` keywords (eta, ...).
+        callback: called as callback(i, t, step_output) after every step.
+    """
+    step_kwargs = dict(step_kwargs or {})
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    if x_T is None:
+        x = randn_like_diffusers(tuple(shape), generator, device, dtype) * scheduler.init_noise_sigma
+    else:
+        x = x_T.to(device=device, dtype=dtype) if device is not None else x_T.to(dtype=dtype)
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(_progress(timesteps, progress, len(timesteps))):
+        x_in = scheduler.scale_model_input(x, t)
+        if guidance_scale is None:
+            out = scheduler.step(model_fn(x_in, t), t, x, generator=generator, **step_kwargs)
+        else:
+            cond, uncond = model_fn(x_in, t)
+            out = scheduler.step(
+                cond,
+                t,
+                x,
+                generator=generator,
+                uncond_output=uncond,
+                guidance_scale=guidance_scale,
+                **step_kwargs,
+            )
+        x = out.prev_sample
+        if callback is not None:
+            callback(i, t, out)
+    return x
