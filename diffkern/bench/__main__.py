@@ -12,9 +12,10 @@ import sys
 
 import torch
 
-from diffkern.bench import attention, dynamic_threshold, group_norm, harness
+from diffkern.bench import attention, dynamic_threshold, group_norm, guided_step, harness
 
-SUITES = {"group_norm": group_norm, "attention": attention, "dynamic_threshold": dynamic_threshold}
+SUITES = {"group_norm": group_norm, "attention": attention, "dynamic_threshold": dynamic_threshold,
+          "guided_step": guided_step}
 
 
 def main(argv=None):

@@ -50,14 +50,7 @@ def candidates(case, device, compile_reference=True):
     x = torch.randn(case.shape, device=device, dtype=case.dtype) * 3
     out = [("reference", lambda: diffusers_threshold(x), "eager: torch.quantile (diffusers)")]
     if compile_reference:
-        torch._dynamo.reset()
-        compiled = torch.compile(diffusers_threshold, dynamic=False)
-        fn = lambda: compiled(x)  # noqa: E731
-        try:
-            fn()
-            out.append(("torch.compile", fn, "peer: inductor on the reference"))
-        except Exception as e:  # compile is a peer, not ours: record why it is missing
-            out.append(("torch.compile", None, f"failed: {type(e).__name__}: {str(e)[:80]}"))
+        out.append(harness.compile_candidate(diffusers_threshold, x))
     for name in ops.available_backends("dynamic_threshold"):
         if name == "reference":
             continue  # float64 torch.quantile: slower than the float32 reference above
@@ -72,28 +65,8 @@ def candidates(case, device, compile_reference=True):
 
 
 def run(device, quick=False, compile_reference=True, log=print):
-    rows = []
-    for case in cases(device, quick):
-        times = {}
-        with torch.no_grad():
-            cands, nbytes = candidates(case, device, compile_reference)
-            for name, fn, note in cands:
-                times[name] = harness.time_fn(fn, device) if fn is not None else None
-        t_ref = times["reference"]
-        t_peer = times.get("torch.compile")
-        label = f"{case.name} {tuple(case.shape)}"
-        dt = str(case.dtype)[6:]
-        for name, fn, note in cands:
-            t = times[name]
-            if t is None:
-                rows.append(harness.Row(OP, label, case.shape, dt, "contiguous", name, float("nan"), None,
-                                        None, None, note))
-                continue
-            peer = (t_peer / t) if (t_peer and name != "torch.compile") else None
-            rows.append(harness.Row(OP, label, case.shape, dt, "contiguous", name, t * 1e6, nbytes / t / 1e9,
-                                    t_ref / t, peer, note))
-        log(f"  {label} {dt}: " + ", ".join(f"{n} {t * 1e6:.0f}us" for n, t in times.items() if t))
-    return rows
+    return harness.run_cases(OP, cases(device, quick), lambda c: candidates(c, device, compile_reference), device,
+                             lambda c: (f"{c.name} {tuple(c.shape)}", str(c.dtype)[6:], "contiguous"), log)
 
 
 def targets(rows, device, copy_gbps):

@@ -70,14 +70,8 @@ def candidates(case, device, compile_reference=True):
 
     out = [("reference", ref, "eager: F.group_norm, scale-shift, F.silu")]
     if compile_reference:
-        torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no stale guards
-        compiled = torch.compile(reference.group_norm, dynamic=False)
-        fn = lambda: compiled(x, GROUPS, w, b, scale=sc, shift=sh, activation="silu")  # noqa: E731
-        try:
-            fn()
-            out.append(("torch.compile", fn, "peer: inductor on the reference"))
-        except Exception as e:  # compile is a peer, not ours: record why it is missing
-            out.append(("torch.compile", None, f"failed: {type(e).__name__}: {str(e)[:80]}"))
+        out.append(harness.compile_candidate(reference.group_norm, x, GROUPS, w, b, scale=sc, shift=sh,
+                                             activation="silu"))
     for name in ops.available_backends("group_norm"):
         if name == "reference":
             continue
@@ -93,28 +87,8 @@ def candidates(case, device, compile_reference=True):
 
 
 def run(device, quick=False, compile_reference=True, log=print):
-    rows = []
-    for case in cases(device, quick):
-        times = {}
-        with torch.no_grad():  # inference: the compile peer is traced and timed under no_grad
-            cands, nbytes = candidates(case, device, compile_reference)
-            for name, fn, note in cands:
-                times[name] = harness.time_fn(fn, device) if fn is not None else None
-        t_ref = times["reference"]
-        t_peer = times.get("torch.compile")
-        label = f"{case.name} {tuple(case.shape)}"
-        for name, fn, note in cands:
-            t = times[name]
-            if t is None:
-                rows.append(harness.Row("group_norm", label, case.shape, str(case.dtype)[6:], case.layout, name,
-                                        float("nan"), None, None, None, note))
-                continue
-            rows.append(harness.Row(
-                "group_norm", label, case.shape, str(case.dtype)[6:], case.layout, name, t * 1e6, nbytes / t / 1e9,
-                t_ref / t, (t_peer / t) if (t_peer and name not in ("torch.compile",)) else None, note))
-        log(f"  {label} {str(case.dtype)[6:]} {case.layout}: " +
-            ", ".join(f"{n} {t * 1e6:.0f}us" for n, t in times.items() if t))
-    return rows
+    return harness.run_cases("group_norm", cases(device, quick), lambda c: candidates(c, device, compile_reference),
+                             device, lambda c: (f"{c.name} {tuple(c.shape)}", str(c.dtype)[6:], c.layout), log)
 
 
 def targets(rows, device, copy_gbps):

@@ -165,3 +165,43 @@ def write_results(rows, env, out_dir, stem, notes=()):
     md += [""] + [f"{n}" for n in notes] + ["", format_table(rows), ""]
     (out_dir / f"{stem}.md").write_text("\n".join(md))
     return out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+
+
+def compile_candidate(fn, *args, **kwargs):
+    """("torch.compile", callable or None, note): inductor on `fn(*args, **kwargs)`, compiled once
+    with a fresh dynamo cache; a failure is recorded in the note (compile is a peer, not ours)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, dynamic=False)
+    call = lambda: compiled(*args, **kwargs)  # noqa: E731
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001
+        return ("torch.compile", None, f"failed: {type(e).__name__}: {str(e)[:80]}")
+    return ("torch.compile", call, "peer: inductor on the reference")
+
+
+def run_cases(op, cases, make_candidates, device, describe, log=print):
+    """Time every candidate of every case side by side (inference mode) and build the rows.
+
+    make_candidates(case) -> ([(name, fn or None, note)], bytes moved); one candidate is named
+    "reference" (the speed-up baseline) and one may be "torch.compile" (the peer).
+    describe(case) -> (label, dtype name, layout)."""
+    rows = []
+    for case in cases:
+        times = {}
+        with torch.no_grad():
+            cands, nbytes = make_candidates(case)
+            for name, fn, _ in cands:
+                times[name] = time_fn(fn, device) if fn is not None else None
+        t_ref, t_peer = times["reference"], times.get("torch.compile")
+        label, dtype, layout = describe(case)
+        for name, _, note in cands:
+            t = times[name]
+            if t is None:
+                rows.append(Row(op, label, tuple(case.shape), dtype, layout, name, float("nan"), None, None, None, note))
+                continue
+            peer = (t_peer / t) if (t_peer and name != "torch.compile") else None
+            rows.append(Row(op, label, tuple(case.shape), dtype, layout, name, t * 1e6, nbytes / t / 1e9, t_ref / t,
+                            peer, note))
+        log(f"  {label} {dtype} {layout}: " + ", ".join(f"{n} {t * 1e6:.0f}us" for n, t in times.items() if t))
+    return rows

@@ -175,6 +175,11 @@ CLIP_CODES = {c: i for i, c in enumerate(CLIPS)}
 def thresholds_by_selection(abs_x0, percentile, max_value):
     """Per-row s = clamp(quantile(row, percentile), 1, max_value) of a float32 (B, N) |x0|, by
     selection (two order statistics, torch.quantile's linear interpolation)."""
+    ext = _ext.extension()
+    if abs_x0.device.type == "cpu" and ext is not None and hasattr(ext, "dynamic_threshold_forward"):
+        # the radix-select kernel of diffkern.ops.dynamic_threshold (its clamped/scaled output
+        # overwrites the scratch |x0| in place: only the per-row thresholds are needed)
+        return ext.dynamic_threshold_forward(abs_x0, percentile, max_value, abs_x0)[1].reshape(-1).contiguous()
     n = abs_x0.shape[1]
     # rank in float32 as torch.quantile computes it for float32 input
     rank = float(torch.tensor(percentile, dtype=torch.float32) * (n - 1))
