@@ -1,0 +1,45 @@
+"""group_norm's kernel backends as a torch.library custom op, used while torch.compile traces, so
+that a compiled model keeps the fused kernel in one graph (eager calls skip the op's dispatcher
+overhead and call the kernels directly). Imported on first use under compile, never at import."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# the module, not the function of the same name that diffkern.ops exports
+gn = importlib.import_module("diffkern.ops.group_norm")
+
+
+@torch.library.custom_op("diffkern::group_norm_fwd", mutates_args=())
+def group_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
+                   shift: Optional[Tensor], num_groups: int, eps: float, silu: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    y, mean, rstd = gn.FORWARD_KERNELS[backend](x, num_groups, weight, bias, scale, shift, eps, silu)
+    return y, mean, rstd
+
+
+@group_norm_fwd.register_fake
+def _(x, weight, bias, scale, shift, num_groups, eps, silu, backend):
+    dense = x.is_contiguous() or gn._is_channels_last_like(x)
+    y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device) if dense else \
+        torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return y, stats, torch.empty_like(stats)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, num_groups, eps, silu, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.num_groups, ctx.silu = num_groups, silu
+
+
+def _backward(ctx, dy, dmean, drstd):
+    return gn._backward(ctx, dy)
+
+
+group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
