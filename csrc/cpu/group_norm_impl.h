@@ -21,7 +21,8 @@
 //     there are enough groups to balance the threads; otherwise the groups are split in blocks:
 //     parallel block stats, merge, parallel apply over the flattened tensor.
 //   channels-last (stride_c == 1, and contiguous with S == 1): per-channel partial (count, mean,
-//     M2) over blocks of spatial rows, computed in parallel over (n, row block), merged per channel
+//     M2) over blocks of spatial rows (one pass over x when it is large: each sub-block of rows is
+//     shifted by the previous one's means), computed in parallel over (n, row block), merged per channel
 //     and then per group with Chan's formula; then a parallel apply over rows, vectorised over c.
 #ifndef CPU_CAPABILITY
 #error "define CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) before including group_norm_impl.h"
@@ -473,7 +474,7 @@ inline void cl_col_sums(const T* base, int64_t C, int64_t R, int64_t c, float* s
   }
   for (int j = 0; j < 2 * NS; ++j) acc[j].store(s1 + c + j * kVF);
 }
-template <int NS, typename T>
+template <int NS, bool kPf, typename T>
 inline void cl_col_devs(const T* base, int64_t C, int64_t R, int64_t c, const float* s1, float* s2, float* s3) {
   fVec m[2 * NS], d[2 * NS], q[2 * NS];
   for (int j = 0; j < 2 * NS; ++j) {
@@ -483,6 +484,12 @@ inline void cl_col_devs(const T* base, int64_t C, int64_t R, int64_t c, const fl
   }
   for (int64_t r = 0; r < R; ++r) {
     const T* row = base + r * C + c;
+    // x is read once, from memory (or L3), in a strided pattern: fetch 8 rows ahead (kPf: x
+    // is large, so not already in the core's caches).
+    if constexpr (kPf) {
+      for (int64_t b = 0; b < NS * kK * int64_t(sizeof(T)); b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(row + 8 * C) + b, 0, 3);
+    }
     for (int j = 0; j < NS; ++j) {
       fVec u0, u1;
       load2(row + j * kK, u0, u1);
@@ -514,6 +521,7 @@ void channels_last(const GroupNormArgs& a) {
   const int64_t rpb = (S + nblk - 1) / nblk;
   nblk = (S + rpb - 1) / rpb;
   std::vector<Moments> part(N * nblk * C);
+  const bool big = N * S * C * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes;
   at::parallel_for(0, N * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(3 * C);
     float* s1 = buf.data();       // sums, then approximate means
@@ -534,16 +542,30 @@ void channels_last(const GroupNormArgs& a) {
         const T* base = X + (n * S + rs) * C;
         const int64_t R = re - rs;
         int64_t c = 0;
-        for (; c + 2 * kK <= C; c += 2 * kK) cl_col_sums<2>(base, C, R, c, s1);
-        for (; c < Cv; c += kK) cl_col_sums<1>(base, C, R, c, s1);
-        for (; c < C; ++c) {
-          float sum = 0.f;
-          for (int64_t r = 0; r < R; ++r) sum += to_f(base[r * C + c]);
-          s1[c] = sum;
+        if (rs == r0 || !big) {
+          // First sub-block of the task (or x is small, cache resident: two passes are cheap): a
+          // pass of column sums, and the column means are the shift. For large x, later
+          // sub-blocks are shifted by the previous sub-block's means instead (set below), which
+          // saves this pass: x is read once. A poor shift (the channel's mean jumps between
+          // neighbouring sub-blocks) costs float rounding of order jump^2 in that sub-block's
+          // M2, which is small next to the group's M2: the jump itself adds ~L * jump^2 / 2.
+          for (; c + 2 * kK <= C; c += 2 * kK) cl_col_sums<2>(base, C, R, c, s1);
+          for (; c < Cv; c += kK) cl_col_sums<1>(base, C, R, c, s1);
+          for (; c < C; ++c) {
+            float sum = 0.f;
+            for (int64_t r = 0; r < R; ++r) sum += to_f(base[r * C + c]);
+            s1[c] = sum;
+          }
+          for (c = 0; c < C; ++c) s1[c] /= L;
         }
-        for (c = 0; c < C; ++c) s1[c] /= L;
-        for (c = 0; c + 2 * kK <= C; c += 2 * kK) cl_col_devs<2>(base, C, R, c, s1, s2, s3);
-        for (; c < Cv; c += kK) cl_col_devs<1>(base, C, R, c, s1, s2, s3);
+        if (big) {
+          for (c = 0; c + 4 * kK <= C; c += 4 * kK) cl_col_devs<4, true>(base, C, R, c, s1, s2, s3);
+          for (; c + 2 * kK <= C; c += 2 * kK) cl_col_devs<2, true>(base, C, R, c, s1, s2, s3);
+          for (; c < Cv; c += kK) cl_col_devs<1, true>(base, C, R, c, s1, s2, s3);
+        } else {
+          for (c = 0; c + 2 * kK <= C; c += 2 * kK) cl_col_devs<2, false>(base, C, R, c, s1, s2, s3);
+          for (; c < Cv; c += kK) cl_col_devs<1, false>(base, C, R, c, s1, s2, s3);
+        }
         for (; c < C; ++c) {
           float t2 = 0.f, t3 = 0.f;
           for (int64_t r = 0; r < R; ++r) {
@@ -557,7 +579,9 @@ void channels_last(const GroupNormArgs& a) {
         const double dl = static_cast<double>(L);
         for (int64_t c = 0; c < C; ++c) {
           const double dd = s2[c];
-          merge(P[c], dl, static_cast<double>(s1[c]) + dd / dl, std::max(0.0, s3[c] - dd * dd / dl));
+          const double mb = static_cast<double>(s1[c]) + dd / dl;
+          merge(P[c], dl, mb, std::max(0.0, s3[c] - dd * dd / dl));
+          s1[c] = static_cast<float>(mb);
         }
       }
     }
