@@ -159,10 +159,11 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
 }
 
 // dynamic_threshold: returns (y, thresholds (B,) float32). x is (B, ...) contiguous; see
-// diffkern/ops/dynamic_threshold.py for the semantics.
+// diffkern/ops/dynamic_threshold.py for the semantics. apply=false computes the thresholds only
+// (y is returned empty): guided_step's statistics pass needs nothing else.
 std::vector<at::Tensor> dynamic_threshold_forward(const at::Tensor& x, double percentile,
                                                   std::optional<double> max_value,
-                                                  const std::optional<at::Tensor>& out) {
+                                                  const std::optional<at::Tensor>& out, bool apply) {
   DK_CHECK_VALUE(x.dim() >= 1, "dynamic_threshold: x must have at least 1 dim (B, ...), got ", x.dim());
   DK_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
                 "dynamic_threshold: x must be float32, float16 or bfloat16, got ", x.scalar_type());
@@ -174,7 +175,10 @@ std::vector<at::Tensor> dynamic_threshold_forward(const at::Tensor& x, double pe
   const int64_t B = x.size(0);
   const int64_t n = B == 0 ? 0 : x.numel() / B;
   at::Tensor y;
-  if (out.has_value()) {
+  if (!apply) {
+    DK_CHECK_VALUE(!out.has_value(), "dynamic_threshold: out must be None when apply is false");
+    y = at::empty({0}, x.options());
+  } else if (out.has_value()) {
     y = *out;
     DK_CHECK_VALUE(y.scalar_type() == x.scalar_type() && y.device() == x.device() && y.sizes() == x.sizes() &&
                        y.is_contiguous(),
@@ -186,7 +190,7 @@ std::vector<at::Tensor> dynamic_threshold_forward(const at::Tensor& x, double pe
   if (x.numel() == 0) return {y, thresholds.fill_(1.0)};
   DynamicThresholdArgs a;
   a.x = x.data_ptr();
-  a.y = y.data_ptr();
+  a.y = apply ? y.data_ptr() : nullptr;
   a.thresholds = thresholds.data_ptr<float>();
   a.dtype = x.scalar_type() == at::kFloat ? DTDType::kFloat32
             : x.scalar_type() == at::kHalf ? DTDType::kFloat16 : DTDType::kBFloat16;
@@ -326,7 +330,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dynamic_threshold_forward", &diffkern::dynamic_threshold_forward,
         "dynamic thresholding by radix select, returns (y, thresholds)", pybind11::arg("x"),
         pybind11::arg("percentile"), pybind11::arg("max_value") = pybind11::none(),
-        pybind11::arg("out") = pybind11::none());
+        pybind11::arg("out") = pybind11::none(), pybind11::arg("apply") = true);
   m.def("guided_step_forward", &diffkern::guided_step_forward,
         "guided_step: one pass into preallocated outputs (abs_out: the dynamic-threshold statistics pass)",
         pybind11::arg("x"), pybind11::arg("m"), pybind11::arg("u"), pybind11::arg("noise"), pybind11::arg("coeffs"),

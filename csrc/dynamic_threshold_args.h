@@ -8,7 +8,7 @@ enum class DTDType : int { kFloat32, kFloat16, kBFloat16 };
 
 struct DynamicThresholdArgs {
   const void* x = nullptr;      // (B, n) contiguous, dtype
-  void* y = nullptr;            // (B, n) contiguous, dtype
+  void* y = nullptr;            // (B, n) contiguous, dtype; null: compute the thresholds only
   float* thresholds = nullptr;  // (B,) the divisor s_b actually used (NaN for samples with NaN)
   DTDType dtype = DTDType::kFloat32;
   int64_t B = 0;

@@ -228,13 +228,14 @@ void forward(const DynamicThresholdArgs& a) {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         a.thresholds[b] = sample_threshold(x + b * n, a, false);
-        apply_range(x + b * n, y + b * n, n, a.thresholds[b]);
+        if (y) apply_range(x + b * n, y + b * n, n, a.thresholds[b]);
       }
     });
     return;
   }
   for (int64_t b = 0; b < B; ++b) {
     const float s = a.thresholds[b] = sample_threshold(x + b * n, a, true);
+    if (!y) continue;
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       apply_range(x + b * n + begin, y + b * n + begin, end - begin, s);
     });

@@ -195,7 +195,7 @@ cudaError_t forward_typed(const DynamicThresholdArgs& a, Workspace w, cudaStream
   dt_finalize_kernel<<<small_blocks, 128, 0, stream>>>(w, a.thresholds, B, pos, lo, a.has_max, a.max_value);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {
+  for (int64_t b0 = 0; y != nullptr && b0 < B; b0 += kMaxGridY) {
     const dim3 grid(apply_chunks, static_cast<unsigned>(B - b0 < kMaxGridY ? B - b0 : kMaxGridY));
     dt_apply_kernel<T><<<grid, kThreads, 0, stream>>>(x, y, a.thresholds, n, b0);
     err = cudaGetLastError();

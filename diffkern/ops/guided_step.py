@@ -177,9 +177,8 @@ def thresholds_by_selection(abs_x0, percentile, max_value):
     selection (two order statistics, torch.quantile's linear interpolation)."""
     ext = _ext.extension()
     if abs_x0.device.type == "cpu" and ext is not None and hasattr(ext, "dynamic_threshold_forward"):
-        # the radix-select kernel of diffkern.ops.dynamic_threshold (its clamped/scaled output
-        # overwrites the scratch |x0| in place: only the per-row thresholds are needed)
-        return ext.dynamic_threshold_forward(abs_x0, percentile, max_value, abs_x0)[1].reshape(-1).contiguous()
+        # the radix-select kernel of diffkern.ops.dynamic_threshold, thresholds only (no apply pass)
+        return ext.dynamic_threshold_forward(abs_x0, percentile, max_value, None, False)[1]
     n = abs_x0.shape[1]
     # rank in float32 as torch.quantile computes it for float32 input
     rank = float(torch.tensor(percentile, dtype=torch.float32) * (n - 1))

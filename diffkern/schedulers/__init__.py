@@ -19,13 +19,6 @@ from diffkern.schedulers.schedules import (
 )
 
 
-def step_implementation():
-    """Name of the guided_step implementation the schedulers call here."""
-    from diffkern.schedulers._guided_step import resolve
-
-    return resolve()[1]
-
-
 __all__ = [
     "DDIMInverseScheduler",
     "DDIMScheduler",
@@ -38,5 +31,4 @@ __all__ = [
     "respaced_betas",
     "sample_loop",
     "space_timesteps",
-    "step_implementation",
 ]

@@ -9,7 +9,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from diffkern.schedulers import _guided_step
+from diffkern import ops
 from diffkern.schedulers.schedules import make_betas, space_timesteps
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -207,6 +207,14 @@ class _Scheduler:
             ts = ts.flip(0)
         self.timesteps = ts.to(device)
 
+    def _noise(self, shape, model_output, generator, variance_noise):
+        """The step's noise: the caller's variance_noise, or drawn as diffusers draws it."""
+        if variance_noise is not None and generator is not None:
+            raise ValueError(f"{type(self).__name__}.step: pass generator or variance_noise, not both")
+        if variance_noise is not None:
+            return variance_noise
+        return randn_like_diffusers(shape, generator, model_output.device, model_output.dtype)
+
     def _call_step(
         self,
         sample,
@@ -222,7 +230,6 @@ class _Scheduler:
         """Run guided_step once. eps_from_clipped=False reproduces diffusers' DDIM default (x0 clipped
         but the eps term from the unclipped prediction): the op runs unclipped with c_x0 = 0 and the
         clipped x0 term is added here."""
-        op, _ = _guided_step.resolve()
         cfg = self.config
         clip = "dynamic" if cfg.get("thresholding") else ("static" if cfg.clip_sample else "none")
         kw = {
@@ -238,13 +245,14 @@ class _Scheduler:
         no_eps_term = float(coeffs[0, 4]) == 0.0  # coeffs are still on the CPU here: no device sync
         coeffs = coeffs.to(sample.device)
         if clip == "none" or eps_from_clipped or no_eps_term:
-            return op(sample, model_output, coeffs, clip=clip, **kw)
+            return ops.guided_step(sample, model_output, coeffs, clip=clip, **kw)
         partial = coeffs.clone()
         partial[:, 2] = 0
-        prev, x0 = op(sample, model_output, partial, clip="none", **kw)
-        x0 = _guided_step.clip_x0(
-            x0, clip, kw["clip_range"], kw["dynamic_percentile"], kw["dynamic_max_value"]
-        )
+        prev, x0 = ops.guided_step(sample, model_output, partial, clip="none", **kw)
+        if clip == "static":
+            x0 = x0.clamp(-kw["clip_range"], kw["clip_range"])
+        else:
+            x0 = ops.dynamic_threshold(x0, kw["dynamic_percentile"], kw["dynamic_max_value"])
         c_x0 = coeffs[:, 2].to(sample.dtype).view((-1,) + (1,) * (sample.dim() - 1))
         return prev + c_x0 * x0, x0
 

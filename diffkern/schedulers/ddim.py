@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from diffkern.schedulers._base import SchedulerOutput, _Scheduler, coeff_rows, randn_like_diffusers, sqrt
+from diffkern.schedulers._base import SchedulerOutput, _Scheduler, coeff_rows, sqrt
 
 _DDIM_DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -107,13 +107,7 @@ class DDIMScheduler(_Scheduler):
         coeffs = self.step_coefficients(timestep, sample.shape[0], eta)
         noise = None
         if eta > 0:
-            if variance_noise is not None and generator is not None:
-                raise ValueError("DDIMScheduler.step: pass generator or variance_noise, not both")
-            noise = variance_noise
-            if noise is None:
-                noise = randn_like_diffusers(
-                    model_output.shape, generator, model_output.device, model_output.dtype
-                )
+            noise = self._noise(model_output.shape, model_output, generator, variance_noise)
         prev, x0 = self._call_step(
             sample,
             model_output,

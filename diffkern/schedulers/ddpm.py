@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from diffkern.schedulers._base import SchedulerOutput, _Scheduler, coeff_rows, randn_like_diffusers, sqrt
+from diffkern.schedulers._base import SchedulerOutput, _Scheduler, coeff_rows, sqrt
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned_range")
 _UNSUPPORTED_VARIANCES = {
@@ -158,11 +158,7 @@ class DDPMScheduler(_Scheduler):
         coeffs = self.step_coefficients(t, sample.shape[0])
         noise = None
         if t > 0:
-            if variance_noise is not None and generator is not None:
-                raise ValueError("DDPMScheduler.step: pass generator or variance_noise, not both")
-            noise = variance_noise
-            if noise is None:
-                noise = randn_like_diffusers(sample.shape, generator, model_output.device, model_output.dtype)
+            noise = self._noise(sample.shape, model_output, generator, variance_noise)
         prev, x0 = self._call_step(
             sample,
             model_output,
