@@ -60,7 +60,7 @@ def _extensions():
         defines = ["-DWITH_CUDA", f'-DDIFFKERN_CUDA_ARCHS="{archs}"']
         ext = CUDAExtension(
             "diffkern._C",
-            sources + ["csrc/cuda/group_norm.cu", "csrc/cuda/dynamic_threshold.cu"],
+            sources + ["csrc/cuda/group_norm.cu", "csrc/cuda/dynamic_threshold.cu", "csrc/cuda/guided_step.cu"],
             extra_compile_args={"cxx": cxx + defines,
                                 "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + defines},
             extra_link_args=link,

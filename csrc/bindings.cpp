@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include "cuda/group_norm.h"
 #include "cuda/dynamic_threshold.h"
+#include "cuda/guided_step.h"
 #endif
 
 namespace diffkern {
@@ -218,7 +219,7 @@ std::vector<at::Tensor> dynamic_threshold_forward(const at::Tensor& x, double pe
   return {y, thresholds};
 }
 
-// guided_step: one pass of the CPU kernel into preallocated outputs (the Python layer plans the
+// guided_step: one pass of the CPU or CUDA kernel into preallocated outputs (the Python layer plans the
 // passes: with abs_out only |unclipped x0| is written, for the dynamic-threshold statistics).
 DType guided_step_dtype(at::ScalarType t) {
   switch (t) {
@@ -243,9 +244,11 @@ void guided_step_forward(const at::Tensor& x, const at::Tensor& m, const std::op
                          const std::optional<at::Tensor>& noise, const at::Tensor& coeffs,
                          const at::Tensor& prev, const at::Tensor& x0,
                          const std::optional<at::Tensor>& thresholds, const std::optional<at::Tensor>& abs_out,
-                         int64_t pred, int64_t clip, bool learned, double guidance_scale, double clip_range) {
+                         int64_t pred, int64_t clip, bool learned, double guidance_scale, double clip_range,
+                         std::optional<int64_t> seed, int64_t offset) {
   DK_CHECK_VALUE(x.dim() >= 2, "guided_step: sample must be (B, C, *spatial), got ", x.dim(), " dims");
-  DK_CHECK_VALUE(x.device().is_cpu(), "guided_step: the compiled kernel takes CPU tensors, got ", x.device());
+  DK_CHECK_VALUE(x.device().is_cpu() || x.device().is_cuda(), "guided_step: sample must be a CPU or CUDA tensor, got ",
+                 x.device());
   DK_CHECK_VALUE(pred >= 0 && pred <= 2, "guided_step: prediction_type code must be 0, 1 or 2, got ", pred);
   DK_CHECK_VALUE(clip >= 0 && clip <= 2, "guided_step: clip code must be 0, 1 or 2, got ", clip);
   const auto dt = x.scalar_type();
@@ -262,6 +265,9 @@ void guided_step_forward(const at::Tensor& x, const at::Tensor& m, const std::op
   guided_step_check(x0, "x0", x, dt, x.sizes());
   guided_step_check(coeffs, "coeffs", x, at::kFloat, {B, learned ? 8 : 6});
   const int64_t N = B > 0 ? x.numel() / B : 0;
+  DK_CHECK_VALUE(!(seed.has_value() && noise.has_value()), "guided_step: give noise or seed, not both");
+  DK_CHECK_VALUE(!seed.has_value() || *seed >= 0, "guided_step: seed must be >= 0, got ", seed.value_or(0));
+  DK_CHECK_VALUE(offset >= 0, "guided_step: offset must be >= 0, got ", offset);
   if (abs_out.has_value()) {
     guided_step_check(*abs_out, "abs_out", x, at::kFloat, {B, N});
   } else if (clip == 2) {
@@ -284,7 +290,21 @@ void guided_step_forward(const at::Tensor& x, const at::Tensor& m, const std::op
   a.learned = learned;
   a.guidance_scale = static_cast<float>(guidance_scale);
   a.clip_range = static_cast<float>(clip_range);
-  cpu::guided_step_forward(a);
+  a.seeded = seed.has_value();
+  a.seed = static_cast<uint64_t>(seed.value_or(0));
+  a.offset = static_cast<uint64_t>(offset);
+  if (x.device().is_cpu()) {
+    cpu::guided_step_forward(a);
+    return;
+  }
+#ifdef WITH_CUDA
+  DK_CHECK_VALUE(B <= 65535, "guided_step: at most 65535 samples per call on CUDA, got ", B);
+  c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = cuda::guided_step_forward(a, at::cuda::getCurrentCUDAStream());
+  DK_CHECK(err == cudaSuccess, std::runtime_error, "guided_step: CUDA kernel failed: ", cudaGetErrorString(err));
+#else
+  DK_CHECK_VALUE(false, "guided_step: diffkern._C was built without CUDA kernels");
+#endif
 }
 
 // Throws one kind of C++ exception (0: pybind11::value_error, 1: c10::Error via TORCH_CHECK,
@@ -336,7 +356,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("m"), pybind11::arg("u"), pybind11::arg("noise"), pybind11::arg("coeffs"),
         pybind11::arg("prev"), pybind11::arg("x0"), pybind11::arg("thresholds"), pybind11::arg("abs_out"),
         pybind11::arg("pred"), pybind11::arg("clip"), pybind11::arg("learned"), pybind11::arg("guidance_scale"),
-        pybind11::arg("clip_range"));
+        pybind11::arg("clip_range"), pybind11::arg("seed") = pybind11::none(), pybind11::arg("offset") = 0);
   m.def("build_info", &diffkern::build_info, "How this extension was built");
   m.def("_debug_throw", &diffkern::debug_throw, "Throw a C++ exception of the given kind (diagnostics)");
   m.def("_debug_throw_formatted", &diffkern::debug_throw_formatted, "Throw a formatted message (diagnostics)");

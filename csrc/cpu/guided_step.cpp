@@ -4,6 +4,8 @@
 // compiler vectorises for SSE2); the op is memory-bound, so the wider ISAs buy little here.
 #include "guided_step.h"
 
+#include "../philox.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -87,13 +89,22 @@ void run(const GuidedStepArgs& a) {
           Vec eps = (a.clip != 0 || a.pred == 1) ? (x - sa * x0) / s1m : a.pred == 0 ? pred : sa * pred + s1m * x;
           out = out + c_eps * eps;
         }
-        if (Z) {
+        if (Z || a.seeded) {
           Vec std = sigma;
           if (a.learned) {
             const Vec frac = (load(mb + a.N + i, n) + one) * half;
             std = (half * (frac * max_log + (one - frac) * min_log)).exp();
           }
-          out = out + std * load(Z + b * a.N + i, n);
+          Vec z;
+          if (a.seeded) {
+            float tmp[Vec::size()];
+            const uint64_t base = a.offset + static_cast<uint64_t>(b * a.N + i);
+            for (int64_t j = 0; j < n; ++j) tmp[j] = philox_normal(a.seed, base + j);
+            z = Vec::loadu(tmp, n);
+          } else {
+            z = load(Z + b * a.N + i, n);
+          }
+          out = out + std * z;
         }
         store(P + b * a.N + i, out, n);
         store(X0 + b * a.N + i, x0, n);

@@ -1,34 +1,8 @@
-// guided_step: one fused sampler step (CFG combine, x0/eps conversion, clipping, DDPM/DDIM update).
-// The argument struct has no torch headers, so that a CUDA kernel can share it.
+// CPU guided_step kernel (see csrc/guided_step_args.h for the arguments).
 #pragma once
-#include <cstdint>
-
-#include "../group_norm_args.h"  // DType
+#include "../guided_step_args.h"
 
 namespace diffkern {
-
-// Every tensor is contiguous; per sample b: x, noise, prev, x0 are (N,) at b * N, model_output and
-// uncond are (M_stride,) at b * M_stride (M_stride = N, or 2N with the learned variance values v in
-// [N, 2N)). See diffkern/ops/guided_step.py for the math.
-struct GuidedStepArgs {
-  const void* x = nullptr;          // sample, dtype
-  const void* m = nullptr;          // model_output (conditional), dtype
-  const void* u = nullptr;          // uncond_output, dtype, or null
-  const void* noise = nullptr;      // dtype, or null (no noise term)
-  const float* coeffs = nullptr;    // (B, K): sa, s1m, c_x0, c_xt, c_eps, sigma(, min_log, max_log)
-  const float* thresholds = nullptr;// (B,) dynamic thresholds s, with clip == 2 (not stats_only)
-  void* prev = nullptr;             // output, dtype
-  void* x0 = nullptr;               // output, dtype (x0 after clipping)
-  float* abs_out = nullptr;         // stats_only: (B, N) float32 |unclipped x0|; nothing else written
-  int64_t B = 0, N = 0, M_stride = 0, K = 6;
-  int pred = 0;                     // 0 epsilon, 1 sample, 2 v_prediction
-  int clip = 0;                     // 0 none, 1 static, 2 dynamic
-  bool learned = false;             // variance == "learned_range"
-  float guidance_scale = 1.0f;
-  float clip_range = 1.0f;
-  DType dtype = DType::kFloat32;
-};
-
 namespace cpu {
 
 // One pass over the elements (at::vec, at::parallel_for). Arguments were validated by the binding.

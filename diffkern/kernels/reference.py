@@ -1,6 +1,8 @@
 """Plain-PyTorch references: the truth for tests (with upcast=True, in float64) and the baseline
 for benchmarks (eager PyTorch, exactly what a user would write)."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -56,12 +58,54 @@ def attention(q, k, v, *, attn_bias=None, causal=False, scale=None, kv_prefix=No
     return out if upcast else out.to(out_dtype)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(a, b):
+    """(hi, lo) 32-bit words of a * b for int64 tensors / ints in [0, 2^32), without int64 overflow."""
+    ah, al, bh, bl = a >> 16, a & 0xFFFF, b >> 16, b & 0xFFFF
+    mid = ah * bl + al * bh + ((al * bl) >> 16)
+    return ah * bh + (mid >> 16), ((mid & 0xFFFF) << 16) | ((al * bl) & 0xFFFF)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 (Salmon et al., SC 2011) on int64 tensors holding uint32 words -> 4 words."""
+    for _ in range(10):
+        hi0, lo0 = _mul32(c0, 0xD2511F53)
+        hi2, lo2 = _mul32(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_normal(seed, index, dtype=torch.float32):
+    """Standard normals number `index` (int64 tensor) of stream `seed`, as every guided_step backend
+    draws them (csrc/philox.h): Philox on counter (lo32(i), hi32(i), 0, 0), key (lo32(seed),
+    hi32(seed)); Box-Muller of u1 = ((w0 >> 8) + 1) / 2^24, u2 = (w1 >> 8) / 2^24."""
+    zero = torch.zeros_like(index)
+    w0, w1, _, _ = philox4x32_10(index & _M32, index >> 32, zero, zero, seed & _M32, seed >> 32)
+    u1 = ((w0 >> 8) + 1).to(dtype) * 2.0 ** -24
+    u2 = (w1 >> 8).to(dtype) * 2.0 ** -24
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+
+
+def seeded_noise(shape, seed, offset=0, device=None, dtype=torch.float32):
+    """The noise tensor guided_step draws for noise_seed=seed, noise_offset=offset: element with
+    flat (row-major) index i is philox_normal(seed, offset + i)."""
+    n = math.prod(shape)
+    index = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+    return philox_normal(seed, index, dtype).reshape(shape)
+
+
 def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_scale=1.0,
                 prediction_type="epsilon", clip="none", clip_range=1.0, dynamic_percentile=0.995,
-                dynamic_max_value=1.0, variance="fixed", noise=None, upcast=False):
+                dynamic_max_value=1.0, variance="fixed", noise=None, noise_seed=None, noise_offset=0,
+                upcast=False):
     """CFG combine + x0/eps from the prediction type + clipping + DDPM/DDIM update (see
     diffkern.ops.guided_step); float32 math (float64 for float64 or upcast). -> (prev, x0)."""
     work = torch.float64 if (upcast or sample.dtype == torch.float64) else torch.float32
+    if noise_seed is not None:
+        noise = seeded_noise(sample.shape, noise_seed, noise_offset, sample.device, work)
     out_dtype = work if upcast else sample.dtype
     x, m = sample.to(work), model_output.to(work)
     C = x.shape[1]

@@ -21,7 +21,8 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_scale=1.0,
                 prediction_type="epsilon", clip="none", clip_range=1.0, dynamic_percentile=0.995,
-                dynamic_max_value=1.0, variance="fixed", noise=None, backend=None):
+                dynamic_max_value=1.0, variance="fixed", noise=None, noise_seed=None, noise_offset=0,
+                backend=None):
     """One sampler step x_t -> x_{t-1}, fused: guidance, x0 and eps, clipping, update, noise.
 
     Args:
@@ -44,7 +45,15 @@ def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_sc
         variance: "fixed" (std = sigma) or "learned_range" (std = exp(0.5 * (f max_log +
             (1 - f) min_log)), f = (v + 1) / 2, per element).
         noise: None (no noise term) or a tensor of x's shape, dtype and device.
-        backend: "reference", "cpu" or "triton"; None picks one (see diffkern.use_backend and
+        noise_seed: None, or an int in [0, 2^63): the kernel draws the noise itself (no noise
+            tensor is read or allocated): element with flat index i gets Philox4x32-10 normal
+            number noise_offset + i of stream noise_seed (`diffkern.kernels.reference.seeded_noise`
+            builds the same tensor). Every backend draws the same numbers (the float transform may
+            differ in the last bits). Not torch.randn's stream: for diffusers-identical noise pass
+            `noise`. Exclusive with noise.
+        noise_offset: int >= 0, where in the stream to start (e.g. step index * numel, so that steps
+            draw disjoint numbers).
+        backend: "reference", "cpu", "triton" or "cuda"; None picks one (see diffkern.use_backend and
             `guided_step_backend`).
 
     eps_hat = (x - sa x0) / s1m when clipping or for "sample"; pred for "epsilon";
@@ -58,7 +67,7 @@ def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_sc
     Equivalent PyTorch: `diffkern.kernels.reference.guided_step`.
     """
     call = _check(sample, model_output, coeffs, uncond_output, guidance_scale, prediction_type, clip,
-                  clip_range, dynamic_percentile, dynamic_max_value, variance, noise)
+                  clip_range, dynamic_percentile, dynamic_max_value, variance, noise, noise_seed, noise_offset)
     chosen = _dispatch.select(OP, call, sample.device.type, backend)
     if sample.numel() == 0:
         return (torch.empty(sample.shape, dtype=sample.dtype, device=sample.device),
@@ -68,10 +77,11 @@ def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_sc
 
 def guided_step_backend(sample, model_output, coeffs, *, uncond_output=None, guidance_scale=1.0,
                         prediction_type="epsilon", clip="none", clip_range=1.0, dynamic_percentile=0.995,
-                        dynamic_max_value=1.0, variance="fixed", noise=None, backend=None):
+                        dynamic_max_value=1.0, variance="fixed", noise=None, noise_seed=None, noise_offset=0,
+                        backend=None):
     """Name of the backend `guided_step` would use for these arguments (raises as it would)."""
     call = _check(sample, model_output, coeffs, uncond_output, guidance_scale, prediction_type, clip,
-                  clip_range, dynamic_percentile, dynamic_max_value, variance, noise)
+                  clip_range, dynamic_percentile, dynamic_max_value, variance, noise, noise_seed, noise_offset)
     return _dispatch.select(OP, call, sample.device.type, backend).name
 
 
@@ -89,12 +99,15 @@ class _Call:
     dynamic_max_value: float
     variance: str
     noise: torch.Tensor | None
+    noise_seed: int | None = None
+    noise_offset: int = 0
 
     def reference_kwargs(self):
         return dict(uncond_output=self.uncond_output, guidance_scale=self.guidance_scale,
                     prediction_type=self.prediction_type, clip=self.clip, clip_range=self.clip_range,
                     dynamic_percentile=self.dynamic_percentile, dynamic_max_value=self.dynamic_max_value,
-                    variance=self.variance, noise=self.noise)
+                    variance=self.variance, noise=self.noise, noise_seed=self.noise_seed,
+                    noise_offset=self.noise_offset)
 
 
 def _check_tensor(t, name, x, shape):
@@ -114,8 +127,16 @@ def _number(v, name):
     return float(v)
 
 
+def _int(v, name, upper):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"guided_step: {name} must be an int, got {v!r}")
+    if not 0 <= v < upper:
+        raise ValueError(f"guided_step: {name} must be in [0, {upper}), got {v}")
+    return v
+
+
 def _check(x, m, coeffs, uncond, guidance_scale, prediction_type, clip, clip_range, percentile,
-           max_value, variance, noise):
+           max_value, variance, noise, noise_seed=None, noise_offset=0):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"guided_step: sample must be a Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -151,6 +172,11 @@ def _check(x, m, coeffs, uncond, guidance_scale, prediction_type, clip, clip_ran
         _check_tensor(uncond, "uncond_output", x, m_shape)
     if noise is not None:
         _check_tensor(noise, "noise", x, x.shape)
+    if noise_seed is not None:
+        if noise is not None:
+            raise ValueError("guided_step: give noise or noise_seed, not both")
+        _int(noise_seed, "noise_seed", 1 << 63)
+    _int(noise_offset, "noise_offset", (1 << 63) - x.numel())
     if not isinstance(coeffs, torch.Tensor):
         raise TypeError(f"guided_step: coeffs must be a Tensor, got {type(coeffs).__name__}")
     if coeffs.dtype not in (torch.float32, torch.float64):
@@ -162,7 +188,7 @@ def _check(x, m, coeffs, uncond, guidance_scale, prediction_type, clip, clip_ran
     if coeffs.device != x.device:
         raise ValueError(f"guided_step: coeffs must be on sample's device {x.device}, got {coeffs.device}")
     return _Call(x, m, coeffs, uncond, guidance_scale, prediction_type, clip, clip_range, percentile,
-                 max_value, variance, noise)
+                 max_value, variance, noise, noise_seed, noise_offset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +202,8 @@ def thresholds_by_selection(abs_x0, percentile, max_value):
     """Per-row s = clamp(quantile(row, percentile), 1, max_value) of a float32 (B, N) |x0|, by
     selection (two order statistics, torch.quantile's linear interpolation)."""
     ext = _ext.extension()
-    if abs_x0.device.type == "cpu" and ext is not None and hasattr(ext, "dynamic_threshold_forward"):
+    if ext is not None and hasattr(ext, "dynamic_threshold_forward") and (
+            abs_x0.device.type == "cpu" or (abs_x0.device.type == "cuda" and _ext.build_info().get("cuda"))):
         # the radix-select kernel of diffkern.ops.dynamic_threshold, thresholds only (no apply pass)
         return ext.dynamic_threshold_forward(abs_x0, percentile, max_value, None, False)[1]
     n = abs_x0.shape[1]
@@ -217,7 +244,8 @@ def _kernel_runner(launch):
 def _launch_compiled(call, x, m, u, noise, coeffs, prev, x0, thresholds, abs_out, module=None):
     (module or _ext.extension()).guided_step_forward(
         x, m, u, noise, coeffs, prev, x0, thresholds, abs_out, PRED_CODES[call.prediction_type],
-        CLIP_CODES[call.clip], call.variance == "learned_range", call.guidance_scale, call.clip_range)
+        CLIP_CODES[call.clip], call.variance == "learned_range", call.guidance_scale, call.clip_range,
+        call.noise_seed, call.noise_offset)
 
 
 def _launch_triton(*args):
@@ -242,6 +270,7 @@ def _device_reasons(call, device_types):
 
 
 _ext_unavailable = _backends.extension_unavailable("guided_step_forward")
+_cuda_unavailable = _backends.extension_unavailable("guided_step_forward", need_cuda=True)
 _triton_unavailable = _backends.triton_unavailable
 
 
@@ -260,12 +289,17 @@ _fam.register(_dispatch.Backend(
 _fam.register(_dispatch.Backend(
     "triton", _kernel_runner(_launch_triton), _triton_unavailable, _triton_reasons,
     "Triton kernel, one pass (two with dynamic thresholding)"))
+_fam.register(_dispatch.Backend(
+    "cuda", _kernel_runner(_launch_compiled), _cuda_unavailable,
+    lambda call: _device_reasons(call, ("cuda",)) + _dtype_reasons(call, KERNEL_DTYPES)
+    + ([f"at most 65535 samples per call, got {call.sample.shape[0]}"] if call.sample.shape[0] > 65535 else []),
+    "CUDA C++ kernel, one pass (two with dynamic thresholding: the radix select of dynamic_threshold)"))
 # Automatic choice, fastest first. CPU: one pass over the inputs against about ten for eager
 # PyTorch (numbers to come from benchmarks/); the Triton interpreter is for tests only and never
-# picked on CPU. CUDA: no CUDA C++ kernel yet, and the Triton kernel has only run in the interpreter,
-# so CUDA tensors default to the reference until a GPU run has verified and timed it (backend="triton"
-# asks for it).
+# picked on CPU. CUDA: the cuda kernel is compile-checked (nvcc sm_80/sm_90) and the Triton kernel has
+# only run in the interpreter; neither has run on a GPU yet, so CUDA tensors default to the reference
+# until a GPU run has verified and timed them (backend="cuda" or "triton" asks for them).
 _fam.priority = {"cpu": ["cpu", "reference"], "cuda": ["reference"]}
 
 # single-pass launchers of the kernel backends, for tests that hand them poisoned outputs
-LAUNCHERS = {"cpu": _launch_compiled, "triton": _launch_triton}
+LAUNCHERS = {"cpu": _launch_compiled, "cuda": _launch_compiled, "triton": _launch_triton}

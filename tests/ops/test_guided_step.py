@@ -13,14 +13,16 @@ from tests.conftest import TOL, backend_device
 
 G = importlib.import_module("diffkern.ops.guided_step")  # the module (diffkern.ops.guided_step is the op)
 
-BACKENDS = ["reference", "cpu", "triton"]
-KERNEL_BACKENDS = ["cpu", "triton"]
+BACKENDS = ["reference", "cpu", "triton", pytest.param("cuda", marks=pytest.mark.cuda)]
+KERNEL_BACKENDS = ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PREDS = ["epsilon", "sample", "v_prediction"]
 CLIPS = ["none", "static", "dynamic"]
 
 
 def _require(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     if name == "triton":
         pytest.importorskip("triton")
     why = diffkern.ops.unavailable_reasons("guided_step").get(name)
@@ -308,3 +310,96 @@ def test_compiled_binding_checks_its_inputs():
     with pytest.raises(TypeError, match="model_output"):
         _ext.extension().guided_step_forward(x, x.half(), None, None, torch.rand(2, 6), out, out, None, None,
                                              0, 0, False, 1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# noise drawn in the kernel from a seed
+
+def test_philox_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10."""
+    def words(c, k):
+        t = [torch.tensor([v], dtype=torch.int64) for v in c + k]
+        return [int(w) for w in reference.philox4x32_10(*t)]
+
+    assert words([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert words([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert words([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]) == [
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def test_seeded_noise_is_standard_normal_and_positioned():
+    z = reference.seeded_noise((1 << 20,), seed=7)
+    assert abs(z.mean().item()) < 5e-3 and abs(z.std().item() - 1) < 5e-3
+    # 4-sigma tails of a normal: about 6.3e-5 of the mass
+    assert 2e-5 < (z.abs() > 4).float().mean().item() < 2e-4
+    assert torch.equal(reference.seeded_noise((100,), 7, offset=1000), z[1000:1100])
+    assert not torch.equal(reference.seeded_noise((100,), 8), z[:100])
+
+
+def _noise_only_coeffs(B, device):
+    """prev = noise exactly: c_x0 = c_xt = c_eps = 0, sigma = 1."""
+    c = torch.zeros(B, 6, device=device)
+    c[:, 0], c[:, 1], c[:, 5] = 0.8, 0.6, 1.0
+    return c
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed,offset", [(0, 0), (2 ** 40 + 17, 5), (123, 2 ** 32 - 100)],
+                         ids=["zero", "wide-seed", "offset-crosses-2^32"])
+def test_seeded_noise_same_on_every_backend(backend, seed, offset):
+    _require(backend)
+    device = backend_device(backend)
+    shape = (3, 2, 9, 7)
+    x = torch.randn(shape, device=device)
+    prev, _ = diffkern.ops.guided_step(x, torch.randn(shape, device=device), _noise_only_coeffs(3, device),
+                                       noise_seed=seed, noise_offset=offset, backend=backend)
+    want = reference.seeded_noise(shape, seed, offset, dtype=torch.float64)
+    # the integers are identical; log/cos/sqrt in float32 may differ by a few ulp
+    assert (prev.double().cpu() - want).abs().max().item() < 2e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variance", ["fixed", "learned_range"])
+def test_seeded_step_equals_step_with_that_noise(backend, dtype, variance):
+    _require(backend)
+    device = backend_device(backend)
+    learned = variance == "learned_range"
+    inp = _inputs((2, 3, 7, 5), dtype, device, learned, True, False)
+    kw = dict(uncond_output=inp["uncond_output"], guidance_scale=2.0, clip="dynamic", dynamic_max_value=1.5,
+              variance=variance)
+    prev, x0 = diffkern.ops.guided_step(inp["sample"], inp["model_output"], inp["coeffs"], noise_seed=99,
+                                        noise_offset=3, backend=backend, **kw)
+    noise = reference.seeded_noise(inp["sample"].shape, 99, 3, device=device)
+    ref_prev, ref_x0 = reference.guided_step(inp["sample"], inp["model_output"], inp["coeffs"], noise=noise,
+                                             upcast=True, **kw)
+    _assert_close(x0, ref_x0, dtype, "pred_original_sample")
+    _assert_close(prev, ref_prev, dtype, "prev_sample")
+
+
+@pytest.mark.parametrize("change,exc", [
+    (dict(noise_seed=1, noise=torch.randn(2, 3, 4, 4)), ValueError),
+    (dict(noise_seed=-1), ValueError),
+    (dict(noise_seed=1 << 63), ValueError),
+    (dict(noise_seed=True), TypeError),
+    (dict(noise_seed=1.5), TypeError),
+    (dict(noise_seed=1, noise_offset=-3), ValueError),
+])
+def test_bad_seed_names_the_argument(change, exc):
+    kw = _ok()
+    kw.update(change)
+    with pytest.raises(exc, match="noise_seed|noise_offset"):
+        diffkern.ops.guided_step(kw.pop("sample"), kw.pop("model_output"), kw.pop("coeffs"), **kw)
+
+
+def test_compiled_binding_checks_the_seed():
+    from diffkern import _ext
+
+    x = torch.randn(2, 3, 4)
+    out = torch.empty_like(x)
+    with pytest.raises(ValueError, match="seed"):
+        _ext.extension().guided_step_forward(x, x, None, x, torch.rand(2, 6), out, out, None, None,
+                                             0, 0, False, 1.0, 1.0, 5, 0)
+    with pytest.raises(ValueError, match="offset"):
+        _ext.extension().guided_step_forward(x, x, None, None, torch.rand(2, 6), out, out, None, None,
+                                             0, 0, False, 1.0, 1.0, 5, -1)

@@ -3,10 +3,25 @@
 Grid (B, cdiv(N, BLOCK)), N = C * spatial: a program owns one block of one sample, so the per-sample
 coefficients are scalars. With STATS_ONLY the pass writes |unclipped x0| as float32 and nothing else
 (the statistics pass of dynamic thresholding); the host then picks the per-sample thresholds.
+With SEEDED the noise is drawn in the kernel: Philox4x32-10 (tl.philox) on the counter
+(lo32(i), hi32(i), 0, 0) of flat index i = offset + b * N + j, Box-Muller of its first two words,
+exactly as csrc/philox.h and diffkern.kernels.reference.philox_normal.
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _philox_normal(seed, index):
+    """Normal number `index` (int64 block) of stream `seed`: see csrc/philox.h."""
+    c0 = (index & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (index >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    w0, w1, _, _ = tl.philox(seed, c0, c1, zero, zero)
+    u1 = ((w0 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08
+    u2 = (w1 >> 8).to(tl.float32) * 5.9604644775390625e-08
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
 
 
 @triton.jit
@@ -17,9 +32,10 @@ def _guided_step_kernel(
     prev_ptr, x0_ptr,                 # outputs, x's dtype, contiguous (B, N)
     abs_ptr,                          # float32 (B, N) |x0| when STATS_ONLY (or dummy)
     N, M_STRIDE, K, guidance_scale, clip_range,   # M_STRIDE: elements per sample of model_output
+    seed, noise_offset,               # SEEDED: Philox key and the stream position of element 0
     PRED: tl.constexpr,               # 0 epsilon, 1 sample, 2 v_prediction
     CLIP: tl.constexpr,               # 0 none, 1 static, 2 dynamic
-    LEARNED: tl.constexpr, HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr,
+    LEARNED: tl.constexpr, HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SEEDED: tl.constexpr,
     STATS_ONLY: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -59,8 +75,11 @@ def _guided_step_kernel(
             else:
                 eps = sa * pred + s1m * x
             out += c_eps * eps
-        if HAS_NOISE:
-            nz = tl.load(noise_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_NOISE or SEEDED:
+            if SEEDED:
+                nz = _philox_normal(seed, noise_offset + b * N + offs)
+            else:
+                nz = tl.load(noise_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
             if LEARNED:
                 v = tl.load(m_ptr + b * M_STRIDE + N + offs, mask=mask, other=0.0).to(tl.float32)
                 frac = (v + 1.0) * 0.5
@@ -87,7 +106,8 @@ def guided_step(call, x, m, u, noise, coeffs, prev, x0, thresholds, abs_out, blo
         thresholds if thresholds is not None else dummy, prev, x0,
         abs_out if abs_out is not None else dummy,
         N, m.numel() // B, coeffs.shape[1], call.guidance_scale, call.clip_range,
+        call.noise_seed if call.noise_seed is not None else 0, call.noise_offset,
         PRED=("epsilon", "sample", "v_prediction").index(call.prediction_type),
         CLIP=("none", "static", "dynamic").index(call.clip),
-        LEARNED=call.variance == "learned_range", HAS_UNCOND=u is not None, HAS_NOISE=noise is not None,
+        LEARNED=call.variance == "learned_range", HAS_UNCOND=u is not None, HAS_NOISE=noise is not None, SEEDED=call.noise_seed is not None,
         STATS_ONLY=abs_out is not None, BLOCK=block, num_warps=4)
