@@ -80,6 +80,10 @@ def candidates(case, device, compile_reference=True):
         except ValueError:
             continue
         out.append((name, lambda n=name: ops.guided_step(x, cond, coeffs, backend=n, **kw), ""))
+        # the same step drawing its noise in the kernel (the others are handed a pre-drawn noise tensor)
+        seeded = dict(kw, noise=None, noise_seed=1234)
+        out.append((f"{name}+seed", lambda n=name: ops.guided_step(x, cond, coeffs, backend=n, **seeded),
+                    "Philox noise drawn in the kernel, no noise tensor read"))
     return out, x.numel() * x.element_size() * 6
 
 
