@@ -11,8 +11,8 @@ extension (diffkern._C) and Triton are loaded lazily, on the first call that nee
 """
 
 from diffkern._dispatch import use_backend
-from diffkern import nn, ops, schedulers
+from diffkern import models, nn, ops, schedulers
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "schedulers", "use_backend", "__version__"]
+__all__ = ["ops", "nn", "models", "schedulers", "use_backend", "__version__"]

@@ -12,10 +12,10 @@ import sys
 
 import torch
 
-from diffkern.bench import attention, dynamic_threshold, group_norm, guided_step, harness
+from diffkern.bench import attention, dynamic_threshold, group_norm, guided_step, harness, models
 
 SUITES = {"group_norm": group_norm, "attention": attention, "dynamic_threshold": dynamic_threshold,
-          "guided_step": guided_step}
+          "guided_step": guided_step, "models": models}
 
 
 def main(argv=None):
@@ -28,6 +28,8 @@ def main(argv=None):
     p.add_argument("--ops", nargs="+", choices=sorted(SUITES), default=sorted(SUITES))
     p.add_argument("--quick", action="store_true", help="one shape per set (smoke test)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--full-size", action="store_true",
+                   help="models suite on a CPU: the released sizes (512x512, 50 steps) and torch.compile peers")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown results")
     args = p.parse_args(argv)
 
@@ -45,7 +47,12 @@ def main(argv=None):
     for op in args.ops:
         suite = SUITES[op]
         print(f"\n== {op}")
-        rows = suite.run(device, quick=args.quick, compile_reference=not args.no_compile)
+        kw = dict(quick=args.quick, compile_reference=not args.no_compile)
+        if op == "models":
+            # compiling a whole UNet takes minutes on a small CPU: there only with --full-size
+            kw.update(full_size=args.full_size,
+                      compile_reference=kw["compile_reference"] and (device.type == "cuda" or args.full_size))
+        rows = suite.run(device, **kw)
         checks = suite.targets(rows, device, copy_gbps)
         notes = [f"Copy bandwidth (read + write) measured in the same run: {copy_gbps:.1f} GB/s.", ""]
         notes += [f"- target {'met' if ok else 'MISSED'}: {text}" for text, ok in checks]

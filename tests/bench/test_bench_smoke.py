@@ -5,12 +5,14 @@ import json
 import torch
 
 from diffkern.bench import __main__ as bench
-from diffkern.bench import group_norm, harness
+from diffkern.bench import group_norm, harness, models
 
 
 def test_bench_quick_run_writes_results(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(harness, "time_cpu", lambda fn, min_run_time=0.5: (fn(), 1e-3)[1])  # smoke: no timing
-    assert bench.main(["--device", "cpu", "--quick", "--no-compile", "--out", str(tmp_path)]) == 0
+    kernel_suites = [op for op in bench.SUITES if op != "models"]  # models: see the test below
+    assert bench.main(["--device", "cpu", "--quick", "--no-compile", "--out", str(tmp_path),
+                       "--ops", *kernel_suites]) == 0
     out = capsys.readouterr().out
     assert "| case" in out and "reference" in out
     assert list(tmp_path.glob("attention-*.json"))
@@ -29,3 +31,27 @@ def test_cases_cover_the_issue_shapes():
     gpu = group_norm.cases(torch.device("cuda"))
     assert {str(c.dtype) for c in gpu} == {"torch.float16", "torch.bfloat16"}
     assert {c.layout for c in gpu} == {"contiguous", "channels_last"}
+
+
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                norm_num_groups=8, sample_size=16)
+
+
+def test_models_suite_runs_on_tiny_configs(tmp_path, capsys, monkeypatch):
+    """The real configurations are too big for CI: the same suite on tiny ones, every case."""
+    monkeypatch.setattr(harness, "time_cpu", lambda fn, min_run_time=0.5: (fn(), 1e-3)[1])
+    monkeypatch.setattr(models, "SD15_UNET", TINY_UNET)
+    monkeypatch.setattr(models, "SD21_UNET", dict(TINY_UNET, use_linear_projection=True, attention_head_dim=(2, 4)))
+    monkeypatch.setattr(models, "SD_VAE", TINY_VAE)
+    assert bench.main(["--device", "cpu", "--no-compile", "--out", str(tmp_path), "--ops", "models"]) == 0
+    (json_file,) = tmp_path.glob("models-*.json")
+    rows = json.loads(json_file.read_text())["rows"]
+    cases = {r["case"].split()[0] for r in rows}
+    assert cases == {"sd15-unet-step", "sd21-unet-step", "sd-vae-decode", "sd15-loop"}
+    for case in cases:
+        assert {"reference", "diffkern", "diffusers"} <= {r["backend"] for r in rows if r["case"].startswith(case)}

@@ -1,0 +1,218 @@
+"""Model-step benchmarks at the released configurations with random weights (speed does not
+depend on the values): the SD 1.5 UNet step (batch 2 for guidance, 77 tokens), the SD 2.1 UNet
+step, the SD VAE decode, and a whole SD 1.5 denoising loop (UNet + guidance + scheduler + decode).
+
+Candidates side by side in one process: the diffkern model on the reference backend (plain
+PyTorch ops: the speed-up baseline), the diffkern model on its automatic backends, diffusers eager
+(its default SDPA attention processor), torch.compile of diffusers and of diffkern. "x best peer"
+is against the faster of the two diffusers candidates. Peak memory (CUDA only) is in the note.
+
+Sizes: the released ones (512x512 for SD 1.5, 768x768 for SD 2.1) on a GPU or with --full-size;
+on a CPU by default a reduced latent (16x16) with the full channel configuration, and 5 steps
+instead of 50 for the loop, so that the suite finishes in minutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import diffkern
+from diffkern.bench import harness
+
+OP = "models"
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+SD21_UNET = dict(SD15_UNET, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                 use_linear_projection=True, upcast_attention=True)
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    sample_size=512)
+GUIDANCE = 7.5
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str        # "unet", "vae" or "loop"
+    shape: tuple     # the latent (B, 4, h, w)
+    dtype: torch.dtype
+    config: dict
+    steps: int = 1
+
+
+def cases(device, quick=False, full_size=False):
+    full = device.type == "cuda" or full_size
+    dt = torch.float16 if device.type == "cuda" else torch.float32
+    lat15, lat21 = (64, 96) if full else (16, 16)
+    out = [Case("sd15-unet-step", "unet", (2, 4, lat15, lat15), dt, SD15_UNET)]
+    if quick:
+        return out
+    out += [Case("sd21-unet-step", "unet", (2, 4, lat21, lat21), dt, SD21_UNET),
+            Case("sd-vae-decode", "vae", (1, 4, lat15, lat15), dt, SD_VAE),
+            Case("sd15-loop", "loop", (1, 4, lat15, lat15), dt, SD15_UNET, steps=50 if full else 5)]
+    return out
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    return diffusers
+
+
+def _models(case, device):
+    """(diffusers module or None, diffkern module) with the same random weights."""
+    from diffkern.models import from_diffusers
+
+    d = _diffusers()
+    cls = "UNet2DConditionModel" if case.kind in ("unet", "loop") else "AutoencoderKL"
+    torch.manual_seed(0)
+    if d is not None:
+        ref = getattr(d, cls)(**case.config).to(device=device, dtype=case.dtype).eval()
+        return ref, from_diffusers(ref).eval()
+    ours = getattr(diffkern.models, cls)(**case.config).to(device=device, dtype=case.dtype).eval()
+    return None, ours
+
+
+def _unet_step(unet, x, t, ctx, returns_object):
+    out = unet(x, t, ctx)
+    return out.sample if returns_object else out
+
+
+def _loop(unet, vae, scheduler, latents, ctx, steps, returns_object):
+    """CFG denoising loop as the SD pipelines run it, then the VAE decode."""
+    scheduler.set_timesteps(steps)
+    x = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(torch.cat([x, x]), t)
+        eps = _unet_step(unet, inp, t, ctx, returns_object)
+        uncond, cond = eps.chunk(2)
+        x = scheduler.step(uncond + GUIDANCE * (cond - uncond), t, x).prev_sample
+    img = vae.decode(x / 0.18215)
+    return img.sample if returns_object else img
+
+
+def _callables(case, device):
+    """{name: fn} for the diffkern and diffusers versions of the case."""
+    ref, ours = _models(case, device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(case.shape, generator=g).to(device=device, dtype=case.dtype)
+    fns = {}
+    if case.kind == "unet":
+        ctx = torch.randn(case.shape[0], 77, case.config["cross_attention_dim"], generator=g).to(device, case.dtype)
+        t = torch.tensor(500, device=device)
+        fns["diffkern"] = lambda: ours(x, t, ctx)
+        if ref is not None:
+            fns["diffusers"] = lambda: ref(x, t, ctx).sample
+    elif case.kind == "vae":
+        fns["diffkern"] = lambda: ours.decode(x)
+        if ref is not None:
+            fns["diffusers"] = lambda: ref.decode(x).sample
+    else:
+        vae_ref, vae = _models(Case("vae", "vae", case.shape, case.dtype, SD_VAE), device)
+        ctx = torch.randn(2 * case.shape[0], 77, case.config["cross_attention_dim"], generator=g).to(device, case.dtype)
+        sched_cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        ours_sched = diffkern.schedulers.DDIMScheduler.from_config(sched_cfg)
+        fns["diffkern"] = lambda: _loop(ours, vae, ours_sched, x, ctx, case.steps, False)
+        if ref is not None:
+            ref_sched = _diffusers().DDIMScheduler.from_config(sched_cfg)
+            fns["diffusers"] = lambda: _loop(ref, vae_ref, ref_sched, x, ctx, case.steps, True)
+    return fns
+
+
+def _peak_mb(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def _compiled(fn):
+    """torch.compile of the callable's model call; None and the reason when it fails."""
+    torch._dynamo.reset()
+    c = torch.compile(fn, dynamic=False)
+    try:
+        c()
+    except Exception as e:  # noqa: BLE001  (a peer failing to compile is a result, not our error)
+        return None, f"failed: {type(e).__name__}: {str(e)[:80]}"
+    return c, ""
+
+
+def _time_case(case, device, compile_peers):
+    fns = _callables(case, device)
+    cands = [("reference", lambda: _with_reference(fns["diffkern"]), "diffkern model, reference backend"),
+             ("diffkern", fns["diffkern"], "automatic backends")]
+    if "diffusers" in fns:
+        cands.append(("diffusers", fns["diffusers"], f"diffusers {_diffusers().__version__} eager (SDPA)"))
+    if compile_peers and case.kind != "loop":  # compiling a 50-step Python loop measures the compiler
+        for name in [n for n in ("diffusers", "diffkern") if n in fns]:
+            c, why = _compiled(fns[name])
+            cands.append((f"{name}+compile", c, why or "torch.compile (inductor)"))
+    times, mems = {}, {}
+    for name, fn, _ in cands:
+        times[name] = harness.time_fn(fn, device) if fn is not None else None
+        mems[name] = _peak_mb(fn, device) if fn is not None else None
+    return cands, times, mems
+
+
+def _with_reference(fn):
+    with diffkern.use_backend("reference"):
+        return fn()
+
+
+def run(device, quick=False, compile_reference=True, log=print, full_size=False):
+    rows = []
+    for case in cases(device, quick, full_size):
+        with torch.inference_mode():
+            cands, times, mems = _time_case(case, device, compile_reference)
+        peers = [times[n] for n in ("diffusers", "diffusers+compile") if times.get(n)]
+        best_peer = min(peers) if peers else None
+        label = f"{case.name} {tuple(case.shape)}" + (f" x{case.steps} steps" if case.kind == "loop" else "")
+        for name, _, note in cands:
+            t = times[name]
+            if mems[name] is not None:
+                note = f"{note}; peak {mems[name]:.0f} MiB".lstrip("; ")
+            if t is None:
+                rows.append(harness.Row(OP, label, case.shape, str(case.dtype)[6:], case.kind, name, float("nan"),
+                                        None, None, None, note))
+                continue
+            rows.append(harness.Row(OP, label, case.shape, str(case.dtype)[6:], case.kind, name, t * 1e6, None,
+                                    times["reference"] / t,
+                                    best_peer / t if best_peer and not name.startswith("diffusers") else None,
+                                    note, {"peak_mib": mems[name]}))
+        log(f"  {label}: " + ", ".join(f"{n} {t * 1e3:.1f}ms" for n, t in times.items() if t))
+    return rows
+
+
+def targets(rows, device, copy_gbps):
+    """Issue 5's targets are for the H200 (fp16, batch 2, 512x512); on a CPU report the ratios only."""
+    out = []
+    for r in rows:
+        if device.type != "cuda" or not r.case.startswith("sd15-unet-step") or r.backend != "diffkern":
+            continue
+        by = {x.backend: x for x in rows if x.case == r.case}
+        if "diffusers" in by:
+            out.append((f"SD 1.5 UNet step {r.dtype}: {by['diffusers'].median_us / r.median_us:.2f}x diffusers eager "
+                        "(target 1.5x)", by["diffusers"].median_us / r.median_us >= 1.5))
+        if "diffusers+compile" in by and by["diffusers+compile"].median_us == by["diffusers+compile"].median_us:
+            ratio = by["diffusers+compile"].median_us / r.median_us
+            out.append((f"SD 1.5 UNet step {r.dtype}: {ratio:.2f}x diffusers under torch.compile (target 1.15x)",
+                        ratio >= 1.15))
+        if by.get("diffusers") and r.extra.get("peak_mib") is not None:
+            ok = r.extra["peak_mib"] <= by["diffusers"].extra.get("peak_mib", float("inf"))
+            out.append((f"SD 1.5 UNet step peak memory {r.extra['peak_mib']:.0f} MiB vs diffusers "
+                        f"{by['diffusers'].extra['peak_mib']:.0f} MiB (target: no higher)", ok))
+    return out

@@ -1,0 +1,14 @@
+"""Diffusion models on diffkern ops, state-dict compatible with the released checkpoints.
+
+- UNet2DConditionModel: the LDM / Stable Diffusion 1.x-2.x latent UNet (diffusers' config and keys).
+- AutoencoderKL: the LDM / SD KL autoencoder (diffusers' config and keys).
+- from_diffusers: convert an instantiated diffusers UNet2DConditionModel / AutoencoderKL.
+"""
+
+from diffkern.models.autoencoder_kl import AutoencoderKL, DiagonalGaussianDistribution
+from diffkern.models.diffusers_compat import from_diffusers
+from diffkern.models.unet_2d_condition import UNet2DConditionModel
+
+# Checkpoint loading (diffkern.models.loading.load) is exported here once it lands.
+
+__all__ = ["UNet2DConditionModel", "AutoencoderKL", "DiagonalGaussianDistribution", "from_diffusers"]

@@ -1,0 +1,243 @@
+"""The KL-regularised autoencoder of Latent Diffusion / Stable Diffusion (the "VAE"), on diffkern ops.
+
+AutoencoderKL(**config) takes diffusers' AutoencoderKL config and has exactly its state_dict keys and
+shapes (DownEncoderBlock2D / UpDecoderBlock2D blocks, SiLU), so a checkpoint's `vae` folder loads with
+load_state_dict. encode(x) returns the diagonal Gaussian posterior; decode(z) the image.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffkern.models._config import resolve_config
+from diffkern.nn.group_norm import GroupNorm
+from diffkern.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from diffkern.nn.transformer import SpatialSelfAttention
+
+_NAME = "AutoencoderKL"
+VAE_EPS = 1e-6  # every GroupNorm of the CompVis autoencoder
+
+# diffusers' constructor defaults (diffusers 0.42).
+DEFAULTS = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+    up_block_types=("UpDecoderBlock2D",),
+    block_out_channels=(64,), layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=32,
+    sample_size=32, scaling_factor=0.18215, shift_factor=None, latents_mean=None, latents_std=None,
+    force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
+)
+UNSUPPORTED = dict(act_fn=("silu", "swish"))
+
+
+class DiagonalGaussianDistribution:
+    """The encoder's posterior N(mean, exp(logvar)), from moments (B, 2 * latent, h, w) = [mean | logvar].
+
+    logvar is clamped to [-30, 20] as in LDM. sample(generator) draws the noise exactly as diffusers
+    does (torch.randn of mean's shape, dtype and device, from `generator`), so equal generators give
+    equal latents.
+    """
+
+    def __init__(self, parameters, deterministic=False):
+        self.parameters = parameters
+        self.mean, logvar = torch.chunk(parameters, 2, dim=1)
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)
+        self.deterministic = deterministic
+        if deterministic:
+            self.std = self.var = torch.zeros_like(self.mean)
+        else:
+            self.std = torch.exp(0.5 * self.logvar)
+            self.var = torch.exp(self.logvar)
+
+    def sample(self, generator=None):
+        """mean + std * eps, eps ~ N(0, I) drawn from `generator` (a torch.Generator, a list of one
+        per batch element, or None for the global RNG)."""
+        shape, dtype, device = self.mean.shape, self.mean.dtype, self.mean.device
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != shape[0]:
+                raise ValueError(f"sample: got {len(generator)} generators for a batch of {shape[0]}")
+            noise = torch.cat([self._randn((1,) + tuple(shape[1:]), g, dtype, device) for g in generator])
+        else:
+            noise = self._randn(shape, generator, dtype, device)
+        return self.mean + self.std * noise
+
+    @staticmethod
+    def _randn(shape, generator, dtype, device):
+        # A generator on another device (a CPU generator for CUDA latents, the usual way to make
+        # results device-independent) draws where it lives; the noise then moves.
+        where = device if generator is None else generator.device
+        return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+    def mode(self):
+        return self.mean
+
+    def kl(self, other=None):
+        """KL(self || other), or KL(self || N(0, I)) when other is None, summed over (C, H, W)."""
+        if self.deterministic:
+            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
+        if other is None:
+            return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+        return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0
+                               - self.logvar + other.logvar, dim=[1, 2, 3])
+
+    def nll(self, sample, dims=(1, 2, 3)):
+        """Negative log-likelihood of `sample` under this Gaussian, summed over `dims`."""
+        if self.deterministic:
+            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
+        log_two_pi = torch.log(torch.tensor(2.0 * torch.pi, dtype=self.mean.dtype, device=self.mean.device))
+        return 0.5 * torch.sum(log_two_pi + self.logvar + (sample - self.mean).pow(2) / self.var,
+                               dim=list(dims))
+
+
+class MidBlock(nn.Module):
+    """UNetMidBlock2D without time embedding: resnet, single-head self-attention, resnet."""
+
+    def __init__(self, channels, groups, add_attention=True):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups=groups, eps=VAE_EPS)
+                                      for _ in range(2)])
+        self.attentions = (nn.ModuleList([SpatialSelfAttention(channels, channels, norm_num_groups=groups,
+                                                               eps=VAE_EPS)])
+                           if add_attention else None)
+
+    def forward(self, h):
+        h = self.resnets[0](h)
+        if self.attentions is not None:
+            h = self.attentions[0](h)
+        return self.resnets[1](h)
+
+
+class _Level(nn.Module):
+    """DownEncoderBlock2D / UpDecoderBlock2D: resnets, then an optional resampler."""
+
+    def __init__(self, in_channels, out_channels, num_layers, groups, resample=None):
+        super().__init__()
+        self.resnets = nn.ModuleList([
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups=groups, eps=VAE_EPS)
+            for i in range(num_layers)])
+        if resample == "down":
+            # padding 0 + an asymmetric (0, 1, 0, 1) pad: the CompVis encoder's downsampling.
+            self.downsamplers = nn.ModuleList([Downsample2D(out_channels, out_channels, padding=0)])
+        elif resample == "up":
+            self.upsamplers = nn.ModuleList([Upsample2D(out_channels, out_channels)])
+
+    def forward(self, h):
+        for resnet in self.resnets:
+            h = resnet(h)
+        resamplers = getattr(self, "downsamplers", None) or getattr(self, "upsamplers", None)
+        return h if resamplers is None else resamplers[0](h)
+
+
+class Encoder(nn.Module):
+    """Image (B, in, H, W) -> moments (B, 2 * latent, h, w); each level floors the size by 2."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, groups, levels = list(cfg.block_out_channels), cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            _Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, "down" if i < levels - 1 else None)
+            for i in range(levels)])
+        self.mid_block = MidBlock(ch[-1], groups, cfg.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(groups, ch[-1], eps=VAE_EPS, activation="silu")
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h = block(h)
+        return self.conv_out(self.conv_norm_out(self.mid_block(h)))
+
+
+class Decoder(nn.Module):
+    """Latent (B, latent, h, w) -> image (B, out, h * 2**(levels-1), ...)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        rev, groups = list(cfg.block_out_channels)[::-1], cfg.norm_num_groups
+        levels = len(rev)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, rev[0], kernel_size=3, padding=1)
+        self.mid_block = MidBlock(rev[0], groups, cfg.mid_block_add_attention)
+        self.up_blocks = nn.ModuleList([
+            _Level(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, groups,
+                   "up" if i < levels - 1 else None)
+            for i in range(levels)])
+        self.conv_norm_out = GroupNorm(groups, rev[-1], eps=VAE_EPS, activation="silu")
+        self.conv_out = nn.Conv2d(rev[-1], cfg.out_channels, kernel_size=3, padding=1)
+
+    def forward(self, z):
+        h = self.mid_block(self.conv_in(z))
+        # The up blocks may be kept in another dtype than the rest (diffusers' upcast pattern).
+        h = h.to(next(self.up_blocks.parameters()).dtype)
+        for block in self.up_blocks:
+            h = block(h)
+        return self.conv_out(self.conv_norm_out(h))
+
+
+class AutoencoderKL(nn.Module):
+    """KL autoencoder: encode(x) -> DiagonalGaussianDistribution, decode(z) -> image.
+
+    AutoencoderKL(**config) with diffusers' config keys (see DEFAULTS); keys starting with "_" are
+    ignored, unknown keys and unsupported values raise ValueError naming the key. config.scaling_factor
+    (0.18215 for SD1/LDM) is what latents are multiplied by before the UNet; this module does not
+    apply it (as diffusers' does not).
+
+    forward(x, sample_posterior=False, generator=None) = decode(posterior.sample(generator) or mode()).
+    """
+
+    def __init__(self, **config):
+        super().__init__()
+        self.config = cfg = resolve_config(_NAME, DEFAULTS, config, UNSUPPORTED)
+        levels = len(cfg.block_out_channels)
+        for key, types, allowed in (("down_block_types", cfg.down_block_types, "DownEncoderBlock2D"),
+                                    ("up_block_types", cfg.up_block_types, "UpDecoderBlock2D")):
+            if len(types) != levels:
+                raise ValueError(f"{_NAME}: {key} must have one entry per block_out_channels ({levels}), got "
+                                 f"{len(types)}")
+            bad = [t for t in types if t != allowed]
+            if bad:
+                raise ValueError(f"{_NAME}: {key} {bad} are not supported (supported: {allowed})")
+        bad_groups = [c for c in cfg.block_out_channels if c % cfg.norm_num_groups]
+        if bad_groups:
+            raise ValueError(f"{_NAME}: norm_num_groups {cfg.norm_num_groups} must divide every "
+                             f"block_out_channels entry, got {list(cfg.block_out_channels)}")
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        latent = cfg.latent_channels
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, kernel_size=1) if cfg.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(latent, latent, kernel_size=1) if cfg.use_post_quant_conv else None
+
+    @classmethod
+    def from_config(cls, config):
+        """Build from a diffusers config dict (or any mapping, e.g. a diffusers FrozenDict)."""
+        return cls(**dict(config))
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    def encode(self, x):
+        """Image (B, in_channels, H, W), roughly in [-1, 1] -> posterior over (B, latent, H/f, W/f)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"{_NAME}.encode: x must be (B, {self.config.in_channels}, H, W), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussianDistribution(moments)
+
+    def decode(self, z):
+        """Latent (B, latent_channels, h, w) (unscaled: divide by scaling_factor first) -> image."""
+        if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[1] != self.config.latent_channels:
+            raise ValueError(f"{_NAME}.decode: z must be (B, {self.config.latent_channels}, h, w), got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def forward(self, x, sample_posterior=False, generator=None):
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
