@@ -245,7 +245,7 @@ void guided_step_forward(const at::Tensor& x, const at::Tensor& m, const std::op
                          const at::Tensor& prev, const at::Tensor& x0,
                          const std::optional<at::Tensor>& thresholds, const std::optional<at::Tensor>& abs_out,
                          int64_t pred, int64_t clip, bool learned, double guidance_scale, double clip_range,
-                         std::optional<int64_t> seed, int64_t offset) {
+                         std::optional<int64_t> seed, int64_t offset, bool eps_from_clipped) {
   DK_CHECK_VALUE(x.dim() >= 2, "guided_step: sample must be (B, C, *spatial), got ", x.dim(), " dims");
   DK_CHECK_VALUE(x.device().is_cpu() || x.device().is_cuda(), "guided_step: sample must be a CPU or CUDA tensor, got ",
                  x.device());
@@ -290,6 +290,7 @@ void guided_step_forward(const at::Tensor& x, const at::Tensor& m, const std::op
   a.learned = learned;
   a.guidance_scale = static_cast<float>(guidance_scale);
   a.clip_range = static_cast<float>(clip_range);
+  a.eps_from_clipped = eps_from_clipped;
   a.seeded = seed.has_value();
   a.seed = static_cast<uint64_t>(seed.value_or(0));
   a.offset = static_cast<uint64_t>(offset);
@@ -356,7 +357,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("m"), pybind11::arg("u"), pybind11::arg("noise"), pybind11::arg("coeffs"),
         pybind11::arg("prev"), pybind11::arg("x0"), pybind11::arg("thresholds"), pybind11::arg("abs_out"),
         pybind11::arg("pred"), pybind11::arg("clip"), pybind11::arg("learned"), pybind11::arg("guidance_scale"),
-        pybind11::arg("clip_range"), pybind11::arg("seed") = pybind11::none(), pybind11::arg("offset") = 0);
+        pybind11::arg("clip_range"), pybind11::arg("seed") = pybind11::none(), pybind11::arg("offset") = 0,
+        pybind11::arg("eps_from_clipped") = true);
   m.def("build_info", &diffkern::build_info, "How this extension was built");
   m.def("_debug_throw", &diffkern::debug_throw, "Throw a C++ exception of the given kind (diagnostics)");
   m.def("_debug_throw_formatted", &diffkern::debug_throw_formatted, "Throw a formatted message (diagnostics)");

@@ -25,6 +25,7 @@ struct GuidedStepArgs {
   int pred = 0;                     // 0 epsilon, 1 sample, 2 v_prediction
   int clip = 0;                     // 0 none, 1 static, 2 dynamic
   bool learned = false;             // variance == "learned_range"
+  bool eps_from_clipped = true;     // the eps term from the clipped x0 (else from the raw prediction)
   bool seeded = false;              // noise drawn in the kernel: philox_normal(seed, offset + b * N + i)
   uint64_t seed = 0, offset = 0;
   float guidance_scale = 1.0f;

@@ -75,6 +75,7 @@ void run(const GuidedStepArgs& a) {
           pred = un + g * (pred - un);
         }
         Vec x0 = a.pred == 0 ? (x - s1m * pred) / sa : a.pred == 1 ? pred : sa * x - s1m * pred;
+        const Vec x0_raw = x0;
         if (stats) {
           x0.abs().store(a.abs_out + b * a.N + i, n);
           continue;
@@ -86,7 +87,9 @@ void run(const GuidedStepArgs& a) {
         }
         Vec out = c_x0 * x0 + c_xt * x;
         if (use_eps) {
-          Vec eps = (a.clip != 0 || a.pred == 1) ? (x - sa * x0) / s1m : a.pred == 0 ? pred : sa * pred + s1m * x;
+          const bool from_x0 = a.pred == 1 || (a.clip != 0 && a.eps_from_clipped);
+          Vec eps = from_x0 ? (x - sa * (a.eps_from_clipped ? x0 : x0_raw)) / s1m
+                    : a.pred == 0 ? pred : sa * pred + s1m * x;
           out = out + c_eps * eps;
         }
         if (Z || a.seeded) {

@@ -52,6 +52,7 @@ __global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepArgs a)
       pred = un + a.guidance_scale * (pred - un);
     }
     float x0 = a.pred == 0 ? (x - s1m * pred) / sa : a.pred == 1 ? pred : sa * x - s1m * pred;
+    const float x0_raw = x0;
     if (STATS) {
       a.abs_out[b * a.N + i] = fabsf(x0);
       continue;
@@ -63,9 +64,10 @@ __global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepArgs a)
     }
     float out = c_x0 * x0 + c_xt * x;
     if (c_eps != 0.0f) {  // a zero c_eps drops the term (eps may be inf where s1m == 0)
-      const float eps = (a.clip != 0 || a.pred == 1) ? (x - sa * x0) / s1m
-                        : a.pred == 0                ? pred
-                                                     : sa * pred + s1m * x;
+      const bool from_x0 = a.pred == 1 || (a.clip != 0 && a.eps_from_clipped);
+      const float eps = from_x0       ? (x - sa * (a.eps_from_clipped ? x0 : x0_raw)) / s1m
+                        : a.pred == 0 ? pred
+                                      : sa * pred + s1m * x;
       out += c_eps * eps;
     }
     if (has_noise) {

@@ -100,7 +100,7 @@ def seeded_noise(shape, seed, offset=0, device=None, dtype=torch.float32):
 def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_scale=1.0,
                 prediction_type="epsilon", clip="none", clip_range=1.0, dynamic_percentile=0.995,
                 dynamic_max_value=1.0, variance="fixed", noise=None, noise_seed=None, noise_offset=0,
-                upcast=False):
+                eps_from_clipped=True, upcast=False):
     """CFG combine + x0/eps from the prediction type + clipping + DDPM/DDIM update (see
     diffkern.ops.guided_step); float32 math (float64 for float64 or upcast). -> (prev, x0)."""
     work = torch.float64 if (upcast or sample.dtype == torch.float64) else torch.float32
@@ -121,14 +121,15 @@ def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_sc
         x0 = pred
     else:  # v_prediction
         x0 = sa * x - s1m * pred
+    x0_raw = x0
     if clip == "static":
         x0 = x0.clamp(-clip_range, clip_range)
     elif clip == "dynamic":  # diffusers' _threshold_sample
         s = torch.quantile(x0.abs().reshape(x0.shape[0], -1), dynamic_percentile, dim=1)
         s = torch.clamp(s, min=1, max=dynamic_max_value).reshape((-1,) + (1,) * (x.dim() - 1))
         x0 = torch.clamp(x0, -s, s) / s
-    if clip != "none" or prediction_type == "sample":
-        eps = (x - sa * x0) / s1m
+    if prediction_type == "sample" or (clip != "none" and eps_from_clipped):
+        eps = (x - sa * (x0 if eps_from_clipped else x0_raw)) / s1m
     elif prediction_type == "epsilon":
         eps = pred
     else:

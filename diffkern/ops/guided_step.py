@@ -22,7 +22,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_scale=1.0,
                 prediction_type="epsilon", clip="none", clip_range=1.0, dynamic_percentile=0.995,
                 dynamic_max_value=1.0, variance="fixed", noise=None, noise_seed=None, noise_offset=0,
-                backend=None):
+                eps_from_clipped=True, backend=None):
     """One sampler step x_t -> x_{t-1}, fused: guidance, x0 and eps, clipping, update, noise.
 
     Args:
@@ -53,11 +53,14 @@ def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_sc
             `noise`. Exclusive with noise.
         noise_offset: int >= 0, where in the stream to start (e.g. step index * numel, so that steps
             draw disjoint numbers).
+        eps_from_clipped: True: with clipping, the eps term comes from the clipped x0 (diffusers' DDPM,
+            DDIM's use_clipped_model_output=True); False: from the raw prediction (diffusers' DDIM
+            default), in the same single pass.
         backend: "reference", "cpu", "triton" or "cuda"; None picks one (see diffkern.use_backend and
             `guided_step_backend`).
 
-    eps_hat = (x - sa x0) / s1m when clipping or for "sample"; pred for "epsilon";
-    sa pred + s1m x for "v_prediction". A zero c_eps drops that term.
+    eps_hat = (x - sa x0) / s1m when clipping (x0 clipped, or raw if not eps_from_clipped) or for
+    "sample"; else pred for "epsilon", sa pred + s1m x for "v_prediction". A zero c_eps drops it.
 
     Returns:
         (prev_sample, pred_original_sample): x's shape and dtype, contiguous; prev_sample =
@@ -67,7 +70,8 @@ def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_sc
     Equivalent PyTorch: `diffkern.kernels.reference.guided_step`.
     """
     call = _check(sample, model_output, coeffs, uncond_output, guidance_scale, prediction_type, clip,
-                  clip_range, dynamic_percentile, dynamic_max_value, variance, noise, noise_seed, noise_offset)
+                  clip_range, dynamic_percentile, dynamic_max_value, variance, noise, noise_seed, noise_offset,
+                  eps_from_clipped)
     chosen = _dispatch.select(OP, call, sample.device.type, backend)
     if sample.numel() == 0:
         return (torch.empty(sample.shape, dtype=sample.dtype, device=sample.device),
@@ -78,10 +82,11 @@ def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_sc
 def guided_step_backend(sample, model_output, coeffs, *, uncond_output=None, guidance_scale=1.0,
                         prediction_type="epsilon", clip="none", clip_range=1.0, dynamic_percentile=0.995,
                         dynamic_max_value=1.0, variance="fixed", noise=None, noise_seed=None, noise_offset=0,
-                        backend=None):
+                        eps_from_clipped=True, backend=None):
     """Name of the backend `guided_step` would use for these arguments (raises as it would)."""
     call = _check(sample, model_output, coeffs, uncond_output, guidance_scale, prediction_type, clip,
-                  clip_range, dynamic_percentile, dynamic_max_value, variance, noise, noise_seed, noise_offset)
+                  clip_range, dynamic_percentile, dynamic_max_value, variance, noise, noise_seed, noise_offset,
+                  eps_from_clipped)
     return _dispatch.select(OP, call, sample.device.type, backend).name
 
 
@@ -101,13 +106,14 @@ class _Call:
     noise: torch.Tensor | None
     noise_seed: int | None = None
     noise_offset: int = 0
+    eps_from_clipped: bool = True
 
     def reference_kwargs(self):
         return dict(uncond_output=self.uncond_output, guidance_scale=self.guidance_scale,
                     prediction_type=self.prediction_type, clip=self.clip, clip_range=self.clip_range,
                     dynamic_percentile=self.dynamic_percentile, dynamic_max_value=self.dynamic_max_value,
                     variance=self.variance, noise=self.noise, noise_seed=self.noise_seed,
-                    noise_offset=self.noise_offset)
+                    noise_offset=self.noise_offset, eps_from_clipped=self.eps_from_clipped)
 
 
 def _check_tensor(t, name, x, shape):
@@ -136,7 +142,7 @@ def _int(v, name, upper):
 
 
 def _check(x, m, coeffs, uncond, guidance_scale, prediction_type, clip, clip_range, percentile,
-           max_value, variance, noise, noise_seed=None, noise_offset=0):
+           max_value, variance, noise, noise_seed=None, noise_offset=0, eps_from_clipped=True):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"guided_step: sample must be a Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -177,6 +183,8 @@ def _check(x, m, coeffs, uncond, guidance_scale, prediction_type, clip, clip_ran
             raise ValueError("guided_step: give noise or noise_seed, not both")
         _int(noise_seed, "noise_seed", 1 << 63)
     _int(noise_offset, "noise_offset", (1 << 63) - x.numel())
+    if not isinstance(eps_from_clipped, bool):
+        raise TypeError(f"guided_step: eps_from_clipped must be a bool, got {eps_from_clipped!r}")
     if not isinstance(coeffs, torch.Tensor):
         raise TypeError(f"guided_step: coeffs must be a Tensor, got {type(coeffs).__name__}")
     if coeffs.dtype not in (torch.float32, torch.float64):
@@ -188,7 +196,7 @@ def _check(x, m, coeffs, uncond, guidance_scale, prediction_type, clip, clip_ran
     if coeffs.device != x.device:
         raise ValueError(f"guided_step: coeffs must be on sample's device {x.device}, got {coeffs.device}")
     return _Call(x, m, coeffs, uncond, guidance_scale, prediction_type, clip, clip_range, percentile,
-                 max_value, variance, noise, noise_seed, noise_offset)
+                 max_value, variance, noise, noise_seed, noise_offset, eps_from_clipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +253,7 @@ def _launch_compiled(call, x, m, u, noise, coeffs, prev, x0, thresholds, abs_out
     (module or _ext.extension()).guided_step_forward(
         x, m, u, noise, coeffs, prev, x0, thresholds, abs_out, PRED_CODES[call.prediction_type],
         CLIP_CODES[call.clip], call.variance == "learned_range", call.guidance_scale, call.clip_range,
-        call.noise_seed, call.noise_offset)
+        call.noise_seed, call.noise_offset, call.eps_from_clipped)
 
 
 def _launch_triton(*args):

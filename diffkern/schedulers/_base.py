@@ -227,34 +227,16 @@ class _Scheduler:
         eps_from_clipped,
         variance="fixed",
     ):
-        """Run guided_step once. eps_from_clipped=False reproduces diffusers' DDIM default (x0 clipped
-        but the eps term from the unclipped prediction): the op runs unclipped with c_x0 = 0 and the
-        clipped x0 term is added here."""
+        """Run guided_step once (eps_from_clipped=False is diffusers' DDIM default: x0 clipped, the
+        eps term from the unclipped prediction; the op does both in its one pass)."""
         cfg = self.config
         clip = "dynamic" if cfg.get("thresholding") else ("static" if cfg.clip_sample else "none")
-        kw = {
-            "uncond_output": uncond_output,
-            "guidance_scale": guidance_scale,
-            "prediction_type": cfg.prediction_type,
-            "clip_range": cfg.clip_sample_range,
-            "dynamic_percentile": cfg.get("dynamic_thresholding_ratio", 0.995),
-            "dynamic_max_value": cfg.get("sample_max_value", 1.0),
-            "variance": variance,
-            "noise": noise,
-        }
-        no_eps_term = float(coeffs[0, 4]) == 0.0  # coeffs are still on the CPU here: no device sync
-        coeffs = coeffs.to(sample.device)
-        if clip == "none" or eps_from_clipped or no_eps_term:
-            return ops.guided_step(sample, model_output, coeffs, clip=clip, **kw)
-        partial = coeffs.clone()
-        partial[:, 2] = 0
-        prev, x0 = ops.guided_step(sample, model_output, partial, clip="none", **kw)
-        if clip == "static":
-            x0 = x0.clamp(-kw["clip_range"], kw["clip_range"])
-        else:
-            x0 = ops.dynamic_threshold(x0, kw["dynamic_percentile"], kw["dynamic_max_value"])
-        c_x0 = coeffs[:, 2].to(sample.dtype).view((-1,) + (1,) * (sample.dim() - 1))
-        return prev + c_x0 * x0, x0
+        return ops.guided_step(
+            sample, model_output, coeffs.to(sample.device), uncond_output=uncond_output,
+            guidance_scale=guidance_scale, prediction_type=cfg.prediction_type, clip=clip,
+            clip_range=cfg.clip_sample_range, dynamic_percentile=cfg.get("dynamic_thresholding_ratio", 0.995),
+            dynamic_max_value=cfg.get("sample_max_value", 1.0), variance=variance, noise=noise,
+            eps_from_clipped=eps_from_clipped)
 
 
 def coeff_rows(batch, values):

@@ -115,7 +115,7 @@ class DDIMScheduler(_Scheduler):
             uncond_output=uncond_output,
             guidance_scale=guidance_scale,
             noise=noise,
-            eps_from_clipped=use_clipped_model_output,
+            eps_from_clipped=bool(use_clipped_model_output),
         )
         if not return_dict:
             return (prev, x0)

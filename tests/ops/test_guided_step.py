@@ -384,11 +384,12 @@ def test_seeded_step_equals_step_with_that_noise(backend, dtype, variance):
     (dict(noise_seed=True), TypeError),
     (dict(noise_seed=1.5), TypeError),
     (dict(noise_seed=1, noise_offset=-3), ValueError),
+    (dict(eps_from_clipped=None), TypeError),
 ])
 def test_bad_seed_names_the_argument(change, exc):
     kw = _ok()
     kw.update(change)
-    with pytest.raises(exc, match="noise_seed|noise_offset"):
+    with pytest.raises(exc, match="noise_seed|noise_offset|eps_from_clipped"):
         diffkern.ops.guided_step(kw.pop("sample"), kw.pop("model_output"), kw.pop("coeffs"), **kw)
 
 
@@ -403,3 +404,33 @@ def test_compiled_binding_checks_the_seed():
     with pytest.raises(ValueError, match="offset"):
         _ext.extension().guided_step_forward(x, x, None, None, torch.rand(2, 6), out, out, None, None,
                                              0, 0, False, 1.0, 1.0, 5, -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pred", PREDS)
+@pytest.mark.parametrize("clip", ["static", "dynamic"])
+def test_eps_from_unclipped_prediction(backend, dtype, pred, clip):
+    """eps_from_clipped=False (diffusers' DDIM default) on every backend, in the one pass."""
+    _require(backend)
+    device = backend_device(backend)
+    inp = _inputs((2, 3, 7, 5), dtype, device, False, True, True)
+    kw = dict(uncond_output=inp["uncond_output"], guidance_scale=2.5, prediction_type=pred, clip=clip,
+              clip_range=0.8, dynamic_percentile=0.9, dynamic_max_value=1.5, noise=inp["noise"],
+              eps_from_clipped=False)
+    prev, x0 = diffkern.ops.guided_step(inp["sample"], inp["model_output"], inp["coeffs"], backend=backend, **kw)
+    ref_prev, ref_x0 = reference.guided_step(inp["sample"], inp["model_output"], inp["coeffs"], upcast=True, **kw)
+    _assert_close(x0, ref_x0, dtype, "pred_original_sample")
+    _assert_close(prev, ref_prev, dtype, "prev_sample")
+
+
+def test_eps_from_unclipped_prediction_reference_formula():
+    """The eps term uses the raw prediction: prev = c_x0 clip(x0) + c_xt x + c_eps eps_raw."""
+    x, m = 3 * torch.randn(2, 3, 4, 4, dtype=torch.float64), 3 * torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    c = torch.tensor([[0.6, 0.8, 0.5, 0.3, 0.7, 0.0]] * 2, dtype=torch.float64)
+    for pred, eps_raw in [("epsilon", m), ("v_prediction", 0.6 * m + 0.8 * x), ("sample", (x - 0.6 * m) / 0.8)]:
+        x0_raw = {"epsilon": (x - 0.8 * m) / 0.6, "v_prediction": 0.6 * x - 0.8 * m, "sample": m}[pred]
+        prev, x0 = reference.guided_step(x, m, c, prediction_type=pred, clip="static", clip_range=1.0,
+                                         eps_from_clipped=False)
+        torch.testing.assert_close(x0, x0_raw.clamp(-1, 1))
+        torch.testing.assert_close(prev, 0.5 * x0_raw.clamp(-1, 1) + 0.3 * x + 0.7 * eps_raw)

@@ -36,7 +36,7 @@ def _guided_step_kernel(
     PRED: tl.constexpr,               # 0 epsilon, 1 sample, 2 v_prediction
     CLIP: tl.constexpr,               # 0 none, 1 static, 2 dynamic
     LEARNED: tl.constexpr, HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SEEDED: tl.constexpr,
-    STATS_ONLY: tl.constexpr, BLOCK: tl.constexpr,
+    STATS_ONLY: tl.constexpr, EPS_FROM_CLIPPED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -55,6 +55,7 @@ def _guided_step_kernel(
         x0 = pred
     else:
         x0 = sa * x - s1m * pred
+    x0_raw = x0
     if STATS_ONLY:
         tl.store(abs_ptr + b * N + offs, tl.abs(x0), mask=mask)
     else:
@@ -68,8 +69,11 @@ def _guided_step_kernel(
         c_eps = tl.load(cp + 4)
         out = c_x0 * x0 + c_xt * x
         if c_eps != 0:
-            if CLIP != 0 or PRED == 1:
-                eps = (x - sa * x0) / s1m
+            if PRED == 1 or (CLIP != 0 and EPS_FROM_CLIPPED):
+                if EPS_FROM_CLIPPED:
+                    eps = (x - sa * x0) / s1m
+                else:
+                    eps = (x - sa * x0_raw) / s1m
             elif PRED == 0:
                 eps = pred
             else:
@@ -110,4 +114,4 @@ def guided_step(call, x, m, u, noise, coeffs, prev, x0, thresholds, abs_out, blo
         PRED=("epsilon", "sample", "v_prediction").index(call.prediction_type),
         CLIP=("none", "static", "dynamic").index(call.clip),
         LEARNED=call.variance == "learned_range", HAS_UNCOND=u is not None, HAS_NOISE=noise is not None, SEEDED=call.noise_seed is not None,
-        STATS_ONLY=abs_out is not None, BLOCK=block, num_warps=4)
+        STATS_ONLY=abs_out is not None, EPS_FROM_CLIPPED=call.eps_from_clipped, BLOCK=block, num_warps=4)
