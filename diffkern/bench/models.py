@@ -1,15 +1,20 @@
 """Model-step benchmarks at the released configurations with random weights (speed does not
 depend on the values): the SD 1.5 UNet step (batch 2 for guidance, 77 tokens), the SD 2.1 UNet
-step, the SD VAE decode, and a whole SD 1.5 denoising loop (UNet + guidance + scheduler + decode).
+step, the SD VAE decode, a whole SD 1.5 denoising loop (UNet + guidance + scheduler + decode), and
+the GLIDE base step (64x64, batch 2 for guidance, 128 tokens) and upsampler step (256x256).
 
 Candidates side by side in one process: the diffkern model on the reference backend (plain
 PyTorch ops: the speed-up baseline), the diffkern model on its automatic backends, diffusers eager
 (its default SDPA attention processor), torch.compile of diffusers and of diffkern. "x best peer"
 is against the faster of the two diffusers candidates. Peak memory (CUDA only) is in the note.
 
-Sizes: the released ones (512x512 for SD 1.5, 768x768 for SD 2.1) on a GPU or with --full-size;
-on a CPU by default a reduced latent (16x16) with the full channel configuration, and 5 steps
-instead of 50 for the loop, so that the suite finishes in minutes.
+GLIDE has no diffusers counterpart: its rows compare the reference backend, the fast path and
+torch.compile of the fast path.
+
+Sizes: the released ones (512x512 for SD 1.5, 768x768 for SD 2.1, GLIDE 64 and 256) on a GPU or
+with --full-size; on a CPU by default reduced inputs (SD latent 16x16, GLIDE base 32x32, upsampler
+64x64) with the full channel configurations, and 5 steps instead of 50 for the loop, so that the
+suite finishes in minutes.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ GUIDANCE = 7.5
 @dataclass
 class Case:
     name: str
-    kind: str        # "unet", "vae" or "loop"
+    kind: str        # "unet", "vae", "loop" or "glide"
     shape: tuple     # the latent (B, 4, h, w)
     dtype: torch.dtype
     config: dict
@@ -57,6 +62,11 @@ def cases(device, quick=False, full_size=False):
     out += [Case("sd21-unet-step", "unet", (2, 4, lat21, lat21), dt, SD21_UNET),
             Case("sd-vae-decode", "vae", (1, 4, lat15, lat15), dt, SD_VAE),
             Case("sd15-loop", "loop", (1, 4, lat15, lat15), dt, SD15_UNET, steps=50 if full else 5)]
+    from diffkern.models import glide
+
+    base, up = glide.model_and_diffusion_defaults(), glide.model_and_diffusion_defaults_upsampler()
+    out += [Case("glide-base-step", "glide", (2, 3, 64 if full else 32, 64 if full else 32), dt, base),
+            Case("glide-upsample-step", "glide", (1, 3, 256 if full else 64, 256 if full else 64), dt, up)]
     return out
 
 
@@ -100,8 +110,28 @@ def _loop(unet, vae, scheduler, latents, ctx, steps, returns_object):
     return img.sample if returns_object else img
 
 
+def _glide_callables(case, device):
+    from diffkern.models import glide
+
+    torch.manual_seed(0)
+    # use_fp16 is OpenAI's mixed precision (fp16 torso, fp32 norms/embeddings): the GPU setting
+    model = glide.create_model(**dict(case.config, use_fp16=case.dtype == torch.float16)).to(device).eval()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    B, ctx = case.shape[0], case.config["text_ctx"]
+    x = torch.randn(case.shape, generator=g).to(device)
+    tokens = torch.randint(0, 50257, (B, ctx), generator=g).to(device)
+    mask = torch.ones(B, ctx, dtype=torch.bool, device=device)
+    t = torch.full((B,), 500, device=device)
+    low = None
+    if case.config.get("super_res"):
+        low = torch.randn(B, 3, case.shape[2] // 4, case.shape[3] // 4, generator=g).to(device)
+    return {"diffkern": lambda: model(x, t, tokens, mask, low_res=low)}
+
+
 def _callables(case, device):
     """{name: fn} for the diffkern and diffusers versions of the case."""
+    if case.kind == "glide":
+        return _glide_callables(case, device)
     ref, ours = _models(case, device)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(case.shape, generator=g).to(device=device, dtype=case.dtype)
@@ -159,6 +189,9 @@ def _time_case(case, device, compile_peers):
         cands.append(("diffusers", fns["diffusers"], f"diffusers {_diffusers().__version__} eager (SDPA)"))
     if compile_peers and case.kind != "loop":  # compiling a 50-step Python loop measures the compiler
         for name in [n for n in ("diffusers", "diffkern") if n in fns]:
+            if name == "diffkern" and case.kind == "glide":  # no diffusers peer: compile the reference too
+                c, why = _compiled(lambda: _with_reference(fns["diffkern"]))
+                cands.append(("reference+compile", c, why or "torch.compile (inductor) of the reference backend"))
             c, why = _compiled(fns[name])
             cands.append((f"{name}+compile", c, why or "torch.compile (inductor)"))
     times, mems = {}, {}

@@ -48,10 +48,19 @@ def test_models_suite_runs_on_tiny_configs(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(models, "SD15_UNET", TINY_UNET)
     monkeypatch.setattr(models, "SD21_UNET", dict(TINY_UNET, use_linear_projection=True, attention_head_dim=(2, 4)))
     monkeypatch.setattr(models, "SD_VAE", TINY_VAE)
+    from diffkern.models import glide
+
+    tiny_glide = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", num_head_channels=16,
+                      attention_resolutions="8", text_ctx=8, xf_width=32, xf_layers=1, xf_heads=2)
+    monkeypatch.setattr(glide, "model_and_diffusion_defaults",
+                        lambda: dict(glide.model_creation.model_and_diffusion_defaults(), **tiny_glide))
+    monkeypatch.setattr(glide, "model_and_diffusion_defaults_upsampler",
+                        lambda: dict(glide.model_creation.model_and_diffusion_defaults_upsampler(), **tiny_glide))
     assert bench.main(["--device", "cpu", "--no-compile", "--out", str(tmp_path), "--ops", "models"]) == 0
     (json_file,) = tmp_path.glob("models-*.json")
     rows = json.loads(json_file.read_text())["rows"]
     cases = {r["case"].split()[0] for r in rows}
-    assert cases == {"sd15-unet-step", "sd21-unet-step", "sd-vae-decode", "sd15-loop"}
-    for case in cases:
+    assert cases == {"sd15-unet-step", "sd21-unet-step", "sd-vae-decode", "sd15-loop", "glide-base-step",
+                     "glide-upsample-step"}
+    for case in cases - {"glide-base-step", "glide-upsample-step"}:
         assert {"reference", "diffkern", "diffusers"} <= {r["backend"] for r in rows if r["case"].startswith(case)}
