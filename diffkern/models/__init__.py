@@ -3,12 +3,15 @@
 - UNet2DConditionModel: the LDM / Stable Diffusion 1.x-2.x latent UNet (diffusers' config and keys).
 - AutoencoderKL: the LDM / SD KL autoencoder (diffusers' config and keys).
 - from_diffusers: convert an instantiated diffusers UNet2DConditionModel / AutoencoderKL.
+- load: diffusers pipeline / component folders and CompVis / Stability single files (loading.py).
+- glide: GLIDE's ADM UNet, text transformer and diffusion (diffkern.models.glide).
 """
 
 from diffkern.models.autoencoder_kl import AutoencoderKL, DiagonalGaussianDistribution
 from diffkern.models.diffusers_compat import from_diffusers
 from diffkern.models.unet_2d_condition import UNet2DConditionModel
 
-# Checkpoint loading (diffkern.models.loading.load) is exported here once it lands.
+from diffkern.models.loading import CheckpointError, load
 
-__all__ = ["UNet2DConditionModel", "AutoencoderKL", "DiagonalGaussianDistribution", "from_diffusers"]
+__all__ = ["UNet2DConditionModel", "AutoencoderKL", "DiagonalGaussianDistribution", "from_diffusers", "load",
+           "CheckpointError"]

@@ -1,0 +1,42 @@
+"""End-to-end text-to-image pipelines on diffkern models, schedulers and ops.
+
+- StableDiffusionPipeline / StableDiffusionImg2ImgPipeline: SD 1.x / 2.x (CLIP text encoder).
+- LDMTextToImagePipeline: Latent Diffusion text2im (LDM-BERT text encoder).
+- load_pipeline(path): the right one of those for a checkpoint.
+
+Each matches diffusers' pipeline of the same name image for image (same weights, same seed).
+"""
+
+from diffkern.pipelines._common import ImagePipelineOutput
+from diffkern.pipelines.latent_diffusion import LDMTextToImagePipeline
+from diffkern.pipelines.stable_diffusion import (
+    LatentDiffusionPipelineBase,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    components,
+)
+
+
+def load_pipeline(path, *, dtype=None, device="cpu", scheduler="ddim", img2img=False, **load_kwargs):
+    """Load a checkpoint and wrap it in the matching pipeline: LDMTextToImagePipeline when its text
+    encoder is an LDMBertModel, else StableDiffusionPipeline; with img2img=True the image-to-image
+    pipeline (which runs LDM text2im components too). load_kwargs go to diffkern.models.loading.load
+    (tokenizer= for single files, prediction_type=, variant=)."""
+    from diffkern.models.loading import load
+    from diffkern.models.text_encoders import LDMBertModel
+
+    loaded = load(path, dtype=dtype, device=device, **load_kwargs)
+    if isinstance(components(loaded)["text_encoder"], LDMBertModel) and not img2img:
+        return LDMTextToImagePipeline.from_loaded(loaded, scheduler=scheduler)
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    return cls.from_loaded(loaded, scheduler=scheduler)
+
+
+__all__ = [
+    "ImagePipelineOutput",
+    "LDMTextToImagePipeline",
+    "LatentDiffusionPipelineBase",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionPipeline",
+    "load_pipeline",
+]

@@ -1,0 +1,209 @@
+"""What the latent text-to-image pipelines share: components, schedulers, image in/out, the loop."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffkern import schedulers
+from diffkern.models.text_encoders import encode_prompt
+from diffkern.schedulers._base import randn_like_diffusers
+from diffkern.schedulers.sampling import _progress
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+SCHEDULERS = {"ddim": schedulers.DDIMScheduler, "ddpm": schedulers.DDPMScheduler}
+
+
+@dataclass
+class ImagePipelineOutput:
+    """`images`: a list of PIL images, a (B, H, W, 3) float32 array or a (B, 3, H, W) tensor in [0, 1]
+    (or the final latents for output_type="latent")."""
+
+    images: object
+
+    def __getitem__(self, i):
+        return (self.images,)[i]
+
+
+def make_scheduler(scheduler, config):
+    """A diffkern scheduler: "ddim" / "ddpm" built from the checkpoint's scheduler `config`
+    (diffusers' from_config semantics: keys of other schedulers are ignored), or an instance as it is.
+
+    Instances must take `uncond_output` / `guidance_scale` in `step` (every diffkern scheduler does):
+    the pipelines fuse the guidance combine into the step. Convert a diffusers scheduler with
+    diffkern.schedulers.DDIMScheduler.from_config(scheduler.config).
+    """
+    if isinstance(scheduler, str):
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler: expected one of {sorted(SCHEDULERS)} or a scheduler, "
+                             f"got {scheduler!r}")
+        return SCHEDULERS[scheduler].from_config(config or {})
+    step = getattr(scheduler, "step", None)
+    if step is None or "uncond_output" not in inspect.signature(step).parameters:
+        raise TypeError(f"scheduler: expected 'ddim', 'ddpm' or a diffkern scheduler (its step fuses the "
+                        f"guidance), got {type(scheduler).__module__}.{type(scheduler).__name__}; convert a "
+                        "diffusers one with diffkern.schedulers.DDIMScheduler.from_config(s.config)")
+    return scheduler
+
+
+def unet_forward(unet, x, t, context):
+    """The UNet's prediction as a tensor (ours returns one; diffusers' returns an output with `[0]`)."""
+    out = unet(x, t, encoder_hidden_states=context)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def vae_encode(vae, x):
+    """The posterior of `x` (ours returns it; diffusers' wraps it in `.latent_dist`)."""
+    out = vae.encode(x)
+    return getattr(out, "latent_dist", out)
+
+
+def vae_decode(vae, z):
+    out = vae.decode(z)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def vae_scale_factor(vae):
+    """Pixels per latent: 2 ** (levels - 1), 8 for every released SD / LDM autoencoder."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def postprocess(image, output_type):
+    """VAE output in [-1, 1] -> images in [0, 1] as diffusers' VaeImageProcessor returns them."""
+    image = (image / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in (array * 255).round().astype("uint8")]
+
+
+def preprocess_image(image, height, width, multiple):
+    """An init image -> (B, 3, H, W) float32 in [-1, 1], H and W multiples of `multiple`.
+
+    image: a PIL image or a list of them (resized with Lanczos, as diffusers); a float array
+    (H, W, 3) / (B, H, W, 3) in [0, 1]; or a tensor (3, H, W) / (B, 3, H, W) in [0, 1] (one with
+    negative values is taken as already in [-1, 1], as diffusers does). Without height/width the
+    image's size rounded down to `multiple` is used; arrays and tensors are resized with nearest.
+    """
+    from PIL import Image
+
+    images = image if isinstance(image, list) else [image]
+    if images and all(isinstance(i, Image.Image) for i in images):
+        h, w = _default_size(images[0].height, images[0].width, height, width, multiple)
+        arrays = [np.asarray(i.convert("RGB").resize((w, h), Image.LANCZOS), dtype=np.float32) / 255.0
+                  for i in images]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(image[None] if image.ndim == 3 else image).permute(0, 3, 1, 2)
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image: expected a PIL image (or a list), an array or a tensor, "
+                        f"got {type(image).__name__}")
+    if image.dim() == 3:
+        image = image[None]
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(f"image: expected (B, 3, H, W) (or an (H, W, 3) array), "
+                         f"got shape {tuple(image.shape)}")
+    image = image.float()
+    h, w = _default_size(image.shape[2], image.shape[3], height, width, multiple)
+    if (h, w) != tuple(image.shape[2:]):
+        image = F.interpolate(image, size=(h, w))
+    return image if image.min() < 0 else image * 2 - 1
+
+
+def _default_size(h, w, height, width, multiple):
+    h = height if height is not None else h - h % multiple
+    w = width if width is not None else w - w % multiple
+    check_size(h, w, multiple)
+    return h, w
+
+
+def check_size(height, width, multiple):
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or v <= 0 or v % multiple:
+            raise ValueError(f"{name}: must be a positive multiple of {multiple} (the VAE's downscale), "
+                             f"got {v!r}")
+
+
+def prompt_list(prompt, name="prompt"):
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise TypeError(f"{name}: expected a str or a non-empty list of str, got {prompt!r}")
+
+
+def negative_list(negative_prompt, batch):
+    """None -> "" per prompt; a str -> the same for every prompt; a list -> one per prompt."""
+    if negative_prompt is None:
+        return [""] * batch
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * batch
+    negatives = prompt_list(negative_prompt, "negative_prompt")
+    if len(negatives) != batch:
+        raise ValueError(f"negative_prompt: got {len(negatives)} negative prompts for {batch} prompts")
+    return negatives
+
+
+def embed(text_encoder, tokenizer, prompts, per_prompt, dtype, *, clip_skip=None, max_length=None):
+    """encode_prompt, cast to the UNet's dtype, each prompt's row repeated `per_prompt` times in a row."""
+    h = encode_prompt(text_encoder, tokenizer, prompts, clip_skip=clip_skip, max_length=max_length)
+    return h.to(dtype).repeat_interleave(per_prompt, dim=0)
+
+
+def guided_model_fn(unet, context, guided):
+    """model_fn for the loop. With guidance, `context` is [uncond; cond] and each step is ONE UNet call
+    on [x; x]; the pair (cond, uncond) goes to the scheduler, which fuses the combine into its step."""
+
+    def model_fn(x, t):
+        if not guided:
+            return unet_forward(unet, x, t, context)
+        uncond, cond = unet_forward(unet, torch.cat([x, x]), t, context).chunk(2)
+        return cond, uncond
+
+    return model_fn
+
+
+def step_kwargs(scheduler, eta):
+    """eta goes to schedulers whose step takes it (DDIM); others ignore it, as in diffusers."""
+    return {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
+
+
+def denoise(model_fn, scheduler, latents, timesteps, *, guidance_scale, generator, progress, extra,
+            callback=None):
+    """The reverse process over `timesteps` (a suffix of scheduler.timesteps) from `latents`.
+
+    Image-to-image starts mid-schedule, which diffkern.schedulers.sample_loop cannot do (it calls
+    set_timesteps and runs the whole schedule), so this is its loop with the timesteps given.
+    """
+    x = latents
+    for i, t in enumerate(_progress(timesteps, progress, len(timesteps))):
+        x_in = scheduler.scale_model_input(x, t)
+        if guidance_scale is None:
+            out = scheduler.step(model_fn(x_in, t), t, x, generator=generator, **extra)
+        else:
+            cond, uncond = model_fn(x_in, t)
+            out = scheduler.step(cond, t, x, generator=generator, uncond_output=uncond,
+                                 guidance_scale=guidance_scale, **extra)
+        x = out.prev_sample
+        if callback is not None:
+            callback(i, t, out)
+    return x
+
+
+def initial_noise(shape, generator, device, dtype):
+    """x_T drawn exactly as diffusers' pipelines draw it (same generator calls)."""
+    return randn_like_diffusers(shape, generator, device, dtype)
+
+
+def check_generator(generator, batch):
+    if isinstance(generator, (list, tuple)) and len(generator) != batch:
+        raise ValueError(f"generator: got a list of {len(generator)} generators for {batch} images "
+                         "(prompts x num_images_per_prompt)")

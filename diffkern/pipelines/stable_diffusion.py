@@ -1,0 +1,289 @@
+"""Stable Diffusion 1.x / 2.x text-to-image and image-to-image on diffkern models and schedulers.
+
+    pipe = StableDiffusionPipeline.from_pretrained("sd-v1-5", dtype=torch.float16, device="cuda")
+    image = pipe("an astronaut riding a horse", generator=torch.Generator().manual_seed(0)).images[0]
+
+The calls follow diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline step for step
+(tokenization, x_T and noise draws from the generator, one batched UNet call on [uncond; cond],
+decoding, [0, 1] output), so with equal weights and seed the images equal diffusers' (no safety
+checker). Differences: the guidance combine runs inside the scheduler's fused step; the scheduler
+must be a diffkern one; clip_skip also applies to the negative prompt (see encode_prompt).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from diffkern.pipelines import _common as C
+from diffkern.schedulers import sample_loop
+
+logger = logging.getLogger(__name__)
+
+
+class LatentDiffusionPipelineBase:
+    """Components, device/dtype, loading and the prompt/decode steps shared by SD and LDM pipelines.
+
+    Components: unet (ours, or any module with diffusers' call contract), vae (encode -> posterior,
+    decode -> image, `config.scaling_factor`, `config.block_out_channels`), text_encoder
+    (transformers CLIPTextModel or diffkern LDMBertModel), tokenizer, scheduler (a diffkern
+    scheduler instance). Latents and text embeddings take the UNet's dtype and device.
+    """
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        if isinstance(scheduler, str):  # a name needs the checkpoint's config (betas...): from_loaded has it
+            raise TypeError(f"scheduler: pass a scheduler instance here (e.g. DDIMScheduler.from_config("
+                            f"config)); names like {scheduler!r} are for from_pretrained / from_loaded")
+        self.scheduler = C.make_scheduler(scheduler, None)
+        self.vae_scale_factor = C.vae_scale_factor(vae)
+        self.progress = True
+        self.notes = []
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=None, device="cpu", scheduler="ddim", **load_kwargs):
+        """Load a checkpoint (diffusers folder or single file) with diffkern.models.loading.load.
+
+        scheduler: "ddim" (default) or "ddpm", built from the checkpoint's scheduler config, or an
+        instance. dtype / device: where the modules live (e.g. torch.float16, "cuda"). load_kwargs go
+        to load (tokenizer= for single files, prediction_type=, variant=).
+        """
+        from diffkern.models.loading import load
+
+        return cls.from_loaded(load(path, dtype=dtype, device=device, **load_kwargs), scheduler=scheduler)
+
+    @classmethod
+    def from_loaded(cls, loaded, scheduler="ddim"):
+        """Build from what diffkern.models.loading.load returned (unet, vae, text_encoder, tokenizer,
+        scheduler config)."""
+        parts = components(loaded)
+        config = cls._scheduler_config(parts.pop("scheduler_config"))
+        pipe = cls(**parts, scheduler=C.make_scheduler(scheduler, config))
+        pipe.notes = list(getattr(loaded, "notes", None) or [])  # what the loader assumed or left out
+        return pipe
+
+    @staticmethod
+    def _scheduler_config(config):
+        """The checkpoint's scheduler config as the pipeline uses it (SD pipelines patch old ones)."""
+        return config
+
+    def to(self, device=None, dtype=None):
+        """Move (and cast) every module; returns self."""
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.unet.parameters()).dtype
+
+    def set_progress_bar_config(self, disable=False):
+        """Turn the tqdm bar off (disable=True) or on, as diffusers' method of that name."""
+        self.progress = not disable
+
+    # -- steps shared by the calls -------------------------------------------------------------------
+    def _context(self, prompts, negative_prompt, per_prompt, guided, clip_skip=None, max_length=None):
+        kw = dict(clip_skip=clip_skip, max_length=max_length)
+        cond = C.embed(self.text_encoder, self.tokenizer, prompts, per_prompt, self.dtype, **kw)
+        if not guided:
+            return cond.to(self.device)
+        negatives = C.negative_list(negative_prompt, len(prompts))
+        uncond = C.embed(self.text_encoder, self.tokenizer, negatives, per_prompt, self.dtype, **kw)
+        return torch.cat([uncond, cond]).to(self.device)
+
+    def _size(self, height, width):
+        f = self.vae_scale_factor
+        sample = getattr(self.unet.config, "sample_size", None) or 64
+        height = sample * f if height is None else height
+        width = sample * f if width is None else width
+        C.check_size(height, width, f)
+        return height, width
+
+    def _finish(self, latents, output_type, scale_first=False):
+        if output_type == "latent":
+            return C.ImagePipelineOutput(latents)
+        sf = self.vae.config.scaling_factor
+        z = (1 / sf) * latents if scale_first else latents / sf  # the order each diffusers pipeline uses
+        image = C.vae_decode(self.vae, z.to(next(self.vae.parameters()).dtype))
+        return C.ImagePipelineOutput(C.postprocess(image, output_type))
+
+    def _common_checks(self, output_type, generator, per_prompt, batch, steps):
+        if not isinstance(per_prompt, int) or per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt: expected a positive int, got {per_prompt!r}")
+        if output_type not in C.OUTPUT_TYPES:
+            raise ValueError(f"output_type: expected one of {C.OUTPUT_TYPES}, got {output_type!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps: expected a positive int, got {steps!r}")
+        C.check_generator(generator, batch)
+
+    def _text_to_image(self, prompt, negative_prompt, *, steps, guidance_scale, guided, height, width,
+                       per_prompt, generator, latents, eta, output_type, progress, callback, clip_skip=None,
+                       max_length=None, scale_first=False):
+        prompts = C.prompt_list(prompt)
+        batch = len(prompts) * per_prompt
+        self._common_checks(output_type, generator, per_prompt, batch, steps)
+        height, width = self._size(height, width)
+        context = self._context(prompts, negative_prompt, per_prompt, guided, clip_skip, max_length)
+        f = self.vae_scale_factor
+        shape = (batch, self.unet.config.in_channels, height // f, width // f)
+        x_T = None
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
+            x_T = latents.to(device=self.device, dtype=self.dtype) * self.scheduler.init_noise_sigma
+        x = sample_loop(
+            C.guided_model_fn(self.unet, context, guided), self.scheduler, shape,
+            guidance_scale=guidance_scale if guided else None, generator=generator,
+            progress=self.progress if progress is None else progress, num_inference_steps=steps,
+            device=self.device, dtype=self.dtype, x_T=x_T, step_kwargs=C.step_kwargs(self.scheduler, eta),
+            callback=callback,
+        )
+        return self._finish(x, output_type, scale_first)
+
+
+def sd_scheduler_config(config):
+    """diffusers' StableDiffusion pipelines rewrite early SD scheduler configs when they load them:
+    steps_offset becomes 1 and clip_sample False (configs written before those keys existed would
+    otherwise get DDIM's defaults, 0 and True, and clipping x0 to [-1, 1] ruins latents). Same here."""
+    config = dict(config or {})
+    if config.get("steps_offset", 0) != 1:
+        logger.warning("scheduler config: steps_offset=%s set to 1, as diffusers does for SD checkpoints",
+                       config.get("steps_offset"))
+        config["steps_offset"] = 1
+    if config.get("clip_sample", True):
+        logger.warning("scheduler config: clip_sample set to False, as diffusers does for SD checkpoints")
+        config["clip_sample"] = False
+    return config
+
+
+class _StableDiffusionBase(LatentDiffusionPipelineBase):
+    _scheduler_config = staticmethod(sd_scheduler_config)
+
+
+class StableDiffusionPipeline(_StableDiffusionBase):
+    """Text-to-image with classifier-free guidance (SD 1.x eps, SD 2.x eps or v-prediction)."""
+
+    @torch.no_grad()
+    def __call__(self, prompt, negative_prompt=None, *, num_inference_steps=50, guidance_scale=7.5,
+                 height=None, width=None, num_images_per_prompt=1, generator=None, latents=None, eta=0.0,
+                 output_type="pil", clip_skip=None, progress=None, callback=None):
+        """Generate images for `prompt` (a str or a list of str).
+
+        Args:
+            negative_prompt: str (for every prompt) or one per prompt; default "" (the unconditional).
+            num_inference_steps: scheduler steps. guidance_scale: w of uncond + w (cond - uncond);
+                guidance (and its second half of the UNet batch) runs only when w > 1, as diffusers.
+            height, width: pixels, multiples of the VAE's downscale (8); default unet sample_size * 8.
+            num_images_per_prompt: images per prompt (the batch is prompts x this).
+            generator: torch.Generator or a list of one per image; x_T and every step's noise are drawn
+                from it as diffusers draws them. latents: x_T (B, C, H/8, W/8) instead of drawing it.
+            eta: DDIM's eta (ignored by DDPM). output_type: "pil" | "np" | "pt" ([0, 1]) | "latent".
+            clip_skip: use the hidden state this many layers before the text encoder's last.
+            progress: tqdm bar (default: self.progress). callback(i, t, step_output) after each step.
+        Returns:
+            ImagePipelineOutput with `.images`.
+        """
+        return self._text_to_image(
+            prompt, negative_prompt, steps=num_inference_steps, guidance_scale=guidance_scale,
+            guided=guidance_scale > 1, height=height, width=width, per_prompt=num_images_per_prompt,
+            generator=generator, latents=latents, eta=eta, output_type=output_type, progress=progress,
+            callback=callback, clip_skip=clip_skip,
+        )
+
+
+class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
+    """Image-to-image (SDEdit): noise the encoded image to step `strength` of the schedule, denoise.
+
+    Nothing in it is CLIP-specific: with LDM text2im components (LDMBertModel, BertTokenizer) it
+    runs image-to-image for that model too (diffusers has no LDM img2img to compare with).
+    """
+
+    @torch.no_grad()
+    def __call__(self, prompt, image, negative_prompt=None, *, strength=0.8, num_inference_steps=50,
+                 guidance_scale=7.5, height=None, width=None, num_images_per_prompt=1, generator=None,
+                 eta=0.0, output_type="pil", clip_skip=None, progress=None, callback=None):
+        """Transform `image` following `prompt`.
+
+        Args:
+            image: PIL image(s), a float array (H, W, 3) / (B, H, W, 3) in [0, 1], or a tensor
+                (B, 3, H, W) in [0, 1] (or [-1, 1]); its size, rounded down to a multiple of 8, unless
+                height / width are given. One image for every output, or one per output image
+                (prompts x num_images_per_prompt); other counts that divide it are tiled, as diffusers.
+            strength: in [0, 1]; the image is noised to the timestep at this fraction of the schedule
+                and int(num_inference_steps * strength) steps run (diffusers' get_timesteps).
+            The other arguments are StableDiffusionPipeline's.
+        """
+        if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise ValueError(f"strength: expected a number in [0, 1], got {strength!r}")
+        prompts = C.prompt_list(prompt)
+        batch = len(prompts) * num_images_per_prompt
+        self._common_checks(output_type, generator, num_images_per_prompt, batch, num_inference_steps)
+        guided = guidance_scale > 1
+        context = self._context(prompts, negative_prompt, num_images_per_prompt, guided, clip_skip)
+        pixels = C.preprocess_image(image, height, width, self.vae_scale_factor)
+
+        sched = self.scheduler
+        sched.set_timesteps(num_inference_steps, device=self.device)
+        start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+        timesteps = sched.timesteps[start * sched.order:]
+        if len(timesteps) == 0:
+            raise ValueError(f"strength: {strength} x num_inference_steps={num_inference_steps} leaves no "
+                             "denoising step; raise either")
+        init = self._encode(pixels, generator, batch)
+        noise = C.initial_noise(init.shape, generator, self.device, self.dtype)
+        x = sched.add_noise(init, noise, timesteps[:1].repeat(batch))
+        x = C.denoise(
+            C.guided_model_fn(self.unet, context, guided), sched, x, timesteps,
+            guidance_scale=guidance_scale if guided else None, generator=generator,
+            progress=self.progress if progress is None else progress, extra=C.step_kwargs(sched, eta),
+            callback=callback,
+        )
+        return self._finish(x, output_type)
+
+    def _encode(self, pixels, generator, batch):
+        """Scaled latents of the init image(s), one per output image, drawn as diffusers draws them
+        (a list of generators: one posterior sample per image, after repeating the images)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        pixels = pixels.to(device=self.device, dtype=vae_dtype)
+        n = pixels.shape[0]
+        if batch % n:
+            raise ValueError(f"image: {n} images cannot be spread over {batch} outputs (prompts x "
+                             "num_images_per_prompt); give one image or one per output")
+        if isinstance(generator, (list, tuple)):
+            z = C.vae_encode(self.vae, torch.cat([pixels] * (batch // n))).sample(generator)
+        else:
+            z = C.vae_encode(self.vae, pixels).sample(generator)
+            z = torch.cat([z] * (batch // n))
+        return (self.vae.config.scaling_factor * z).to(self.dtype)
+
+
+def components(loaded):
+    """unet, vae, text_encoder, tokenizer and scheduler_config out of diffkern.models.loading.load's
+    result (attributes or a mapping; diffusers' LDM names vqvae / bert are accepted)."""
+
+    def get(*names):
+        for name in names:
+            value = loaded.get(name) if isinstance(loaded, dict) else getattr(loaded, name, None)
+            if value is not None:
+                return value
+        return None
+
+    parts = dict(unet=get("unet"), vae=get("vae", "vqvae"), text_encoder=get("text_encoder", "bert"),
+                 tokenizer=get("tokenizer"))
+    missing = [k for k, v in parts.items() if v is None]
+    if missing:
+        hint = ("; single-file checkpoints carry no tokenizer: pass tokenizer=<CLIP tokenizer folder> "
+                "(diffkern generate --tokenizer)") if missing == ["tokenizer"] else ""
+        raise ValueError(f"loaded: the checkpoint has no {', '.join(missing)} (a text-to-image pipeline "
+                         f"needs unet, vae, text_encoder and tokenizer){hint}")
+    config = get("scheduler_config", "scheduler")
+    if config is not None and not isinstance(config, dict):
+        config = getattr(config, "config", config)
+    parts["scheduler_config"] = config
+    return parts
