@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 
 class ModelConfig(dict):
     """A plain dict of a model's constructor arguments, also readable as attributes
@@ -49,3 +51,20 @@ def per_level(model_name, key, value, levels):
                              f"got {list(value)}")
         return list(value)
     return [value] * levels
+
+
+class ConfiguredModel(nn.Module):
+    """Base of the models built from a diffusers-style config: `from_config`, `.dtype`, `.device`."""
+
+    @classmethod
+    def from_config(cls, config):
+        """Build from a diffusers config dict (or any mapping, e.g. a diffusers FrozenDict)."""
+        return cls(**dict(config))
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.parameters()).device

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffkern.models._config import resolve_config
+from diffkern.models._config import ConfiguredModel, resolve_config
 from diffkern.nn.group_norm import GroupNorm
 from diffkern.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffkern.nn.transformer import SpatialSelfAttention
@@ -173,7 +173,7 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_norm_out(h))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(ConfiguredModel):
     """KL autoencoder: encode(x) -> DiagonalGaussianDistribution, decode(z) -> image.
 
     AutoencoderKL(**config) with diffusers' config keys (see DEFAULTS); keys starting with "_" are
@@ -205,19 +205,6 @@ class AutoencoderKL(nn.Module):
         latent = cfg.latent_channels
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, kernel_size=1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, kernel_size=1) if cfg.use_post_quant_conv else None
-
-    @classmethod
-    def from_config(cls, config):
-        """Build from a diffusers config dict (or any mapping, e.g. a diffusers FrozenDict)."""
-        return cls(**dict(config))
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
     def encode(self, x):
         """Image (B, in_channels, H, W), roughly in [-1, 1] -> posterior over (B, latent, H/f, W/f)."""

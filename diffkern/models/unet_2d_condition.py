@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffkern.models._config import per_level, resolve_config
+from diffkern.models._config import ConfiguredModel, per_level, resolve_config
 from diffkern.models.unet_2d_blocks import DownBlock, MidBlockCrossAttn, UpBlock
 from diffkern.nn.group_norm import GroupNorm
 from diffkern.nn.resnet import TimestepEmbedding, timestep_embedding
@@ -64,7 +64,7 @@ DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(ConfiguredModel):
     """Text-conditioned UNet: eps / v prediction from a noisy latent, a timestep and text tokens.
 
     UNet2DConditionModel(**config) with diffusers' config keys (see DEFAULTS); keys starting with
@@ -142,19 +142,6 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps, activation="silu")
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, cfg.conv_out_kernel,
                                   padding=cfg.conv_out_kernel // 2)
-
-    @classmethod
-    def from_config(cls, config):
-        """Build from a diffusers config dict (or any mapping, e.g. a diffusers FrozenDict)."""
-        return cls(**dict(config))
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
     def _timesteps(self, timestep, sample):
         """timestep -> (B,) tensor on the sample's device, as diffusers reads it (a Python float

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from diffkern import schedulers
 from diffkern.models.text_encoders import encode_prompt
 from diffkern.schedulers._base import randn_like_diffusers
-from diffkern.schedulers.sampling import _progress
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SCHEDULERS = {"ddim": schedulers.DDIMScheduler, "ddpm": schedulers.DDPMScheduler}
@@ -174,28 +173,6 @@ def guided_model_fn(unet, context, guided):
 def step_kwargs(scheduler, eta):
     """eta goes to schedulers whose step takes it (DDIM); others ignore it, as in diffusers."""
     return {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
-
-
-def denoise(model_fn, scheduler, latents, timesteps, *, guidance_scale, generator, progress, extra,
-            callback=None):
-    """The reverse process over `timesteps` (a suffix of scheduler.timesteps) from `latents`.
-
-    Image-to-image starts mid-schedule, which diffkern.schedulers.sample_loop cannot do (it calls
-    set_timesteps and runs the whole schedule), so this is its loop with the timesteps given.
-    """
-    x = latents
-    for i, t in enumerate(_progress(timesteps, progress, len(timesteps))):
-        x_in = scheduler.scale_model_input(x, t)
-        if guidance_scale is None:
-            out = scheduler.step(model_fn(x_in, t), t, x, generator=generator, **extra)
-        else:
-            cond, uncond = model_fn(x_in, t)
-            out = scheduler.step(cond, t, x, generator=generator, uncond_output=uncond,
-                                 guidance_scale=guidance_scale, **extra)
-        x = out.prev_sample
-        if callback is not None:
-            callback(i, t, out)
-    return x
 
 
 def initial_noise(shape, generator, device, dtype):

@@ -17,7 +17,7 @@ import logging
 import torch
 
 from diffkern.pipelines import _common as C
-from diffkern.schedulers import sample_loop
+from diffkern.schedulers.sampling import denoise_loop, sample_loop
 
 logger = logging.getLogger(__name__)
 
@@ -238,10 +238,10 @@ class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
         init = self._encode(pixels, generator, batch)
         noise = C.initial_noise(init.shape, generator, self.device, self.dtype)
         x = sched.add_noise(init, noise, timesteps[:1].repeat(batch))
-        x = C.denoise(
+        x = denoise_loop(
             C.guided_model_fn(self.unet, context, guided), sched, x, timesteps,
             guidance_scale=guidance_scale if guided else None, generator=generator,
-            progress=self.progress if progress is None else progress, extra=C.step_kwargs(sched, eta),
+            progress=self.progress if progress is None else progress, step_kwargs=C.step_kwargs(sched, eta),
             callback=callback,
         )
         return self._finish(x, output_type)

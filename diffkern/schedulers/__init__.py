@@ -9,7 +9,7 @@ improved-DDPM respacing, and a sampling loop. Every step is one call of the fuse
 from diffkern.schedulers._base import FrozenConfig, SchedulerOutput
 from diffkern.schedulers.ddim import DDIMInverseScheduler, DDIMScheduler
 from diffkern.schedulers.ddpm import DDPMScheduler
-from diffkern.schedulers.sampling import sample_loop
+from diffkern.schedulers.sampling import denoise_loop, sample_loop
 from diffkern.schedulers.schedules import (
     betas_for_alpha_bar,
     make_betas,
@@ -29,6 +29,7 @@ __all__ = [
     "make_betas",
     "rescale_zero_terminal_snr",
     "respaced_betas",
+    "denoise_loop",
     "sample_loop",
     "space_timesteps",
 ]

@@ -48,28 +48,30 @@ def sample_loop(
         x_T: start sample instead of drawing one. step_kwargs: extra `step` keywords (eta, ...).
         callback: called as callback(i, t, step_output) after every step.
     """
-    step_kwargs = dict(step_kwargs or {})
     scheduler.set_timesteps(num_inference_steps, device=device)
     if x_T is None:
         x = randn_like_diffusers(tuple(shape), generator, device, dtype) * scheduler.init_noise_sigma
     else:
         x = x_T.to(device=device, dtype=dtype) if device is not None else x_T.to(dtype=dtype)
-    timesteps = scheduler.timesteps
+    return denoise_loop(model_fn, scheduler, x, scheduler.timesteps, guidance_scale=guidance_scale,
+                        generator=generator, progress=progress, step_kwargs=step_kwargs, callback=callback)
+
+
+@torch.no_grad()
+def denoise_loop(model_fn, scheduler, x, timesteps, *, guidance_scale=None, generator=None, progress=True,
+                 step_kwargs=None, callback=None):
+    """The reverse process over `timesteps` (scheduler.timesteps, or a suffix of it: image-to-image
+    starts mid-schedule) from the sample x; model_fn, guidance_scale, generator, step_kwargs and
+    callback as in `sample_loop`, which is set_timesteps + x_T + this."""
+    step_kwargs = dict(step_kwargs or {})
     for i, t in enumerate(_progress(timesteps, progress, len(timesteps))):
         x_in = scheduler.scale_model_input(x, t)
         if guidance_scale is None:
             out = scheduler.step(model_fn(x_in, t), t, x, generator=generator, **step_kwargs)
         else:
             cond, uncond = model_fn(x_in, t)
-            out = scheduler.step(
-                cond,
-                t,
-                x,
-                generator=generator,
-                uncond_output=uncond,
-                guidance_scale=guidance_scale,
-                **step_kwargs,
-            )
+            out = scheduler.step(cond, t, x, generator=generator, uncond_output=uncond,
+                                 guidance_scale=guidance_scale, **step_kwargs)
         x = out.prev_sample
         if callback is not None:
             callback(i, t, out)
