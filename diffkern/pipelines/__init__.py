@@ -2,12 +2,14 @@
 
 - StableDiffusionPipeline / StableDiffusionImg2ImgPipeline: SD 1.x / 2.x (CLIP text encoder).
 - LDMTextToImagePipeline: Latent Diffusion text2im (LDM-BERT text encoder).
-- load_pipeline(path): the right one of those for a checkpoint.
+- GlidePipeline: GLIDE 64 -> 256 with classifier-free or CLIP guidance, and inpainting.
+- load_pipeline(path): the right SD/LDM one for a checkpoint.
 
 Each matches diffusers' pipeline of the same name image for image (same weights, same seed).
 """
 
 from diffkern.pipelines._common import ImagePipelineOutput
+from diffkern.pipelines.glide import GlidePipeline
 from diffkern.pipelines.latent_diffusion import LDMTextToImagePipeline
 from diffkern.pipelines.stable_diffusion import (
     LatentDiffusionPipelineBase,
@@ -33,6 +35,7 @@ def load_pipeline(path, *, dtype=None, device="cpu", scheduler="ddim", img2img=F
 
 
 __all__ = [
+    "GlidePipeline",
     "ImagePipelineOutput",
     "LDMTextToImagePipeline",
     "LatentDiffusionPipelineBase",
