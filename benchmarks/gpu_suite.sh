@@ -2,7 +2,10 @@
 # One call on a fresh GPU machine (its own python3 with torch + triton, no network):
 # build the CUDA extension for sm_90, run the tests (GPU ones included), measure the copy-bandwidth
 # ceiling, run the benchmark suite, and leave logs and results under $OUT (or ./gpu-out).
-#   bash benchmarks/gpu_suite.sh [test|bench|all] [extra args for python -m diffkern.bench]
+#   bash benchmarks/gpu_suite.sh [test|bench|models|all] [extra args for python -m diffkern.bench]
+# test: build + GPU tests; bench: the kernel suites; models: the model suite (SD 1.5 / 2.1 UNet steps,
+# VAE decode, 50-step loop, GLIDE steps, with torch.compile peers: minutes of compiling, so it is its
+# own call within a 10-minute device limit); all: test + bench.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -32,6 +35,12 @@ if [[ $WHAT == test || $WHAT == all ]]; then
 fi
 if [[ $WHAT == bench || $WHAT == all ]]; then
   echo "== benchmarks"
-  $PY -m diffkern.bench --out "$OUT" "$@" > "$OUT/bench.log" 2>&1; echo "bench exit $?"
+  $PY -m diffkern.bench --out "$OUT" --ops group_norm attention dynamic_threshold guided_step "$@" \
+    > "$OUT/bench.log" 2>&1; echo "bench exit $?"
   grep -v "^W1\|^  " "$OUT/bench.log" | tail -80
+fi
+if [[ $WHAT == models ]]; then
+  echo "== model benchmarks"
+  $PY -m diffkern.bench --out "$OUT" --ops models "$@" > "$OUT/bench-models.log" 2>&1; echo "bench exit $?"
+  grep -v "^W1\|^  " "$OUT/bench-models.log" | tail -40
 fi
