@@ -18,7 +18,6 @@ the keys at fault.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,31 +25,18 @@ from pathlib import Path
 
 import torch
 
-from diffkern.models import compvis
+from diffkern.models import compvis, compvis_text
 from diffkern.models.compvis import CheckpointError
+from diffkern.models.weights import (MODEL_CLASSES, folder_weights, key_problems, materialize,
+                                     model_class, on_meta, read_json, read_state_dict)
 
 __all__ = ["CheckpointError", "LoadedPipeline", "load", "load_component_folder", "read_state_dict"]
 
-# diffusers model class name -> (module, class) of ours with the same config keys and state dict.
-_MODEL_CLASSES = {
-    "UNet2DConditionModel": ("diffkern.models.unet_2d_condition", "UNet2DConditionModel"),
-    "AutoencoderKL": ("diffkern.models.autoencoder_kl", "AutoencoderKL"),
-}
 _TEXT_ENCODERS = ("CLIPTextModel", "LDMBertModel")
 _TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "BertTokenizer", "BertTokenizerFast")
 # Pipeline parts a diffkern pipeline never runs: left out (None) with a note, not an error.
 _NOT_LOADED = ("StableDiffusionSafetyChecker", "CLIPImageProcessor", "CLIPFeatureExtractor")
-_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-# Classes that Lightning training checkpoints pickle (as dict keys of their callback state). They are
-# unpickled as inert stand-ins so weights_only=True can read the file; nothing of theirs is used.
-_TRAINING_GLOBALS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",)
-
-
-class _InertTrainingObject:
-    def __setstate__(self, state):
-        pass
-
 
 @dataclass
 class LoadedPipeline:
@@ -133,159 +119,15 @@ def load(path, *, dtype=None, device="cpu", variant=None, component=None, predic
                             tokenizer=tokenizer, **opts)
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading files
-# ---------------------------------------------------------------------------------------------
-
-def read_state_dict(path):
-    """{name: tensor} of a .safetensors or (weights_only) pickle file, unwrapped from "state_dict".
-
-    Raises FileNotFoundError for a missing path and CheckpointError naming the file for anything
-    that cannot be read as tensors (corrupt or truncated files included).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"read_state_dict: no such file: {path}")
-    suffix = path.suffix.lower()
-    if suffix != ".safetensors" and suffix not in _PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: unknown checkpoint extension {suffix!r} "
-                              f"(expected .safetensors or one of {_PICKLE_SUFFIXES})")
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path), device="cpu")
-        else:
-            stand_ins = [(_InertTrainingObject, name) for name in _TRAINING_GLOBALS]
-            with torch.serialization.safe_globals(stand_ins):
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any reader failure on a bad file is the file's problem, said with its name
-        hint = ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            hint = (" diffkern reads pickles with weights_only=True only (a pickle can run code); the file "
-                    "pickles other objects: convert it to .safetensors with a tool you trust.")
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: "
-                              f"{_first_line(e)}).{hint}") from e
-    while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a dict of tensors")
-    # Training metadata (step counters, strings) can sit beside the tensors; only tensors are weights.
-    tensors = {k: v for k, v in sd.items() if isinstance(k, str) and torch.is_tensor(v)}
-    if not tensors:
-        raise CheckpointError(f"{path}: holds no tensors (keys: {compvis._cap(map(str, sd))})")
-    return tensors
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the JSON file ({type(e).__name__}: "
-                              f"{_first_line(e)})") from e
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else "no message"
-
-
-def _weights_of(folder, stem, variant):
-    """Read `stem[.variant].safetensors` (or .bin, or a sharded index) from a diffusers folder."""
-    tag = f".{variant}" if variant else ""
-    for suffix in (".safetensors", ".bin"):
-        single = folder / f"{stem}{tag}{suffix}"
-        if single.is_file():
-            return read_state_dict(single)
-        index = folder / f"{stem}{suffix}.index{tag}.json"
-        if index.is_file():
-            shards = sorted(set(_read_json(index)["weight_map"].values()))
-            sd = {}
-            for shard in shards:
-                sd.update(read_state_dict(folder / shard))
-            return sd
-    present = sorted(p.name for p in folder.iterdir())
-    raise FileNotFoundError(f"{folder}: no {stem}{tag}.safetensors or {stem}{tag}.bin (variant={variant!r}); "
-                            f"files there: {present}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Building modules from state dicts
-# ---------------------------------------------------------------------------------------------
-
-def model_class(name):
-    """Our class for a diffusers model class name (UNet2DConditionModel, AutoencoderKL)."""
-    if name not in _MODEL_CLASSES:
-        raise NotImplementedError(f"model class {name!r} is not loadable by diffkern (supported: "
-                                  f"{', '.join(_MODEL_CLASSES)})")
-    import importlib
-
-    module, cls = _MODEL_CLASSES[name]
-    return getattr(importlib.import_module(module), cls)
-
-
-def on_meta(factory, what):
-    """Build a module without allocating its weights; config errors name `what`."""
-    try:
-        with torch.device("meta"):
-            return factory()
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{what}: its config is not supported by diffkern: {e}") from e
-
-
-def key_problems(module, sd, what, file_name=None):
-    """Lines listing the missing, unexpected and mis-shaped keys of `sd` for `module` ([] if none).
-
-    file_name(key) -> the key's name in the file, shown beside the module's name when they differ.
-    """
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    def shown(k):
-        other = k if file_name is None else file_name(k)
-        return k if other == k else f"{k} (file: {other})"
-
-    missing = [shown(k) for k in expected if k not in sd]
-    unexpected = [shown(k) for k in sd if k not in expected]
-    misshaped = [f"{shown(k)}: file {tuple(sd[k].shape)} vs model {expected[k]}"
-                 for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
-    lines = []
-    for kind, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if keys:
-            lines.append(f"{what}: {len(keys)} {kind}: {compvis._cap(keys)}")
-    return lines
-
-
-def materialize(module, factory, sd, *, dtype, device):
-    """Give a meta-built `module` the weights of `sd` (checked before), in `dtype` on `device`."""
-    target = dtype or _float_dtype(sd) or torch.float32
-    sd = {k: v.to(target) if v.is_floating_point() else v for k, v in sd.items()}
-    module.load_state_dict(sd, strict=True, assign=True)
-    tensors = list(module.parameters()) + list(module.buffers())
-    if any(t.is_meta for t in tensors):
-        # A non-persistent buffer (e.g. CLIP's position ids) is computed at construction and in no
-        # state dict: build for real then, paying one random initialisation.
-        module = factory().to(target)
-        module.load_state_dict(sd, strict=True)
-    return module.to(device=device, dtype=target).eval()
-
-
-def _float_dtype(sd):
-    """The most common floating dtype among a state dict's tensors (None when it has none)."""
-    counts = {}
-    for value in sd.values():
-        if torch.is_tensor(value) and value.is_floating_point():
-            counts[value.dtype] = counts.get(value.dtype, 0) + value.numel()
-    return max(counts, key=counts.get) if counts else None
-
-
 def load_component_folder(folder, *, dtype=None, device="cpu", variant=None):
     """The module of one diffusers component folder (config.json + weights), class by "_class_name"."""
     folder = Path(folder)
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     name = config.get("_class_name")
     if name is None and (config.get("architectures") or config.get("model_type")):
         return _load_text_encoder(folder, dtype=dtype, device=device, variant=variant)
     cls = model_class(name)
-    sd = _weights_of(folder, "diffusion_pytorch_model", variant)
+    sd = folder_weights(folder, "diffusion_pytorch_model", variant)
     factory = lambda: cls.from_config(config)  # noqa: E731
     module = on_meta(factory, str(folder))
     problems = key_problems(module, sd, str(folder))
@@ -303,7 +145,7 @@ def _load_text_encoder(folder, *, dtype, device, variant):
         present = sorted(p.name for p in folder.iterdir())
         raise FileNotFoundError(f"{folder}: no model.{variant}.safetensors or model.{variant}.bin "
                                 f"(variant={variant!r}); files there: {present}")
-    if "CLIPTextModel" not in (_read_json(folder / "config.json").get("architectures") or []):
+    if "CLIPTextModel" not in (read_json(folder / "config.json").get("architectures") or []):
         raise NotImplementedError(f"{folder}: weight variants are supported for CLIPTextModel text "
                                   "encoders only")
     from transformers import CLIPTextModel
@@ -318,7 +160,7 @@ def _load_text_encoder(folder, *, dtype, device, variant):
 # ---------------------------------------------------------------------------------------------
 
 def _load_part(name, cls, folder, *, dtype, device, variant, notes):
-    if cls in _MODEL_CLASSES:
+    if cls in MODEL_CLASSES:
         return load_component_folder(folder, dtype=dtype, device=device, variant=variant)
     if cls in _TEXT_ENCODERS:
         return _load_text_encoder(folder, dtype=dtype, device=device, variant=variant)
@@ -327,16 +169,16 @@ def _load_part(name, cls, folder, *, dtype, device, variant, notes):
 
         return text_encoders.load_tokenizer(str(folder))
     if cls.endswith("Scheduler"):
-        return _read_json(folder / "scheduler_config.json")
+        return read_json(folder / "scheduler_config.json")
     if cls in _NOT_LOADED:
         notes.append(f"{name} ({cls}) not loaded: diffkern pipelines do not run it")
         return None
-    supported = ", ".join((*_MODEL_CLASSES, *_TEXT_ENCODERS, *_TOKENIZERS, "schedulers"))
+    supported = ", ".join((*MODEL_CLASSES, *_TEXT_ENCODERS, *_TOKENIZERS, "schedulers"))
     raise NotImplementedError(f"{name}: class {cls!r} is not loadable by diffkern (supported: {supported})")
 
 
 def _load_pipeline_folder(folder, *, dtype, device, variant, component, prediction_type):
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     parts = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2}
     if component is not None:
         if component not in parts:
@@ -411,7 +253,7 @@ def _single_file_plans(parts, wanted, *, sample_size, notes):
     if "text_encoder" in wanted and ("clip" in parts or "openclip" in parts):
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        sd, tcfg = compvis.text_encoder_from_compvis(parts, strict=False)
+        sd, tcfg = compvis_text.text_encoder_from_compvis(parts, strict=False)
         if "openclip" in parts:
             notes.append("text_encoder: OpenCLIP ViT-H read at its penultimate layer (SD 2.x), as a "
                          f"{tcfg['num_hidden_layers']}-layer CLIPTextModel with gelu")

@@ -34,7 +34,7 @@ from diffkern.models.glide.model_creation import (
     model_and_diffusion_defaults_upsampler,
 )
 from diffkern.models.glide.tokenizer import load_glide_tokenizer
-from diffkern.models.loading import CheckpointError, key_problems, read_state_dict
+from diffkern.models.weights import CheckpointError, key_problems, read_state_dict
 from diffkern.pipelines._common import ImagePipelineOutput, postprocess
 from diffkern.schedulers._base import randn_like_diffusers
 

@@ -8,7 +8,7 @@ convert_ldm_vae_checkpoint (so our CompVis layout is the real one), and through 
 import pytest
 import torch
 
-from diffkern.models import compvis
+from diffkern.models import compvis, compvis_text
 from diffkern.models.compvis import CheckpointError
 from tests.models._helpers import randomise
 
@@ -143,8 +143,8 @@ def test_vae_round_trip_matches_diffusers_converter():
 def test_clip_from_compvis_drops_position_ids():
     sd = text_model_keys(tiny_clip().state_dict())
     stored = dict(sd, **{"text_model.embeddings.position_ids": torch.arange(16)[None]})
-    assert same(compvis.clip_from_compvis(stored), sd)
-    config = compvis.infer_clip_config(sd)
+    assert same(compvis_text.clip_from_compvis(stored), sd)
+    config = compvis_text.infer_clip_config(sd)
     assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (64, 2, 1)
     assert config["hidden_act"] == "quick_gelu"
 
@@ -153,15 +153,15 @@ def test_openclip_split_and_penultimate_layer_match_diffusers_converter():
     clip = tiny_clip(layers=2, act="gelu")
     expected = text_model_keys(clip.state_dict())
     cv = openclip_layout(clip.state_dict())  # 3 residual blocks: the last must be dropped
-    ours = compvis.openclip_from_compvis(cv)
+    ours = compvis_text.openclip_from_compvis(cv)
     assert same(ours, expected)
     theirs = single_file_utils.convert_open_clip_checkpoint(
         clip, {compvis.OPENCLIP_PREFIX + k: v for k, v in cv.items()}, prefix=compvis.OPENCLIP_PREFIX)
     theirs = text_model_keys(theirs)
     assert all(torch.equal(theirs[k], v) for k, v in ours.items())
-    config = compvis.infer_openclip_config(ours)
+    config = compvis_text.infer_openclip_config(ours)
     assert config["num_hidden_layers"] == 2 and config["hidden_act"] == "gelu"
-    last = compvis.openclip_from_compvis(cv, layer="last")
+    last = compvis_text.openclip_from_compvis(cv, layer="last")
     assert len([k for k in last if k.endswith("q_proj.weight")]) == 3
 
 
