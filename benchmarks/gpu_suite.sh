@@ -16,6 +16,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 # the device copy of the tree has no .git: write the SHA here first (git rev-parse --short HEAD > .gpu/GIT_SHA)
 export DIFFKERN_GIT_SHA=${DIFFKERN_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || cat .gpu/GIT_SHA 2>/dev/null)}
 
+# Pure-Python wheels the image lacks, carried in .gpu/wheels (e.g. diffusers, the model suite's peer and
+# the models' test oracle: `pip download --no-deps -d .gpu/wheels diffusers==0.42.1` here, then carry .gpu)
+if compgen -G ".gpu/wheels/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-deps --no-index --target /tmp/diffkern-wheels .gpu/wheels/*.whl \
+    && export PYTHONPATH=/tmp/diffkern-wheels:$PYTHONPATH && echo "carried wheels: $(ls .gpu/wheels)"
+fi
+
 echo "== machine"; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
