@@ -16,23 +16,30 @@
 
 namespace diffkern {
 
+// Philox4x32 multipliers and Weyl key increments, the float unit 2^-24 and 2 pi of the transform.
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+constexpr int kPhiloxRounds = 10;
+constexpr float kPhiloxUnit = 5.9604644775390625e-08f;
+constexpr float kTwoPi = 6.28318530717958648f;
+
 struct PhiloxWords {
   uint32_t w0, w1, w2, w3;
 };
 
 DK_HOST_DEVICE PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                                          uint32_t k1) {
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
-    const uint64_t p2 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
+    const uint64_t p2 = static_cast<uint64_t>(kPhiloxM1) * c2;
     const uint32_t n0 = static_cast<uint32_t>(p2 >> 32) ^ c1 ^ k0;
     const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
     c1 = static_cast<uint32_t>(p2);
     c3 = static_cast<uint32_t>(p0);
     c0 = n0;
     c2 = n2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
   }
   return {c0, c1, c2, c3};
 }
@@ -42,9 +49,9 @@ DK_HOST_DEVICE PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, 
 DK_HOST_DEVICE float philox_normal(uint64_t seed, uint64_t index) {
   const PhiloxWords r = philox4x32_10(static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), 0u, 0u,
                                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const float u1 = static_cast<float>((r.w0 >> 8) + 1u) * 5.9604644775390625e-08f;
-  const float u2 = static_cast<float>(r.w1 >> 8) * 5.9604644775390625e-08f;
-  return sqrtf(-2.0f * logf(u1)) * cosf(6.28318530717958648f * u2);
+  const float u1 = static_cast<float>((r.w0 >> 8) + 1u) * kPhiloxUnit;
+  const float u2 = static_cast<float>(r.w1 >> 8) * kPhiloxUnit;
+  return sqrtf(-2.0f * logf(u1)) * cosf(kTwoPi * u2);
 }
 
 }  // namespace diffkern

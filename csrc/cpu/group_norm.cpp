@@ -2,13 +2,11 @@
 // dispatch to the AVX512 (group_norm_avx512.cpp) and AVX2 (group_norm_avx2.cpp) builds on x86-64
 // CPUs that support them.
 #include "group_norm.h"
+#include "cpu_isa.h"
 
 #define CPU_CAPABILITY DEFAULT
 #include "group_norm_impl.h"
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define DIFFKERN_CPU_HAS_X86_KERNELS 1
-#endif
 
 namespace diffkern {
 namespace cpu {
@@ -21,10 +19,6 @@ namespace AVX512 {
 void group_norm_forward_impl(const GroupNormArgs& a);  // group_norm_avx512.cpp
 }  // namespace AVX512
 #endif
-
-namespace {
-
-enum class Isa { kDefault, kAvx2, kAvx512 };
 
 Isa cpu_isa() {
 #ifdef DIFFKERN_CPU_HAS_X86_KERNELS
@@ -41,8 +35,6 @@ Isa cpu_isa() {
   return Isa::kDefault;
 #endif
 }
-
-}  // namespace
 
 void group_norm_forward(const GroupNormArgs& args) {
 #ifdef DIFFKERN_CPU_HAS_X86_KERNELS

@@ -1,129 +1,33 @@
-// CPU guided_step: one vectorised (at::vec) and parallel (at::parallel_for) pass. Work items are
-// (sample, chunk of kChunk elements), so each item's coefficients are scalars; the math is float32
-// whatever the storage dtype. Compiled for the baseline ISA (at::vec's DEFAULT build, which the
-// compiler vectorises for SSE2); the op is memory-bound, so the wider ISAs buy little here.
+// CPU guided_step: the portable (DEFAULT) build of guided_step_impl.h, plus the run-time dispatch to
+// the AVX512 (guided_step_avx512.cpp) and AVX2 (guided_step_avx2.cpp) builds where the CPU has them.
 #include "guided_step.h"
 
-#include "../philox.h"
+#include "cpu_isa.h"
 
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include <algorithm>
+#define CPU_CAPABILITY DEFAULT
+#include "guided_step_impl.h"
 
 namespace diffkern {
 namespace cpu {
-namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kChunk = 4096;
+#ifdef DIFFKERN_CPU_HAS_X86_KERNELS
+namespace AVX2 {
+void guided_step_forward_impl(const GuidedStepArgs& a);  // guided_step_avx2.cpp
+}  // namespace AVX2
+namespace AVX512 {
+void guided_step_forward_impl(const GuidedStepArgs& a);  // guided_step_avx512.cpp
+}  // namespace AVX512
+#endif
 
-template <typename T>
-inline Vec load(const T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p, n);
-  } else {
-    float tmp[Vec::size()];
-    for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
-    return Vec::loadu(tmp, n);
+void guided_step_forward(const GuidedStepArgs& args) {
+#ifdef DIFFKERN_CPU_HAS_X86_KERNELS
+  switch (cpu_isa()) {
+    case Isa::kAvx512: AVX512::guided_step_forward_impl(args); return;
+    case Isa::kAvx2: AVX2::guided_step_forward_impl(args); return;
+    default: break;
   }
-}
-
-template <typename T>
-inline void store(T* p, const Vec& v, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p, n);
-  } else {
-    float tmp[Vec::size()];
-    v.store(tmp, n);
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(tmp[i]);
-  }
-}
-
-template <typename T>
-void run(const GuidedStepArgs& a) {
-  const T* X = static_cast<const T*>(a.x);
-  const T* M = static_cast<const T*>(a.m);
-  const T* U = static_cast<const T*>(a.u);
-  const T* Z = static_cast<const T*>(a.noise);
-  T* P = static_cast<T*>(a.prev);
-  T* X0 = static_cast<T*>(a.x0);
-  const int64_t chunks = (a.N + kChunk - 1) / kChunk;
-  const bool stats = a.abs_out != nullptr;
-  at::parallel_for(0, a.B * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / chunks;
-      const int64_t lo = (item % chunks) * kChunk, hi = std::min(lo + kChunk, a.N);
-      const float* c = a.coeffs + b * a.K;
-      const Vec sa(c[0]), s1m(c[1]), c_x0(c[2]), c_xt(c[3]), c_eps(c[4]), sigma(c[5]);
-      const bool use_eps = c[4] != 0.0f;
-      const Vec min_log(a.learned ? c[6] : 0.0f), max_log(a.learned ? c[7] : 0.0f);
-      const Vec g(a.guidance_scale), one(1.0f), half(0.5f);
-      const Vec thr(a.clip == 2 && !stats ? a.thresholds[b] : 1.0f);
-      const Vec lim(a.clip == 2 ? 1.0f : a.clip_range);
-      const T* xb = X + b * a.N;
-      const T* mb = M + b * a.M_stride;
-      const T* ub = U ? U + b * a.M_stride : nullptr;
-      for (int64_t i = lo; i < hi; i += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), hi - i);
-        const Vec x = load(xb + i, n);
-        Vec pred = load(mb + i, n);
-        if (ub) {
-          const Vec un = load(ub + i, n);
-          pred = un + g * (pred - un);
-        }
-        Vec x0 = a.pred == 0 ? (x - s1m * pred) / sa : a.pred == 1 ? pred : sa * x - s1m * pred;
-        const Vec x0_raw = x0;
-        if (stats) {
-          x0.abs().store(a.abs_out + b * a.N + i, n);
-          continue;
-        }
-        if (a.clip == 1) {
-          x0 = at::vec::clamp(x0, -lim, lim);
-        } else if (a.clip == 2) {
-          x0 = at::vec::clamp(x0, -thr, thr) / thr;
-        }
-        Vec out = c_x0 * x0 + c_xt * x;
-        if (use_eps) {
-          const bool from_x0 = a.pred == 1 || (a.clip != 0 && a.eps_from_clipped);
-          Vec eps = from_x0 ? (x - sa * (a.eps_from_clipped ? x0 : x0_raw)) / s1m
-                    : a.pred == 0 ? pred : sa * pred + s1m * x;
-          out = out + c_eps * eps;
-        }
-        if (Z || a.seeded) {
-          Vec std = sigma;
-          if (a.learned) {
-            const Vec frac = (load(mb + a.N + i, n) + one) * half;
-            std = (half * (frac * max_log + (one - frac) * min_log)).exp();
-          }
-          Vec z;
-          if (a.seeded) {
-            float tmp[Vec::size()];
-            const uint64_t base = a.offset + static_cast<uint64_t>(b * a.N + i);
-            for (int64_t j = 0; j < n; ++j) tmp[j] = philox_normal(a.seed, base + j);
-            z = Vec::loadu(tmp, n);
-          } else {
-            z = load(Z + b * a.N + i, n);
-          }
-          out = out + std * z;
-        }
-        store(P + b * a.N + i, out, n);
-        store(X0 + b * a.N + i, x0, n);
-      }
-    }
-  });
-}
-
-}  // namespace
-
-void guided_step_forward(const GuidedStepArgs& a) {
-  switch (a.dtype) {
-    case DType::kFloat32: run<float>(a); break;
-    case DType::kFloat16: run<c10::Half>(a); break;
-    case DType::kBFloat16: run<c10::BFloat16>(a); break;
-  }
+#endif
+  DEFAULT::guided_step_forward_impl(args);
 }
 
 }  // namespace cpu
