@@ -20,6 +20,7 @@
 
 #include "../dynamic_threshold_args.h"
 #include "dynamic_threshold.h"
+#include "float_io.cuh"
 
 namespace diffkern {
 namespace cuda {
@@ -51,13 +52,6 @@ Workspace carve(void* ws, int64_t B) {
   w.nan = reinterpret_cast<uint32_t*>(p);
   return w;
 }
-
-__device__ __forceinline__ float load_f(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_f(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load_f(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void store_f(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store_f(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
-__device__ __forceinline__ void store_f(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
 __global__ void dt_init_kernel(Workspace w, int64_t B, uint64_t lo, uint64_t hi) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;

@@ -13,6 +13,7 @@
 
 #include "../philox.h"
 #include "guided_step.h"
+#include "float_io.cuh"
 
 namespace diffkern {
 namespace cuda {
@@ -21,13 +22,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = 4096;  // elements per block: 16 per thread
 constexpr int64_t kMaxGridY = 65535;
-
-__device__ __forceinline__ float load_f(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_f(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load_f(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void store_f(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store_f(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
-__device__ __forceinline__ void store_f(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
 template <typename T, bool STATS>
 __global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepArgs a) {
