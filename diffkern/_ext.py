@@ -4,7 +4,22 @@ import functools
 import warnings
 
 
-@functools.lru_cache(maxsize=None)
+def cached(fn):
+    """Memoise a function of hashable arguments (process-lifetime facts: what was built, what is
+    installed). Plain Python rather than functools.lru_cache, because torch.compile traces through
+    the dispatch that calls these and warns about every lru_cache wrapper it meets."""
+    memo = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        if args not in memo:
+            memo[args] = fn(*args)
+        return memo[args]
+
+    return wrapper
+
+
+@cached
 def _load():
     try:
         from diffkern import _C
@@ -27,7 +42,7 @@ def extension_error():
     return _load()[1]
 
 
-@functools.lru_cache(maxsize=None)
+@cached
 def build_info():
     """How diffkern._C was built: {'cuda', 'cuda_version', 'cuda_archs', 'cpu_capability', 'torch_version'}."""
     ext = extension()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -29,7 +28,7 @@ def triton_unavailable():
     return _triton_unavailable_for(os.environ.get("TRITON_INTERPRET") == "1")
 
 
-@functools.lru_cache(maxsize=None)  # fixed for the life of the process, per interpreter setting
+@_ext.cached  # fixed for the life of the process, per interpreter setting
 def _triton_unavailable_for(interpret):
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
@@ -42,7 +41,7 @@ def extension_unavailable(symbol, need_cuda=False):
     """A cached () -> reason check: the compiled extension is loaded, has `symbol`, and (need_cuda)
     was built with CUDA kernels and sees a GPU."""
 
-    @functools.lru_cache(maxsize=None)
+    @_ext.cached
     def why():
         ext = _ext.extension()
         if ext is None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from diffkern import _dispatch
+from diffkern import _dispatch, _ext
 from diffkern.ops import _backends
 from diffkern.kernels import reference
 
@@ -221,7 +220,7 @@ def _dtype_reasons(c, dtypes):
     return _backends.dtype_reasons(c.q, dtypes)
 
 
-@functools.lru_cache(maxsize=None)
+@_ext.cached
 def _xformers_unavailable():
     if importlib.util.find_spec("xformers") is None:
         return "xformers is not installed"
