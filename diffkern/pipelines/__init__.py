@@ -1,6 +1,7 @@
 """End-to-end text-to-image pipelines on diffkern models, schedulers and ops.
 
 - StableDiffusionPipeline / StableDiffusionImg2ImgPipeline: SD 1.x / 2.x (CLIP text encoder).
+- StableDiffusionInpaintPipeline: the SD inpainting checkpoints (9-channel UNet).
 - LDMTextToImagePipeline: Latent Diffusion text2im (LDM-BERT text encoder).
 - GlidePipeline: GLIDE 64 -> 256 with classifier-free or CLIP guidance, and inpainting.
 - load_pipeline(path): the right SD/LDM one for a checkpoint.
@@ -17,18 +18,30 @@ from diffkern.pipelines.stable_diffusion import (
     StableDiffusionPipeline,
     components,
 )
+from diffkern.pipelines.stable_diffusion_inpaint import StableDiffusionInpaintPipeline
 
 
-def load_pipeline(path, *, dtype=None, device="cpu", scheduler="ddim", img2img=False, **load_kwargs):
+def load_pipeline(path, *, dtype=None, device="cpu", scheduler="ddim", img2img=False, inpaint=False,
+                  **load_kwargs):
     """Load a checkpoint and wrap it in the matching pipeline: LDMTextToImagePipeline when its text
     encoder is an LDMBertModel, else StableDiffusionPipeline; with img2img=True the image-to-image
-    pipeline (which runs LDM text2im components too). load_kwargs go to diffkern.models.loading.load
-    (tokenizer= for single files, prediction_type=, variant=)."""
+    pipeline (which runs LDM text2im components too); with inpaint=True StableDiffusionInpaintPipeline
+    (an inpainting checkpoint, whose UNet takes 9 channels). load_kwargs go to
+    diffkern.models.loading.load (tokenizer= for single files, prediction_type=, variant=)."""
     from diffkern.models.loading import load
     from diffkern.models.text_encoders import LDMBertModel
 
+    if img2img and inpaint:
+        raise ValueError("img2img, inpaint: pick one pipeline, not both")
     loaded = load(path, dtype=dtype, device=device, **load_kwargs)
-    if isinstance(components(loaded)["text_encoder"], LDMBertModel) and not img2img:
+    parts = components(loaded)
+    if inpaint:
+        return StableDiffusionInpaintPipeline.from_loaded(loaded, scheduler=scheduler)
+    if parts["unet"].config.in_channels == 2 * getattr(parts["vae"].config, "latent_channels", 4) + 1:
+        # the other pipelines would fail at the first UNet call with a channel count that says little
+        raise ValueError(f"path: {path} is an inpainting checkpoint (its UNet takes "
+                         f"{parts['unet'].config.in_channels} input channels); load it with inpaint=True")
+    if isinstance(parts["text_encoder"], LDMBertModel) and not img2img:
         return LDMTextToImagePipeline.from_loaded(loaded, scheduler=scheduler)
     cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
     return cls.from_loaded(loaded, scheduler=scheduler)
@@ -40,6 +53,7 @@ __all__ = [
     "LDMTextToImagePipeline",
     "LatentDiffusionPipelineBase",
     "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
     "StableDiffusionPipeline",
     "load_pipeline",
 ]

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from diffkern import schedulers
-from diffkern.models.text_encoders import encode_prompt
 from diffkern.schedulers._base import randn_like_diffusers
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -151,20 +150,31 @@ def negative_list(negative_prompt, batch):
     return negatives
 
 
-def embed(text_encoder, tokenizer, prompts, per_prompt, dtype, *, clip_skip=None, max_length=None):
-    """encode_prompt, cast to the UNet's dtype, each prompt's row repeated `per_prompt` times in a row."""
-    h = encode_prompt(text_encoder, tokenizer, prompts, clip_skip=clip_skip, max_length=max_length)
-    return h.to(dtype).repeat_interleave(per_prompt, dim=0)
+def check_embeds(name, embeds, width=None):
+    """Text embeddings given instead of a prompt: a (B, tokens, D) tensor, D = `width` when known."""
+    if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or 0 in embeds.shape:
+        got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+        raise ValueError(f"{name}: expected a (batch, tokens, dim) tensor of text-encoder hidden states, "
+                         f"got {got}")
+    if width is not None and embeds.shape[2] != width:
+        raise ValueError(f"{name}: expected dim {width} (the UNet's cross_attention_dim), "
+                         f"got shape {tuple(embeds.shape)}")
 
 
-def guided_model_fn(unet, context, guided):
+def guided_model_fn(unet, context, guided, extra=None):
     """model_fn for the loop. With guidance, `context` is [uncond; cond] and each step is ONE UNet call
-    on [x; x]; the pair (cond, uncond) goes to the scheduler, which fuses the combine into its step."""
+    on [x; x]; the pair (cond, uncond) goes to the scheduler, which fuses the combine into its step.
+    `extra`: channels appended to the UNet's input at every step (inpainting's mask and masked-image
+    latents), batched like that input ([extra; extra] under guidance)."""
 
     def model_fn(x, t):
+        x_in = torch.cat([x, x]) if guided else x
+        if extra is not None:
+            x_in = torch.cat([x_in, extra], dim=1)
+        out = unet_forward(unet, x_in, t, context)
         if not guided:
-            return unet_forward(unet, x, t, context)
-        uncond, cond = unet_forward(unet, torch.cat([x, x]), t, context).chunk(2)
+            return out
+        uncond, cond = out.chunk(2)
         return cond, uncond
 
     return model_fn

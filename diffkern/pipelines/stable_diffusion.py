@@ -6,8 +6,11 @@
 The calls follow diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline step for step
 (tokenization, x_T and noise draws from the generator, one batched UNet call on [uncond; cond],
 decoding, [0, 1] output), so with equal weights and seed the images equal diffusers' (no safety
-checker). Differences: the guidance combine runs inside the scheduler's fused step; the scheduler
-must be a diffkern one; clip_skip also applies to the negative prompt (see encode_prompt).
+checker). prompt_embeds / negative_prompt_embeds stand in for the text encoder's output as in
+diffusers (diffkern.models.text_encoders.encode_prompt makes them). Differences: the guidance combine
+runs inside the scheduler's fused step; the scheduler must be a diffkern one; clip_skip also applies to
+the negative prompt (see encode_prompt); a str negative_prompt serves every prompt (diffusers refuses
+it beside a list of prompts and fails with it beside several prompt_embeds).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 
 import torch
 
+from diffkern.models.text_encoders import encode_prompt
 from diffkern.pipelines import _common as C
 from diffkern.schedulers.sampling import denoise_loop, sample_loop
 
@@ -88,14 +92,51 @@ class LatentDiffusionPipelineBase:
         self.progress = not disable
 
     # -- steps shared by the calls -------------------------------------------------------------------
-    def _context(self, prompts, negative_prompt, per_prompt, guided, clip_skip=None, max_length=None):
-        kw = dict(clip_skip=clip_skip, max_length=max_length)
-        cond = C.embed(self.text_encoder, self.tokenizer, prompts, per_prompt, self.dtype, **kw)
+    def _prompts(self, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds):
+        """(list of prompts or None, number of prompts), refusing the combinations diffusers refuses:
+        prompt with prompt_embeds, neither of them, negative_prompt with negative_prompt_embeds."""
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("prompt, prompt_embeds: give one of them, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("prompt: required (a str or a list of str), unless prompt_embeds is given")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("negative_prompt, negative_prompt_embeds: give one of them, not both")
+        width = getattr(self.unet.config, "cross_attention_dim", None)
+        width = width if isinstance(width, int) else None  # per-level tuples: the UNet checks each level
+        given = (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds))
+        for name, embeds in given:
+            if embeds is not None:
+                C.check_embeds(name, embeds, width)
+        if prompt_embeds is not None and negative_prompt_embeds is not None \
+                and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(f"negative_prompt_embeds: expected the shape of prompt_embeds "
+                             f"{tuple(prompt_embeds.shape)}, got {tuple(negative_prompt_embeds.shape)}")
+        if prompt is None:
+            return None, prompt_embeds.shape[0]
+        prompts = C.prompt_list(prompt)
+        return prompts, len(prompts)
+
+    def _context(self, prompts, negative_prompt, per_prompt, guided, clip_skip=None, max_length=None,
+                 prompt_embeds=None, negative_prompt_embeds=None):
+        """[uncond; cond] text embeddings (just cond without guidance), each prompt's row repeated
+        per_prompt times. Given embeddings are used as they are (cast to the UNet's dtype); a missing
+        negative is encoded from negative_prompt ("" by default) at the prompt embeddings' length."""
+        if prompt_embeds is None:
+            prompt_embeds = encode_prompt(self.text_encoder, self.tokenizer, prompts, clip_skip=clip_skip,
+                                          max_length=max_length)
+        cond = prompt_embeds.to(device=self.device, dtype=self.dtype)
         if not guided:
-            return cond.to(self.device)
-        negatives = C.negative_list(negative_prompt, len(prompts))
-        uncond = C.embed(self.text_encoder, self.tokenizer, negatives, per_prompt, self.dtype, **kw)
-        return torch.cat([uncond, cond]).to(self.device)
+            return cond.repeat_interleave(per_prompt, dim=0)
+        if negative_prompt_embeds is None:
+            negatives = C.negative_list(negative_prompt, cond.shape[0])
+            # diffusers pads the negative to the prompt embeddings' length (77 unless given otherwise)
+            negative_prompt_embeds = encode_prompt(self.text_encoder, self.tokenizer, negatives,
+                                                   clip_skip=clip_skip, max_length=cond.shape[1])
+        elif negative_prompt_embeds.shape != cond.shape:  # the prompt was encoded here: check its shape
+            raise ValueError(f"negative_prompt_embeds: expected the shape of the prompt's embeddings "
+                             f"{tuple(cond.shape)}, got {tuple(negative_prompt_embeds.shape)}")
+        uncond = negative_prompt_embeds.to(device=self.device, dtype=self.dtype)
+        return torch.cat([uncond, cond]).repeat_interleave(per_prompt, dim=0)  # [uncond rows; cond rows]
 
     def _size(self, height, width):
         f = self.vae_scale_factor
@@ -124,12 +165,13 @@ class LatentDiffusionPipelineBase:
 
     def _text_to_image(self, prompt, negative_prompt, *, steps, guidance_scale, guided, height, width,
                        per_prompt, generator, latents, eta, output_type, progress, callback, clip_skip=None,
-                       max_length=None, scale_first=False):
-        prompts = C.prompt_list(prompt)
-        batch = len(prompts) * per_prompt
+                       max_length=None, scale_first=False, prompt_embeds=None, negative_prompt_embeds=None):
+        prompts, count = self._prompts(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds)
+        batch = count * per_prompt
         self._common_checks(output_type, generator, per_prompt, batch, steps)
         height, width = self._size(height, width)
-        context = self._context(prompts, negative_prompt, per_prompt, guided, clip_skip, max_length)
+        context = self._context(prompts, negative_prompt, per_prompt, guided, clip_skip, max_length,
+                                prompt_embeds, negative_prompt_embeds)
         f = self.vae_scale_factor
         shape = (batch, self.unet.config.in_channels, height // f, width // f)
         x_T = None
@@ -170,13 +212,19 @@ class StableDiffusionPipeline(_StableDiffusionBase):
     """Text-to-image with classifier-free guidance (SD 1.x eps, SD 2.x eps or v-prediction)."""
 
     @torch.no_grad()
-    def __call__(self, prompt, negative_prompt=None, *, num_inference_steps=50, guidance_scale=7.5,
+    def __call__(self, prompt=None, negative_prompt=None, *, num_inference_steps=50, guidance_scale=7.5,
                  height=None, width=None, num_images_per_prompt=1, generator=None, latents=None, eta=0.0,
-                 output_type="pil", clip_skip=None, progress=None, callback=None):
-        """Generate images for `prompt` (a str or a list of str).
+                 output_type="pil", clip_skip=None, progress=None, callback=None, prompt_embeds=None,
+                 negative_prompt_embeds=None):
+        """Generate images for `prompt` (a str or a list of str) or for `prompt_embeds`.
 
         Args:
             negative_prompt: str (for every prompt) or one per prompt; default "" (the unconditional).
+            prompt_embeds: (B, tokens, D) text-encoder hidden states instead of `prompt` (not both), e.g.
+                weighted or precomputed; B prompts, each repeated num_images_per_prompt times.
+            negative_prompt_embeds: the same shape, instead of negative_prompt (not both); without it
+                guidance encodes negative_prompt ("" by default) as usual. clip_skip does not touch
+                given embeddings.
             num_inference_steps: scheduler steps. guidance_scale: w of uncond + w (cond - uncond);
                 guidance (and its second half of the UNet batch) runs only when w > 1, as diffusers.
             height, width: pixels, multiples of the VAE's downscale (8); default unet sample_size * 8.
@@ -193,7 +241,8 @@ class StableDiffusionPipeline(_StableDiffusionBase):
             prompt, negative_prompt, steps=num_inference_steps, guidance_scale=guidance_scale,
             guided=guidance_scale > 1, height=height, width=width, per_prompt=num_images_per_prompt,
             generator=generator, latents=latents, eta=eta, output_type=output_type, progress=progress,
-            callback=callback, clip_skip=clip_skip,
+            callback=callback, clip_skip=clip_skip, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
         )
 
 
@@ -205,10 +254,11 @@ class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
     """
 
     @torch.no_grad()
-    def __call__(self, prompt, image, negative_prompt=None, *, strength=0.8, num_inference_steps=50,
+    def __call__(self, prompt=None, image=None, negative_prompt=None, *, strength=0.8, num_inference_steps=50,
                  guidance_scale=7.5, height=None, width=None, num_images_per_prompt=1, generator=None,
-                 eta=0.0, output_type="pil", clip_skip=None, progress=None, callback=None):
-        """Transform `image` following `prompt`.
+                 eta=0.0, output_type="pil", clip_skip=None, progress=None, callback=None, prompt_embeds=None,
+                 negative_prompt_embeds=None):
+        """Transform `image` following `prompt` (or `prompt_embeds`).
 
         Args:
             image: PIL image(s), a float array (H, W, 3) / (B, H, W, 3) in [0, 1], or a tensor
@@ -217,24 +267,20 @@ class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
                 (prompts x num_images_per_prompt); other counts that divide it are tiled, as diffusers.
             strength: in [0, 1]; the image is noised to the timestep at this fraction of the schedule
                 and int(num_inference_steps * strength) steps run (diffusers' get_timesteps).
-            The other arguments are StableDiffusionPipeline's.
+            The other arguments (prompt_embeds, negative_prompt_embeds...) are StableDiffusionPipeline's.
         """
-        if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-            raise ValueError(f"strength: expected a number in [0, 1], got {strength!r}")
-        prompts = C.prompt_list(prompt)
-        batch = len(prompts) * num_images_per_prompt
+        if image is None:
+            raise ValueError("image: required (the image to transform)")
+        check_strength(strength)
+        prompts, count = self._prompts(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds)
+        batch = count * num_images_per_prompt
         self._common_checks(output_type, generator, num_images_per_prompt, batch, num_inference_steps)
         guided = guidance_scale > 1
-        context = self._context(prompts, negative_prompt, num_images_per_prompt, guided, clip_skip)
+        context = self._context(prompts, negative_prompt, num_images_per_prompt, guided, clip_skip,
+                                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
         pixels = C.preprocess_image(image, height, width, self.vae_scale_factor)
-
         sched = self.scheduler
-        sched.set_timesteps(num_inference_steps, device=self.device)
-        start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-        timesteps = sched.timesteps[start * sched.order:]
-        if len(timesteps) == 0:
-            raise ValueError(f"strength: {strength} x num_inference_steps={num_inference_steps} leaves no "
-                             "denoising step; raise either")
+        timesteps = strength_timesteps(sched, num_inference_steps, strength, self.device)
         init = self._encode(pixels, generator, batch)
         noise = C.initial_noise(init.shape, generator, self.device, self.dtype)
         x = sched.add_noise(init, noise, timesteps[:1].repeat(batch))
@@ -261,6 +307,23 @@ class StableDiffusionImg2ImgPipeline(_StableDiffusionBase):
             z = C.vae_encode(self.vae, pixels).sample(generator)
             z = torch.cat([z] * (batch // n))
         return (self.vae.config.scaling_factor * z).to(self.dtype)
+
+
+def check_strength(strength):
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise ValueError(f"strength: expected a number in [0, 1], got {strength!r}")
+
+
+def strength_timesteps(scheduler, num_inference_steps, strength, device):
+    """set_timesteps, then the last int(num_inference_steps * strength) of them: where an image-to-image
+    run starts (diffusers' get_timesteps). Raises when that leaves no step."""
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+    timesteps = scheduler.timesteps[start * scheduler.order:]
+    if len(timesteps) == 0:
+        raise ValueError(f"strength: {strength} x num_inference_steps={num_inference_steps} leaves no "
+                         "denoising step; raise either")
+    return timesteps
 
 
 def components(loaded):

@@ -115,3 +115,16 @@ def max_diff(a, b):
     import numpy as np
 
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def tiny_inpaint_unet(seed=0):
+    """tiny_unet's SD1 shape with 9 input channels: latents 4 + mask 1 + masked-image latents 4."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=9, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2,
+    ).eval()

@@ -125,6 +125,64 @@ def test_image_to_image_matches_diffusers(parts, as_pil):
     assert _both(theirs, ours, **kw) < TOL
 
 
+@pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
+def test_prompt_embeds_match_diffusers(parts, guidance_scale):
+    """Given embeddings (both, or the prompt's only with the negative encoded from negative_prompt or "")
+    repeated per prompt as diffusers repeats them."""
+    theirs, ours = _pair(parts)
+    embeds = torch.randn(4, 77, 32, generator=_gen(7))
+    kw = dict(num_inference_steps=2, guidance_scale=guidance_scale, height=32, width=32,
+              num_images_per_prompt=2)
+    assert _both(theirs, ours, prompt_embeds=embeds[:2], negative_prompt_embeds=embeds[2:], **kw) < TOL
+    assert _both(theirs, ours, prompt_embeds=embeds[:2], negative_prompt=["blue", "a dog"], **kw) < TOL
+    assert _both(theirs, ours, prompt_embeds=embeds[:1], **kw) < TOL
+    assert _both(theirs, ours, prompt=[PROMPT, "a cat"], negative_prompt_embeds=embeds[2:], **kw) < TOL
+
+
+def test_prompt_embeds_of_the_prompt_give_the_prompt_image(parts):
+    from diffkern.models.text_encoders import encode_prompt
+
+    _, ours = _pair(parts)
+    kw = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+    cond = encode_prompt(ours.text_encoder, ours.tokenizer, [PROMPT])
+    uncond = encode_prompt(ours.text_encoder, ours.tokenizer, ["blue"])
+    a = ours(PROMPT, negative_prompt="blue", generator=_gen(), **kw).images
+    b = ours(prompt_embeds=cond, negative_prompt_embeds=uncond, generator=_gen(), **kw).images
+    assert max_diff(a, b) == 0
+
+
+@pytest.mark.filterwarnings("ignore:You have passed")  # diffusers: 1 image for 2 outputs is deprecated
+def test_image_to_image_prompt_embeds_match_diffusers(parts):
+    theirs, ours = _pair(parts, img2img=True)
+    embeds = torch.randn(2, 77, 32, generator=_gen(7))
+    kw = dict(image=torch.rand(1, 3, 32, 32, generator=_gen(5)), strength=0.6, num_inference_steps=4,
+              num_images_per_prompt=2)
+    assert _both(theirs, ours, prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], **kw) < TOL
+    assert _both(theirs, ours, prompt_embeds=embeds[:1], **kw) < TOL
+
+
+def test_bad_prompt_embeds_name_themselves(parts):
+    _, ours = _pair(parts)
+    kw = dict(num_inference_steps=1, height=32, width=32)
+    e = torch.zeros(1, 77, 32)
+    with pytest.raises(ValueError, match="prompt, prompt_embeds: give one"):
+        ours(PROMPT, prompt_embeds=e, **kw)
+    with pytest.raises(ValueError, match="prompt: required"):
+        ours(**kw)
+    with pytest.raises(ValueError, match="negative_prompt, negative_prompt_embeds: give one"):
+        ours(prompt_embeds=e, negative_prompt="a", negative_prompt_embeds=e, **kw)
+    with pytest.raises(ValueError, match="negative_prompt_embeds: expected the shape of prompt_embeds"):
+        ours(prompt_embeds=e, negative_prompt_embeds=torch.zeros(2, 77, 32), **kw)
+    with pytest.raises(ValueError, match="negative_prompt_embeds: expected the shape of the prompt"):
+        ours(PROMPT, negative_prompt_embeds=torch.zeros(1, 70, 32), **kw)
+    with pytest.raises(ValueError, match="prompt_embeds: expected a .batch, tokens, dim. tensor"):
+        ours(prompt_embeds=torch.zeros(77, 32), **kw)
+    with pytest.raises(ValueError, match="prompt_embeds: expected dim 32"):
+        ours(prompt_embeds=torch.zeros(1, 77, 16), **kw)
+    with pytest.raises(ValueError, match="negative_prompt: got 1 negative prompts for 2 prompts"):
+        ours(prompt_embeds=torch.zeros(2, 77, 32), negative_prompt=["a"], **kw)
+
+
 def test_output_types_agree(parts):
     _, ours = _pair(parts)
     kw = dict(prompt=PROMPT, num_inference_steps=2, height=32, width=32)
