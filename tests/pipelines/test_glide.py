@@ -1,5 +1,6 @@
 """GlidePipeline end to end with tiny random GLIDE models: shapes, determinism, output types,
-guidance wiring, inpainting, tokenizers and checkpoint errors."""
+guidance wiring, several prompts per batch, CLIP + free guidance against float64 steps, DDIM
+inversion round trips, inpainting, tokenizers and checkpoint errors."""
 
 import json
 
@@ -10,6 +11,7 @@ from PIL import Image
 
 from diffkern.models.glide import create_model
 from diffkern.models.glide.clip import create_clip_model
+from diffkern.models.glide.diffusion import create_gaussian_diffusion, get_named_beta_schedule
 from diffkern.models.glide.tokenizer import ClipTokenizer, GlideTokenizer, bytes_to_unicode
 from diffkern.models.loading import CheckpointError
 from diffkern.pipelines.glide import GlidePipeline
@@ -20,6 +22,7 @@ COMMON = dict(num_channels=32, num_res_blocks=1, attention_resolutions="8", num_
 BASE = dict(COMMON, image_size=16, channel_mult="1,2", noise_schedule="squaredcos_cap_v2")
 UP = dict(COMMON, image_size=32, channel_mult="1,1,2", noise_schedule="linear", super_res=True)
 FAST = dict(base_respacing="3", upsample_respacing="2", progress=False)
+F64 = torch.float64
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +49,34 @@ def vocab_dir(tmp_path_factory):
 def tiny(options, seed):
     torch.manual_seed(seed)
     return randomise(create_model(**options), seed=seed, scale=0.05)
+
+
+def tiny64(options, seed):
+    """A float64 tiny model: the pipeline then samples in float64 (the UNet casts its torso to .dtype)."""
+    model = tiny(options, seed).double()
+    model.dtype = F64
+    return model
+
+
+def gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@pytest.fixture(scope="module")
+def clip_bpe(tmp_path_factory):
+    """A tiny CLIP BPE merges file."""
+    path = tmp_path_factory.mktemp("clip_bpe") / "bpe.txt"
+    merges = [("c", "o"), ("co", "r"), ("g", "i</w>"), ("cor", "gi</w>")]
+    path.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return path
+
+
+def tiny_clip(clip_bpe, dtype=None):
+    torch.manual_seed(0)
+    return create_clip_model(tokenizer=ClipTokenizer.from_path(clip_bpe), image_size=16, patch_size=8,
+                             n_vocab=600, max_text_len=7, n_embd=8, n_head_state_text=4, n_head_text=2,
+                             n_xf_blocks_text=1, n_head_state_image=4, n_head_image=2, n_xf_blocks_image=1,
+                             n_timesteps=40, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -111,18 +142,150 @@ def test_inpaint(vocab_dir):
         pipe("a corgi", **FAST)
 
 
-def test_clip_guidance(vocab_dir, tmp_path):
-    merges = [("c", "o"), ("co", "r"), ("g", "i</w>"), ("cor", "gi</w>")]
-    (tmp_path / "bpe.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    torch.manual_seed(0)
-    clip = create_clip_model(tokenizer=ClipTokenizer.from_path(tmp_path / "bpe.txt"), image_size=16, patch_size=8,
-                             n_vocab=600, max_text_len=7, n_embd=8, n_head_state_text=4, n_head_text=2,
-                             n_xf_blocks_text=1, n_head_state_image=4, n_head_image=2, n_xf_blocks_image=1,
-                             n_timesteps=40)
-    p = GlidePipeline(tiny(BASE, 0), BASE, tokenizer=vocab_dir, clip_model=clip)
-    run = lambda s: p("a corgi", use_clip_guidance=True, clip_guidance_scale=s, output_type="pt",  # noqa: E731
-                      generator=torch.Generator().manual_seed(0), **FAST).images
+def test_clip_guidance(vocab_dir, clip_bpe, monkeypatch):
+    p = GlidePipeline(tiny(BASE, 0), BASE, tokenizer=vocab_dir, clip_model=tiny_clip(clip_bpe))
+
+    def run(s, **kw):
+        return p("a corgi", use_clip_guidance=True, clip_guidance_scale=s, output_type="pt",
+                 generator=torch.Generator().manual_seed(0), **FAST, **kw).images
+
     assert (run(500.0) - run(0.0)).abs().max() > 1e-4
+    rows = []
+    original = p.base_model.forward
+    monkeypatch.setattr(p.base_model, "forward",
+                        lambda x, *a, **kw: rows.append(x.shape[0]) or original(x, *a, **kw))
+    run(500.0)  # guidance_scale "auto": the clip_guided notebook's, no free guidance
+    run(500.0, guidance_scale=3.0)  # both: [cond; uncond] rows
+    assert rows == [1] * 3 + [2] * 3
+
+
+def test_clip_and_free_guidance_match_float64_steps(vocab_dir, clip_bpe):
+    """Two prompts, both guidances, two DDPM steps by hand in float64: the step's mean from the
+    guided eps (learned variance from the conditional half), then + variance * CLIP's gradient at x_t
+    (OpenAI's condition_mean), then the step noise. Unclamped x0, so every pixel sees the guided eps."""
+    model, clip = tiny64(BASE, 0), tiny_clip(clip_bpe, F64)
+    p = GlidePipeline(model, BASE, tokenizer=vocab_dir, clip_model=clip)
+    prompts, s, clip_s = ["a corgi", "a cat"], 3.0, 5.0
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=F64) * 0.5
+    # "2,0": t = 0 and 19 of 40, abar 0.5 (not ~0), so that the unclamped x0 stays near [-1, 1]
+    got = p(prompts, guidance_scale=s, use_clip_guidance=True, clip_guidance_scale=clip_s, base_noise=x_T,
+            base_respacing="2,0", base_clip_denoised=False, generator=torch.Generator().manual_seed(1),
+            output_type="pt", progress=False).images
+
+    d = create_gaussian_diffusion(BASE["diffusion_steps"], BASE["noise_schedule"], "2,0")
+    b = d.betas
+    a = torch.cumprod(1 - b, 0)
+    a_prev = torch.cat([torch.ones(1, dtype=F64), a[:-1]])
+    post_var = b * (1 - a_prev) / (1 - a)
+    log_var_min = torch.log(torch.cat([post_var[1:2], post_var[1:]]))  # OpenAI's clipped log variance
+    tok, ctx = GlideTokenizer.from_path(vocab_dir), BASE["text_ctx"]
+    end = model.token_embedding.num_embeddings - 1  # GLIDE pads with the model's last id, masked out
+    rows = [tok.encode(q) for q in prompts] + [[], []]  # the conditional rows, then the empty prompt's
+    tokens = torch.tensor([r + [end] * (ctx - len(r)) for r in rows])
+    mask = torch.tensor([[True] * len(r) + [False] * (ctx - len(r)) for r in rows])
+    grad_fn = clip.cond_fn(prompts, clip_s)
+    step_noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=F64)
+    x = x_T
+    for i in (1, 0):
+        t = d.timestep_map[i].expand(2)
+        c, u = model(torch.cat([x, x]), torch.cat([t, t]), tokens=tokens, mask=mask).chunk(2)
+        eps = u[:, :3] + s * (c[:, :3] - u[:, :3])
+        x0 = (x - (1 - a[i]).sqrt() * eps) / a[i].sqrt()
+        mean = (b[i] * a_prev[i].sqrt() * x0 + (1 - a_prev[i]) * (1 - b[i]).sqrt() * x) / (1 - a[i])
+        frac = (c[:, 3:] + 1) / 2
+        log_var = frac * b[i].log() + (1 - frac) * log_var_min[i]
+        grad = grad_fn(x, t)
+        assert grad.abs().max() > 1e-2  # CLIP's gradient moves the step
+        x = mean + log_var.exp() * grad + (i > 0) * (0.5 * log_var).exp() * step_noise
+    assert (x.abs() < 1).float().mean() > 0.5  # most pixels escape the final clamp to [0, 1]
+    # float32 step coefficients (the schedulers round them once)
+    torch.testing.assert_close(got, (x / 2 + 0.5).clamp(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_several_prompts_batch_like_each_prompt_alone(vocab_dir, monkeypatch):
+    """Prompt-major rows, [cond of every image; uncond of every image] in one base call, and with one
+    generator per image every image equals the same prompt and generator sampled alone (float64, so
+    that the upsampler's 8-bit quantisation of the base samples cannot flip on batch rounding)."""
+    p = GlidePipeline(tiny64(BASE, 0), BASE, tiny64(UP, 1), UP, tokenizer=vocab_dir)
+    kw = dict(output_type="pt", **FAST)
+    both = p(["a corgi", "a cat"], batch_size=2, generator=gens(0, 1, 2, 3), **kw).images
+    assert both.shape == (4, 3, 32, 32)
+    alone = torch.cat([p("a corgi", batch_size=2, generator=gens(0, 1), **kw).images,
+                       p("a cat", batch_size=2, generator=gens(2, 3), **kw).images])
+    torch.testing.assert_close(both, alone, rtol=1e-12, atol=1e-12)
+    tok = GlideTokenizer.from_path(vocab_dir)
+    ids = [tok.encode("a corgi"), tok.encode("a cat")]
+    torch.testing.assert_close(p(tokens=ids, batch_size=2, generator=gens(0, 1, 2, 3), **kw).images, both,
+                               rtol=0, atol=0)
+    same_prompt = p(["a corgi", "a corgi"], batch_size=2, generator=gens(0, 1, 2, 3), **kw).images
+    torch.testing.assert_close(same_prompt[:2], both[:2], rtol=1e-12, atol=1e-12)
+    assert (same_prompt[2:] - both[2:]).abs().max() > 1e-4  # the second prompt is used
+
+    seen = []
+    original = p.base_model.forward
+    monkeypatch.setattr(p.base_model, "forward", lambda x, t, tokens=None, **k: seen.append(tokens.clone())
+                        or original(x, t, tokens, **k))
+    p(["a corgi", "a cat"], batch_size=2, guidance_scale=3.0, **kw)
+    end = p.base_model.token_embedding.num_embeddings - 1  # GLIDE pads with the model's last id
+    want = [ids[n // 2] + [end] * (6 - len(ids[n // 2])) for n in range(4)] + [[end] * 6] * 4
+    assert len(seen) == 3 and all(s.tolist() == want for s in seen)
+
+
+class GaussianDataUNet(torch.nn.Module):
+    """The exact eps of data N(0, 0.25) plus 0.05 x a tiny text-conditional UNet's eps (and its variance
+    channels). A bare random UNet is no noise predictor: inverting it drives x towards
+    sqrt(abar) x_0 -> 0, where its GroupNorms' 1 / std make eps's Lipschitz constant blow up and the
+    fixed-point iteration diverge. Here eps is ~x at the noisy end, as a trained model's."""
+
+    def __init__(self, unet, options):
+        super().__init__()
+        self.unet, self.token_embedding = unet, unet.token_embedding
+        schedule = get_named_beta_schedule(options["noise_schedule"], options["diffusion_steps"])
+        self.alphas_cumprod = torch.cumprod(1 - schedule, 0)
+
+    def forward(self, x, t, tokens=None, mask=None):
+        out = self.unet(x, t, tokens=tokens, mask=mask)
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = (1 - a).sqrt() * x / (0.25 * a + 1 - a)
+        return torch.cat([eps + 0.05 * out[:, :3], out[:, 3:]], 1)
+
+
+@pytest.mark.parametrize("guidance_scale", [None, 3.0])
+def test_invert_then_sample_reconstructs(vocab_dir, guidance_scale):
+    """invert -> __call__(base_noise=x_T, DDIM, unclamped, same respacing / prompt / guidance) returns
+    the image, float64. Each fixed-point iteration contracts by ~(the step's eps coefficient) x Lip(eps);
+    with eps ~ x at the noisy end that is ~1 - sqrt(abar_next / abar): "4,0" (4 steps over the first
+    half of the process, abar 1 -> 0.07) contracts by ~0.6 per iteration (16 leave ~5e-5), where
+    "ddim4" (down to abar 9e-4, ~0.87 per iteration) would need ~60 iterations for 1e-4."""
+    options = dict(BASE, noise_schedule="linear")
+    p = GlidePipeline(GaussianDataUNet(tiny64(options, 0), options), options, tokenizer=vocab_dir)
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(7), dtype=F64) * 1.6 - 0.8
+    errors = []
+    for iterations in (0, 16):
+        x_T = p.invert(image, "a corgi", guidance_scale=guidance_scale, respacing="4,0",
+                       fixed_point_iterations=iterations, progress=False)
+        assert x_T.shape == (2, 3, 16, 16) and x_T.dtype == F64
+        back = p("a corgi", batch_size=2, base_noise=x_T, base_sampler="ddim", base_respacing="4,0",
+                 base_clip_denoised=False, guidance_scale=guidance_scale, output_type="pt",
+                 progress=False).images
+        errors.append((back * 2 - 1 - image).abs().max().item())
+    assert errors[0] > 0.05 and errors[1] < 1e-3, errors  # first order without the iterations
+
+
+def test_invert_inputs(vocab_dir):
+    p = GlidePipeline(tiny(BASE, 0), BASE, tokenizer=vocab_dir)
+    image = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype("uint8"))
+    x_T = p.invert([image, image], respacing="2", progress=False)  # no prompt: the empty one
+    assert x_T.shape == (2, 3, 16, 16) and x_T.dtype == torch.float32
+    torch.testing.assert_close(p.invert(image, tokens=[], respacing="2", progress=False), x_T[:1])
+    by_prompt = p.invert(torch.zeros(2, 3, 20, 20), ["a corgi", "a cat"], respacing="2", progress=False)
+    assert by_prompt.shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="one per image"):
+        p.invert(torch.zeros(3, 3, 16, 16), ["a corgi", "a cat"], progress=False)
+    with pytest.raises(ValueError, match="image"):
+        p.invert(torch.zeros(2, 4, 16, 16), progress=False)
+    with pytest.raises(ValueError, match="fixed_point_iterations"):
+        p.invert(image, fixed_point_iterations=-1, respacing="2", progress=False)
 
 
 def test_argument_errors(pipe):
@@ -140,6 +303,18 @@ def test_argument_errors(pipe):
         pipe("a corgi", use_clip_guidance=True, **FAST)
     with pytest.raises(ValueError, match="inpainting models"):
         pipe.inpaint(torch.zeros(3, 16, 16), torch.ones(16, 16), "a corgi", **FAST)
+    with pytest.raises(TypeError, match="prompt: expected"):
+        pipe(["a corgi", 3], **FAST)
+    with pytest.raises(TypeError, match="tokens: expected"):
+        pipe(tokens="a corgi", **FAST)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        pipe("a corgi", guidance_scale="high", **FAST)
+    with pytest.raises(ValueError, match="base_sampler"):
+        pipe("a corgi", base_sampler="euler", **FAST)
+    with pytest.raises(ValueError, match=r"base_noise: expected a tensor \(4, 3, 16, 16\)"):
+        pipe(["a corgi", "a cat"], batch_size=2, base_noise=torch.zeros(2, 3, 16, 16), **FAST)
+    with pytest.raises(ValueError, match="generator: expected one torch.Generator or a list of 4"):
+        pipe(["a corgi", "a cat"], batch_size=2, generator=gens(0, 1), **FAST)
 
 
 def test_from_checkpoints_and_bad_files(pipe, tmp_path, vocab_dir):

@@ -15,7 +15,8 @@ Facts from OpenAI's glide_text2im (gaussian_diffusion.py, respace.py), equations
 - classifier-free guidance combines the eps channels only; the variance comes from the conditional half.
 - clip_denoised clamps x0 to [-1, 1]; DDIM re-derives eps from the clamped x0.
 - cond_fn (gradient of log p(y | x_t)): DDPM shifts the mean by variance * grad (Sohl-Dickstein et al.),
-  DDIM shifts the score, eps' = eps - sqrt(1 - abar) grad (Song et al. 2020).
+  DDIM shifts the score, eps' = eps - sqrt(1 - abar) grad (Song et al. 2020). With guidance_scale too,
+  it shifts the guided step: the mean (or score) of the guided eps, the variance of the conditional half.
 
 Each step is one call of the scheduler's fused guided_step; only denoised_fn (inpainting) and cond_fn
 (CLIP guidance) need a few elementwise torch ops before it (see `_prepared_output`).
@@ -85,7 +86,8 @@ class GaussianDiffusion:
         guidance_scale: None (no classifier-free guidance) or s: eps = uncond + s (cond - uncond).
         noise: x_T (default: drawn from `generator` as diffusers draws it).
         clip_denoised: clamp x0 to [-1, 1]. denoised_fn: x0 -> x0, applied before the clamp.
-        cond_fn: (x, t) -> gradient of log p(y | x_t), t the original timesteps.
+        cond_fn: (x, t) -> gradient of log p(y | x_t), t the original timesteps; composes with
+            guidance_scale (it shifts the guided step).
         generator: torch.Generator (or one per sample) for x_T and every step's noise.
         progress: a tqdm bar. callback: callback(index, step_output) after each step.
     """

@@ -252,6 +252,32 @@ def test_ddim_cond_fn_shifts_score(eta):
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_cond_fn_shifts_the_guided_step(kind):
+    """Classifier-free guidance and cond_fn together (CLIP + free guidance in GLIDE's pipeline): the
+    step of the guided eps (variance from the conditional half), then cond_fn's shift: of the mean
+    (DDPM) or of the score (DDIM)."""
+    d = create_gaussian_diffusion(1000, "squaredcos_cap_v2", "6")
+    cond_m, uncond_m, s, shape = linear_model(0), linear_model(1), 3.0, (2, 3, 4, 4)
+    cond_fn = lambda x, t: torch.sin(x) * (t.to(x.dtype).view(-1, 1, 1, 1) / 500)  # noqa: E731
+    loop = d.p_sample_loop if kind == "ddpm" else d.ddim_sample_loop
+    got = loop(lambda x, t: (cond_m(x, t), uncond_m(x, t)), shape, guidance_scale=s, cond_fn=cond_fn,
+               generator=torch.Generator().manual_seed(8), dtype=F64)
+    ref, noises = Ref(d.betas.numpy()), draws(8, shape, d.num_timesteps)
+    x = noises[0]
+    for n, i in enumerate(range(d.num_timesteps - 1, -1, -1)):
+        t = d.timestep_map[i].expand(shape[0])
+        c, u = cond_m(x, t).numpy(), uncond_m(x, t).numpy()
+        out = np.concatenate([u[:, :3] + s * (c[:, :3] - u[:, :3]), c[:, 3:]], 1)
+        grad = cond_fn(x, t).numpy()
+        if kind == "ddpm":
+            x = ref.p_sample(x.numpy(), i, out, noises[n + 1].numpy() if i else 0.0, grad=grad)
+        else:
+            x = ref.ddim_sample(x.numpy(), i, out, grad=grad)
+        x = torch.from_numpy(x)
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+
+
 def test_ddim_loop_without_cond_fn_matches_reference():
     d = create_gaussian_diffusion(1000, "linear", "fast27")
     model_fn, shape = linear_model(), (1, 3, 3, 3)
