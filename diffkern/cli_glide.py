@@ -68,8 +68,8 @@ def add_arguments(group):
         "default 'fast27')")
     add("--upsample-temp", type=float, metavar="T", help="scale of the upsampler's starting noise "
         "(default 0.997)")
-    add("--clip-image", metavar="PT", help="clip_image_enc.pt: with --clip-text, CLIP guidance replaces "
-        "classifier-free guidance")
+    add("--clip-image", metavar="PT", help="clip_image_enc.pt: with --clip-text, CLIP guidance (instead of "
+        "classifier-free guidance, or on top of it when --guidance is also given)")
     add("--clip-text", metavar="PT", help="clip_text_enc.pt")
     add("--clip-tokenizer", metavar="PATH", help="CLIP's BPE file bpe_simple_vocab_16e6.txt(.gz) or a "
         "CLIP tokenizer folder (default: bpe_simple_vocab_16e6.txt.gz in the --tokenizer folder)")
@@ -171,9 +171,6 @@ def _check_args(args):
     if not clip and (args.clip_tokenizer is not None or args.clip_guidance_scale is not None):
         raise UsageError("--clip-tokenizer / --clip-guidance-scale: CLIP guidance needs --clip-image and "
                          "--clip-text")
-    if clip and args.guidance is not None:
-        raise UsageError("--guidance: CLIP guidance replaces classifier-free guidance; set its strength with "
-                         "--clip-guidance-scale")
     if inpaint != (args.mask is not None):
         raise UsageError("inpainting needs both --inpaint-image IMAGE and --mask MASK (white = keep, black = "
                          "repaint)")

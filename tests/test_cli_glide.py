@@ -126,6 +126,10 @@ def test_clip_guidance(files, tmp_path, monkeypatch):
     # the CLIP tokenizer is found in the --tokenizer folder (bpe_simple_vocab_16e6.txt)
     assert main(_argv(d, guided, *clip_args, "--clip-guidance-scale", "500")) == 0
     assert _png(guided).shape == (16, 16, 3) and not np.array_equal(_png(guided), _png(plain))
+    # both guidances at once: classifier-free (--guidance) on top of CLIP's
+    both = tmp_path / "both.png"
+    assert main(_argv(d, both, *clip_args, "--clip-guidance-scale", "500", "--guidance", "4")) == 0
+    assert not np.array_equal(_png(both), _png(guided))
 
 
 def _exit_2(capsys, argv, *needles):
