@@ -33,10 +33,8 @@ in float32.
 
 from __future__ import annotations
 
-import numbers
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +46,7 @@ from diffkern.models.glide.model_creation import (
 )
 from diffkern.models.glide.tokenizer import load_glide_tokenizer
 from diffkern.models.weights import CheckpointError, key_problems, read_state_dict
+from diffkern.pipelines import _glide_inputs as I
 from diffkern.pipelines._common import ImagePipelineOutput, postprocess
 from diffkern.schedulers._base import randn_like_diffusers
 
@@ -139,10 +138,10 @@ class GlidePipeline:
                              ".inpaint(image, mask, ...)")
         if base_sampler not in ("ddpm", "ddim"):
             raise ValueError(f"base_sampler: expected 'ddpm' or 'ddim', got {base_sampler!r}")
-        guidance_scale = _guidance_scale(guidance_scale, None if use_clip_guidance else 3.0)
+        guidance_scale = I.guidance_scale_value(guidance_scale, None if use_clip_guidance else 3.0)
         texts, ids = self._prompts(prompt, tokens)
         N, size = len(ids) * batch_size, self.base_options["image_size"]
-        _check_generator(generator, N)
+        I.check_generator(generator, N)
         if base_noise is not None and (not isinstance(base_noise, torch.Tensor)
                                        or tuple(base_noise.shape) != (N, 3, size, size)):
             got = tuple(base_noise.shape) if isinstance(base_noise, torch.Tensor) else \
@@ -182,19 +181,19 @@ class GlidePipeline:
                                                 and not self.upsampler_options["inpaint"]):
             raise ValueError("inpaint needs inpainting models (inpaint=True options, base_inpaint.pt / "
                              "upsample_inpaint.pt)")
-        guidance_scale = _guidance_scale(guidance_scale, 5.0)
+        guidance_scale = I.guidance_scale_value(guidance_scale, 5.0)
         texts, ids = self._prompts(prompt, tokens)
-        _check_generator(generator, len(ids) * batch_size)
+        I.check_generator(generator, len(ids) * batch_size)
         size = self.base_options["image_size"]
-        mask_lo = _mask(mask, size)
-        known_lo = _image(image, size) * mask_lo
+        mask_lo = I.mask_tensor(mask, size)
+        known_lo = I.image_tensor(image, size) * mask_lo
         base = self._base(texts, ids, batch_size, guidance_scale, base_respacing, generator, progress,
                           inpaint=(known_lo, mask_lo))
         out = base
         if self.upsampler_model is not None:
             up_size = self.upsampler_options["image_size"]
             mask_hi = F.interpolate(mask_lo, (up_size, up_size), mode="nearest")
-            known_hi = _image(image, up_size) * mask_hi
+            known_hi = I.image_tensor(image, up_size) * mask_hi
             out = self._upsample(ids, batch_size, base, upsample_respacing, upsample_temp, generator,
                                  progress, (known_hi, mask_hi))
         return ImagePipelineOutput(images=postprocess(out, output_type))
@@ -227,10 +226,10 @@ class GlidePipeline:
         """
         if self.base_options["inpaint"]:
             raise ValueError("invert: this pipeline's base model is an inpainting model")
-        guidance_scale = _guidance_scale(guidance_scale, None)
+        guidance_scale = I.guidance_scale_value(guidance_scale, None)
         o, model = self.base_options, self.base_model
         device, dtype = _device(model), _dtype(model)
-        x0 = _image(image, o["image_size"], batched=True).to(device, dtype)
+        x0 = I.image_tensor(image, o["image_size"], batched=True).to(device, dtype)
         n = x0.shape[0]
         _, ids = self._prompts(prompt, [] if prompt is None and tokens is None else tokens)
         if len(ids) not in (1, n):
@@ -285,13 +284,13 @@ class GlidePipeline:
     def _model_fn(model, text_ctx, ids, B, guidance_scale, device, extra):
         """The samplers' model_fn: image n sees prompt n // B (and `extra`, one row or one per image);
         with guidance_scale, the unconditional rows follow all conditional ones in the same call."""
-        tokens, mask = (t.repeat_interleave(B, 0) for t in _padded(ids, text_ctx, model, device))
+        tokens, mask = (t.repeat_interleave(B, 0) for t in I.padded_tokens(ids, text_ctx, model, device))
         N = tokens.shape[0]
         extra = {k: v.expand(N, *v.shape[1:]) for k, v in extra.items()}
         if guidance_scale is None:
             kwargs = {"tokens": tokens, "mask": mask, **extra}
             return lambda x, t: model(x, t, **kwargs)
-        un_tokens, un_mask = (t.expand(N, -1) for t in _padded([[]], text_ctx, model, device))
+        un_tokens, un_mask = (t.expand(N, -1) for t in I.padded_tokens([[]], text_ctx, model, device))
         kwargs = {"tokens": torch.cat([tokens, un_tokens]), "mask": torch.cat([mask, un_mask]),
                   **{k: torch.cat([v, v]) for k, v in extra.items()}}
         return guided_model_fn(model, kwargs)
@@ -302,7 +301,7 @@ class GlidePipeline:
             raise ValueError("give prompt (a str or a list of str) or tokens (token ids, or a list of "
                              "them), exactly one")
         if prompt is None:
-            return None, _token_lists(tokens)
+            return None, I.token_lists(tokens)
         texts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(p, str) for p in texts):
             got = type(prompt).__name__ if not isinstance(prompt, (list, tuple)) else \
@@ -321,55 +320,6 @@ class GlidePipeline:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
 
 
-def _guidance_scale(value, auto):
-    """A float or None; "auto" becomes `auto` (the notebook's choice for this call)."""
-    if isinstance(value, str) and value == "auto":
-        return auto
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"guidance_scale: expected a number, None or 'auto', got {value!r}")
-    return float(value)
-
-
-def _check_generator(generator, n):
-    if isinstance(generator, (list, tuple)) and len(generator) != n:
-        raise ValueError(f"generator: expected one torch.Generator or a list of {n} (one per image), "
-                         f"got a list of {len(generator)}")
-
-
-def _token_lists(tokens):
-    """One prompt's ids (ints, a 1-D tensor) or several (a list of those, a 2-D tensor) -> lists of ints."""
-    def is_row(t):
-        return isinstance(t, (list, tuple)) or (isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim == 1)
-
-    rows = None
-    if isinstance(tokens, (torch.Tensor, np.ndarray)) and tokens.ndim in (1, 2):
-        rows = tokens.tolist() if tokens.ndim == 2 else [tokens.tolist()]
-    elif isinstance(tokens, (list, tuple)):
-        nested = bool(tokens) and all(is_row(t) for t in tokens)
-        rows = [t if isinstance(t, (list, tuple)) else t.tolist() for t in tokens] if nested else [tokens]
-    try:
-        return [[int(t) for t in row] for row in rows]
-    except (TypeError, ValueError):
-        raise TypeError("tokens: expected token ids (a list of ints, a 1-D tensor) or a list of them (or a "
-                        f"2-D tensor), got {type(tokens).__name__}") from None
-
-
-def _padded(ids, text_ctx, model, device):
-    """(P, text_ctx) tokens and mask: GLIDE pads with the end token (the vocabulary's last id), masked out."""
-    n_vocab = model.token_embedding.num_embeddings
-    rows, masks = [], []
-    for row in ids:
-        row = row[:text_ctx]
-        if any(not 0 <= t < n_vocab for t in row):
-            raise ValueError(f"tokens: ids must lie in [0, {n_vocab}), got {row}")
-        pad = text_ctx - len(row)
-        rows.append(row + [n_vocab - 1] * pad)
-        masks.append([True] * len(row) + [False] * pad)
-    return torch.tensor(rows, device=device), torch.tensor(masks, device=device)
-
-
 def _dtype(model):
     """float64 for a float64 model (exact tests), else float32 (OpenAI samples fp16 models in float32)."""
     return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
@@ -382,42 +332,6 @@ def _device(model):
 def _keep_known(known, keep):
     """The notebook's denoised_fn: x0 outside the mask, the known image inside it."""
     return lambda x0: x0 * (1 - keep) + known * keep
-
-
-def _image(image, size, *, batched=False):
-    """(1, 3, size, size) in [-1, 1] (float32; float64 kept) from a PIL image or a tensor in [-1, 1];
-    batched: (B, 3, size, size), from a list of PIL images or a (B, 3, H, W) tensor too."""
-    from PIL import Image
-
-    if batched and isinstance(image, (list, tuple)) and image and \
-            all(isinstance(i, Image.Image) for i in image):
-        return torch.cat([_image(i, size) for i in image])
-    if isinstance(image, Image.Image):
-        resized = image.convert("RGB").resize((size, size), resample=Image.BICUBIC)
-        array = np.asarray(resized, dtype=np.float32)
-        return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1
-    if not isinstance(image, torch.Tensor) or image.dim() not in (3, 4) or image.shape[-3] != 3 or \
-            (image.dim() == 4 and image.shape[0] != 1 and not batched):
-        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        want = "(3, H, W) / (B, 3, H, W) tensor in [-1, 1] or a list of PIL images" if batched else \
-            "(3, H, W) / (1, 3, H, W) tensor in [-1, 1]"
-        raise ValueError(f"image: expected a PIL image or a {want}, got {got}")
-    image = image.reshape(-1, 3, *image.shape[-2:])
-    image = image.float() if image.dtype != torch.float64 else image
-    if tuple(image.shape[-2:]) != (size, size):
-        image = F.interpolate(image, (size, size), mode="bicubic", align_corners=False)
-    return image
-
-
-def _mask(mask, size):
-    """(1, 1, size, size) float32 of 0 / 1 (nearest resize)."""
-    mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).float()
-    if mask.dim() not in (2, 3, 4) or mask.numel() != mask.shape[-1] * mask.shape[-2]:
-        raise ValueError(f"mask: expected (H, W), (1, H, W) or (1, 1, H, W), got {tuple(mask.shape)}")
-    mask = mask.reshape(1, 1, *mask.shape[-2:])
-    if tuple(mask.shape[-2:]) != (size, size):
-        mask = F.interpolate(mask, (size, size), mode="nearest")
-    return mask
 
 
 def _fill(module, path, what):
