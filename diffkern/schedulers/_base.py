@@ -156,21 +156,20 @@ class _Scheduler:
 
     def add_noise(self, original_samples, noise, timesteps):
         """Forward process q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, per-sample t."""
-        acp = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)
-        timesteps = torch.as_tensor(timesteps, device=original_samples.device)
-        shape = (-1,) + (1,) * (original_samples.dim() - 1)
-        sa = (acp[timesteps] ** 0.5).flatten().view(shape)
-        s1m = ((1 - acp[timesteps]) ** 0.5).flatten().view(shape)
+        sa, s1m = self._sqrt_abars(timesteps, original_samples)
         return sa * original_samples + s1m * noise
 
     def get_velocity(self, sample, noise, timesteps):
         """v-prediction target sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022)."""
-        acp = self.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)
-        timesteps = torch.as_tensor(timesteps, device=sample.device)
-        shape = (-1,) + (1,) * (sample.dim() - 1)
-        sa = (acp[timesteps] ** 0.5).flatten().view(shape)
-        s1m = ((1 - acp[timesteps]) ** 0.5).flatten().view(shape)
+        sa, s1m = self._sqrt_abars(timesteps, sample)
         return sa * noise - s1m * sample
+
+    def _sqrt_abars(self, timesteps, like):
+        """sqrt(abar_t), sqrt(1 - abar_t) per sample, shaped to broadcast against `like`."""
+        acp = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
+        acp = acp[torch.as_tensor(timesteps, device=like.device)].flatten()
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return (acp ** 0.5).view(shape), ((1 - acp) ** 0.5).view(shape)
 
     # -- helpers for step ------------------------------------------------------------------------
     def _abar(self, t):
@@ -225,18 +224,20 @@ class _Scheduler:
         guidance_scale,
         noise,
         eps_from_clipped,
+        return_dict,
         variance="fixed",
     ):
-        """Run guided_step once (eps_from_clipped=False is diffusers' DDIM default: x0 clipped, the
-        eps term from the unclipped prediction; the op does both in its one pass)."""
+        """Run guided_step once and return step's output (eps_from_clipped=False is diffusers' DDIM
+        default: x0 clipped, the eps term from the unclipped prediction; the op does both in its pass)."""
         cfg = self.config
         clip = "dynamic" if cfg.get("thresholding") else ("static" if cfg.clip_sample else "none")
-        return ops.guided_step(
+        prev, x0 = ops.guided_step(
             sample, model_output, coeffs.to(sample.device), uncond_output=uncond_output,
             guidance_scale=guidance_scale, prediction_type=cfg.prediction_type, clip=clip,
             clip_range=cfg.clip_sample_range, dynamic_percentile=cfg.get("dynamic_thresholding_ratio", 0.995),
             dynamic_max_value=cfg.get("sample_max_value", 1.0), variance=variance, noise=noise,
             eps_from_clipped=eps_from_clipped)
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
 
 
 def coeff_rows(batch, values):

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from diffkern.schedulers._base import SchedulerOutput, _Scheduler, coeff_rows, sqrt
+from diffkern.schedulers._base import _Scheduler, coeff_rows, sqrt
 
 _DDIM_DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -108,7 +108,7 @@ class DDIMScheduler(_Scheduler):
         noise = None
         if eta > 0:
             noise = self._noise(model_output.shape, model_output, generator, variance_noise)
-        prev, x0 = self._call_step(
+        return self._call_step(
             sample,
             model_output,
             coeffs,
@@ -116,10 +116,8 @@ class DDIMScheduler(_Scheduler):
             guidance_scale=guidance_scale,
             noise=noise,
             eps_from_clipped=bool(use_clipped_model_output),
+            return_dict=return_dict,
         )
-        if not return_dict:
-            return (prev, x0)
-        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
 class DDIMInverseScheduler(_Scheduler):
@@ -163,7 +161,7 @@ class DDIMInverseScheduler(_Scheduler):
     ):
         """One inversion step towards noise; returns prev_sample (the noisier sample) and x0."""
         coeffs = self.step_coefficients(timestep, sample.shape[0])
-        prev, x0 = self._call_step(
+        return self._call_step(
             sample,
             model_output,
             coeffs,
@@ -171,7 +169,5 @@ class DDIMInverseScheduler(_Scheduler):
             guidance_scale=guidance_scale,
             noise=None,
             eps_from_clipped=False,
+            return_dict=return_dict,
         )
-        if not return_dict:
-            return (prev, x0)
-        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)

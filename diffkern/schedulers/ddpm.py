@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from diffkern.schedulers._base import SchedulerOutput, _Scheduler, coeff_rows, sqrt
+from diffkern.schedulers._base import _Scheduler, coeff_rows, sqrt
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned_range")
 _UNSUPPORTED_VARIANCES = {
@@ -159,7 +159,7 @@ class DDPMScheduler(_Scheduler):
         noise = None
         if t > 0:
             noise = self._noise(sample.shape, model_output, generator, variance_noise)
-        prev, x0 = self._call_step(
+        return self._call_step(
             sample,
             model_output,
             coeffs,
@@ -167,8 +167,6 @@ class DDPMScheduler(_Scheduler):
             guidance_scale=guidance_scale,
             noise=noise,
             eps_from_clipped=True,
+            return_dict=return_dict,
             variance="learned_range" if learned else "fixed",
         )
-        if not return_dict:
-            return (prev, x0)
-        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
