@@ -71,13 +71,8 @@ def candidates(case, device):
             out.append((f"sdpa[{name}]", _in_context(ctx, lambda: torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=case.causal)), "peer"))
     note = "peer: concat + SDPA" if prefix else "peer: torch SDPA, its own dispatch"
-    for name in ops.available_backends("attention"):
-        if name == "reference" or (name == "triton" and device.type == "cpu"):
-            continue
-        try:
-            ops.attention_backend(q, k, v, backend=name, **kw)
-        except ValueError:
-            continue
+    would_run = lambda n: ops.attention_backend(q, k, v, backend=n, **kw)  # noqa: E731
+    for name in harness.kernel_backends("attention", device, would_run):
         out.append((name, (lambda n=name: ops.attention(q, k, v, backend=n, **kw)),
                     note if name == "sdpa" else ("peer" if name == "xformers" else "")))
     return out

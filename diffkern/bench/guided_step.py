@@ -72,13 +72,8 @@ def candidates(case, device, compile_reference=True):
         out.append(harness.compile_candidate(diffusers_style_step, *args))
     kw = dict(uncond_output=uncond, guidance_scale=GUIDANCE, clip="dynamic", dynamic_percentile=PERCENTILE,
               dynamic_max_value=MAX_VALUE, noise=noise)
-    for name in ops.available_backends(OP):
-        if name == "reference" or (name == "triton" and device.type == "cpu"):
-            continue
-        try:
-            ops.guided_step_backend(x, cond, coeffs, backend=name, **kw)
-        except ValueError:
-            continue
+    would_run = lambda n: ops.guided_step_backend(x, cond, coeffs, backend=n, **kw)  # noqa: E731
+    for name in harness.kernel_backends(OP, device, would_run):
         out.append((name, lambda n=name: ops.guided_step(x, cond, coeffs, backend=n, **kw), ""))
         # the same step drawing its noise in the kernel (the others are handed a pre-drawn noise tensor)
         seeded = dict(kw, noise=None, noise_seed=1234)

@@ -180,6 +180,24 @@ def compile_candidate(fn, *args, **kwargs):
     return ("torch.compile", call, "peer: inductor on the reference")
 
 
+def kernel_backends(op, device, would_run):
+    """The op's usable backends to time beside the reference: not the reference itself (each suite
+    times its own eager baseline), not the Triton interpreter on CPU (it is for tests), and only
+    those that take this case (would_run(name) raises ValueError otherwise, as the op would)."""
+    from diffkern import ops
+
+    names = []
+    for name in ops.available_backends(op):
+        if name == "reference" or (name == "triton" and device.type == "cpu"):
+            continue
+        try:
+            would_run(name)
+        except ValueError:
+            continue
+        names.append(name)
+    return names
+
+
 def run_cases(op, cases, make_candidates, device, describe, log=print):
     """Time every candidate of every case side by side (inference mode) and build the rows.
 
