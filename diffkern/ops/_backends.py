@@ -19,6 +19,16 @@ def device_reasons(t, device_types):
     return [] if d in device_types else [f"device {d} not supported (takes {list(device_types)})"]
 
 
+def tensor_reasons(t, device_types, dtypes):
+    """Why a backend cannot take tensor t: its device (device_types None: any) and its dtype."""
+    return (device_reasons(t, device_types) if device_types else []) + dtype_reasons(t, dtypes)
+
+
+def takes(field, device_types, dtypes):
+    """A Backend `reasons` function for backends limited by the device and dtype of call.<field>."""
+    return lambda call: tensor_reasons(getattr(call, field), device_types, dtypes)
+
+
 def triton_device_types():
     """Devices the Triton backends take: CUDA, plus CPU under TRITON_INTERPRET=1 (tests)."""
     return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)

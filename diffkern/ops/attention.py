@@ -216,10 +216,6 @@ def _run_triton(c):
 # ---------------------------------------------------------------------------------------------
 # backend table
 
-def _dtype_reasons(c, dtypes):
-    return _backends.dtype_reasons(c.q, dtypes)
-
-
 @_ext.cached
 def _xformers_unavailable():
     if importlib.util.find_spec("xformers") is None:
@@ -230,21 +226,21 @@ def _xformers_unavailable():
 
 
 def _xformers_reasons(c):
-    return _backends.device_reasons(c.q, ("cuda",)) + _dtype_reasons(c, KERNEL_DTYPES)
+    return _backends.tensor_reasons(c.q, ("cuda",), KERNEL_DTYPES)
 
 
 def _triton_reasons(c):
     why = _backends.device_reasons(c.q, _backends.triton_device_types())
     if c.q.shape[-1] > MAX_HEAD_DIM_TRITON or c.q.shape[-1] < 1:
         why.append(f"head dim {c.q.shape[-1]} not supported (takes 1 to {MAX_HEAD_DIM_TRITON})")
-    return why + _dtype_reasons(c, KERNEL_DTYPES)
+    return why + _backends.dtype_reasons(c.q, KERNEL_DTYPES)
 
 _fam = _dispatch.op_family(OP)
 _fam.register(_dispatch.Backend("reference", _run_reference, lambda: "",
-                                lambda c: _dtype_reasons(c, KERNEL_DTYPES + (torch.float64,)),
+                                _backends.takes("q", None, KERNEL_DTYPES + (torch.float64,)),
                                 "plain math, float32 scores and softmax (materialises Sq x Sk)"))
 _fam.register(_dispatch.Backend("sdpa", _run_sdpa, lambda: "",
-                                lambda c: _dtype_reasons(c, KERNEL_DTYPES + (torch.float64,)),
+                                _backends.takes("q", None, KERNEL_DTYPES + (torch.float64,)),
                                 "torch scaled_dot_product_attention (prefix concatenated, masks built)"))
 _fam.register(_dispatch.Backend("xformers", _run_xformers, _xformers_unavailable, _xformers_reasons,
                                 "xformers memory_efficient_attention (prefix concatenated)"))

@@ -119,21 +119,13 @@ def _run_reference(call):
 # ---------------------------------------------------------------------------------------------
 # backend table
 
-def _dtype_reasons(call, dtypes):
-    return _backends.dtype_reasons(call.x, dtypes)
-
-
-def _device_reasons(call, device_types):
-    return _backends.device_reasons(call.x, device_types)
-
-
 _cpu_unavailable = _backends.extension_unavailable("dynamic_threshold_forward")
 _cuda_unavailable = _backends.extension_unavailable("dynamic_threshold_forward", need_cuda=True)
 _triton_unavailable = _backends.triton_unavailable
 
 
 def _triton_reasons(call):
-    reasons = _device_reasons(call, _backends.triton_device_types()) + _dtype_reasons(call, KERNEL_DTYPES)
+    reasons = _backends.tensor_reasons(call.x, _backends.triton_device_types(), KERNEL_DTYPES)
     n = call.x.numel() // max(call.x.shape[0], 1)
     if n >= 2**31:  # int32 histogram counts
         reasons.append(f"at most 2^31 - 1 elements per sample, got {n}")
@@ -144,15 +136,15 @@ def _triton_reasons(call):
 _fam = _dispatch.op_family(OP)
 _fam.register(_dispatch.Backend(
     "reference", _run_reference, lambda: "",
-    lambda call: _dtype_reasons(call, KERNEL_DTYPES + (torch.float64,)),
+    _backends.takes("x", None, KERNEL_DTYPES + (torch.float64,)),
     "eager PyTorch in float64: torch.quantile (kthvalue beyond 2^24 elements), clamp, divide"))
 _fam.register(_dispatch.Backend(
     "cpu", _kernel_runner(_run_compiled), _cpu_unavailable,
-    lambda call: _device_reasons(call, ("cpu",)) + _dtype_reasons(call, KERNEL_DTYPES),
+    _backends.takes("x", ("cpu",), KERNEL_DTYPES),
     "C++ radix select + at::vec clamp/scale, at::parallel_for"))
 _fam.register(_dispatch.Backend(
     "cuda", _kernel_runner(_run_compiled), _cuda_unavailable,
-    lambda call: _device_reasons(call, ("cuda",)) + _dtype_reasons(call, KERNEL_DTYPES),
+    _backends.takes("x", ("cuda",), KERNEL_DTYPES),
     "CUDA C++: 3 digit-histogram passes (shared-memory histograms) + apply pass"))
 _fam.register(_dispatch.Backend(
     "triton", _kernel_runner(_run_triton), _triton_unavailable, _triton_reasons,

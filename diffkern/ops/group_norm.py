@@ -259,14 +259,6 @@ def _run_reference(call):
 # ---------------------------------------------------------------------------------------------
 # backend table
 
-def _dtype_reasons(call, dtypes):
-    return _backends.dtype_reasons(call.x, dtypes)
-
-
-def _device_reasons(call, device_types):
-    return _backends.device_reasons(call.x, device_types)
-
-
 def _ext_unavailable(need_cuda):
     return _backends.extension_unavailable("group_norm_forward", need_cuda)
 
@@ -275,20 +267,20 @@ _triton_unavailable = _backends.triton_unavailable
 
 
 def _triton_reasons(call):
-    return _device_reasons(call, _backends.triton_device_types()) + _dtype_reasons(call, KERNEL_DTYPES)
+    return _backends.tensor_reasons(call.x, _backends.triton_device_types(), KERNEL_DTYPES)
 
 _fam = _dispatch.op_family(OP)
 _fam.register(_dispatch.Backend(
     "reference", _run_reference, lambda: "",
-    lambda call: _dtype_reasons(call, KERNEL_DTYPES + (torch.float64,)),
+    _backends.takes("x", None, KERNEL_DTYPES + (torch.float64,)),
     "eager PyTorch: F.group_norm, then scale-shift, then F.silu"))
 _fam.register(_dispatch.Backend(
     "cpu", _kernel_runner("cpu"), _ext_unavailable(False),
-    lambda call: _device_reasons(call, ("cpu",)) + _dtype_reasons(call, KERNEL_DTYPES),
+    _backends.takes("x", ("cpu",), KERNEL_DTYPES),
     "C++ kernel, at::vec + at::parallel_for"))
 _fam.register(_dispatch.Backend(
     "cuda", _kernel_runner("cuda"), _ext_unavailable(True),
-    lambda call: _device_reasons(call, ("cuda",)) + _dtype_reasons(call, KERNEL_DTYPES),
+    _backends.takes("x", ("cuda",), KERNEL_DTYPES),
     "CUDA C++ kernel"))
 _fam.register(_dispatch.Backend(
     "triton", _kernel_runner("triton"), _triton_unavailable, _triton_reasons, "Triton kernel"))

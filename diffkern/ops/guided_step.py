@@ -269,44 +269,37 @@ def _run_reference(call):
 # ---------------------------------------------------------------------------------------------
 # backend table
 
-def _dtype_reasons(call, dtypes):
-    return _backends.dtype_reasons(call.sample, dtypes)
-
-
-def _device_reasons(call, device_types):
-    return _backends.device_reasons(call.sample, device_types)
-
-
 _ext_unavailable = _backends.extension_unavailable("guided_step_forward")
 _cuda_unavailable = _backends.extension_unavailable("guided_step_forward", need_cuda=True)
 _triton_unavailable = _backends.triton_unavailable
 
 
 def _triton_reasons(call):
-    return _device_reasons(call, _backends.triton_device_types()) + _dtype_reasons(call, KERNEL_DTYPES)
+    return _backends.tensor_reasons(call.sample, _backends.triton_device_types(), KERNEL_DTYPES)
 
 _fam = _dispatch.op_family(OP)
 _fam.register(_dispatch.Backend(
     "reference", _run_reference, lambda: "",
-    lambda call: _dtype_reasons(call, KERNEL_DTYPES + (torch.float64,)),
+    _backends.takes("sample", None, KERNEL_DTYPES + (torch.float64,)),
     "eager PyTorch, about ten elementwise passes (torch.quantile for dynamic thresholding)"))
 _fam.register(_dispatch.Backend(
     "cpu", _kernel_runner(_launch_compiled), _ext_unavailable,
-    lambda call: _device_reasons(call, ("cpu",)) + _dtype_reasons(call, KERNEL_DTYPES),
+    _backends.takes("sample", ("cpu",), KERNEL_DTYPES),
     "C++ kernel, at::vec + at::parallel_for, one pass (two with dynamic thresholding)"))
 _fam.register(_dispatch.Backend(
     "triton", _kernel_runner(_launch_triton), _triton_unavailable, _triton_reasons,
     "Triton kernel, one pass (two with dynamic thresholding)"))
 _fam.register(_dispatch.Backend(
     "cuda", _kernel_runner(_launch_compiled), _cuda_unavailable,
-    lambda call: _device_reasons(call, ("cuda",)) + _dtype_reasons(call, KERNEL_DTYPES)
+    lambda call: _backends.tensor_reasons(call.sample, ("cuda",), KERNEL_DTYPES)
     + ([f"at most 65535 samples per call, got {call.sample.shape[0]}"] if call.sample.shape[0] > 65535 else []),
     "CUDA C++ kernel, one pass (two with dynamic thresholding: the radix select of dynamic_threshold)"))
-# Automatic choice, fastest first. CPU: one pass over the inputs against about ten for eager
-# PyTorch (numbers to come from benchmarks/); the Triton interpreter is for tests only and never
-# picked on CPU. CUDA: the cuda kernel is compile-checked (nvcc sm_80/sm_90) and the Triton kernel has
-# only run in the interpreter; neither has run on a GPU yet, so CUDA tensors default to the reference
-# until a GPU run has verified and timed them (backend="cuda" or "triton" asks for them).
+# Automatic choice, fastest first. CPU: the C++ kernel is 20-74x the diffusers-style eager chain on
+# the benchmark shapes (benchmarks/results/guided_step-cpu-*.md); the Triton interpreter is for
+# tests only and never picked on CPU. CUDA: the cuda kernel is compile-checked (nvcc sm_80/sm_90)
+# and the Triton kernel has only run in the interpreter; neither has run on a GPU yet, so CUDA
+# tensors default to the reference until a GPU run has verified and timed them (backend="cuda" or
+# "triton" asks for them).
 _fam.priority = {"cpu": ["cpu", "reference"], "cuda": ["reference"]}
 
 # single-pass launchers of the kernel backends, for tests that hand them poisoned outputs
