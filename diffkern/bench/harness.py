@@ -167,17 +167,24 @@ def write_results(rows, env, out_dir, stem, notes=()):
     return out_dir / f"{stem}.json", out_dir / f"{stem}.md"
 
 
-def compile_candidate(fn, *args, **kwargs):
-    """("torch.compile", callable or None, note): inductor on `fn(*args, **kwargs)`, compiled once
-    with a fresh dynamo cache; a failure is recorded in the note (compile is a peer, not ours)."""
+def compile_checked(fn, *args, **kwargs):
+    """(call, "") where call() runs inductor's `fn(*args, **kwargs)`, compiled with a fresh dynamo
+    cache and run once; (None, "failed: ...") when that fails (compile is a peer: its failure is a
+    result to record, not our error)."""
     torch._dynamo.reset()
     compiled = torch.compile(fn, dynamic=False)
     call = lambda: compiled(*args, **kwargs)  # noqa: E731
     try:
         call()
     except Exception as e:  # noqa: BLE001
-        return ("torch.compile", None, f"failed: {type(e).__name__}: {str(e)[:80]}")
-    return ("torch.compile", call, "peer: inductor on the reference")
+        return None, f"failed: {type(e).__name__}: {str(e)[:80]}"
+    return call, ""
+
+
+def compile_candidate(fn, *args, **kwargs):
+    """("torch.compile", callable or None, note): the reference under inductor (see compile_checked)."""
+    call, why = compile_checked(fn, *args, **kwargs)
+    return ("torch.compile", call, why or "peer: inductor on the reference")
 
 
 def kernel_backends(op, device, would_run):

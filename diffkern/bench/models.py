@@ -170,17 +170,6 @@ def _peak_mb(fn, device):
     return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
 
 
-def _compiled(fn):
-    """torch.compile of the callable's model call; None and the reason when it fails."""
-    torch._dynamo.reset()
-    c = torch.compile(fn, dynamic=False)
-    try:
-        c()
-    except Exception as e:  # noqa: BLE001  (a peer failing to compile is a result, not our error)
-        return None, f"failed: {type(e).__name__}: {str(e)[:80]}"
-    return c, ""
-
-
 def _time_case(case, device, compile_peers):
     fns = _callables(case, device)
     cands = [("reference", lambda: _with_reference(fns["diffkern"]), "diffkern model, reference backend"),
@@ -190,9 +179,9 @@ def _time_case(case, device, compile_peers):
     if compile_peers and case.kind != "loop":  # compiling a 50-step Python loop measures the compiler
         for name in [n for n in ("diffusers", "diffkern") if n in fns]:
             if name == "diffkern" and case.kind == "glide":  # no diffusers peer: compile the reference too
-                c, why = _compiled(lambda: _with_reference(fns["diffkern"]))
+                c, why = harness.compile_checked(lambda: _with_reference(fns["diffkern"]))
                 cands.append(("reference+compile", c, why or "torch.compile (inductor) of the reference backend"))
-            c, why = _compiled(fns[name])
+            c, why = harness.compile_checked(fns[name])
             cands.append((f"{name}+compile", c, why or "torch.compile (inductor)"))
     times, mems = {}, {}
     for name, fn, _ in cands:
