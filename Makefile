@@ -37,7 +37,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q tests
+	DIFFKERN_REQUIRE_ORACLES=1 $(PY) -m pytest -q tests
 
 bench: setup
 	$(PY) -m diffkern.bench $(BENCH_ARGS)

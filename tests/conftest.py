@@ -1,6 +1,7 @@
 """Shared fixtures: which backends run here, on which device, and the tolerance table."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -51,3 +52,40 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+# Oracles that `make test` installs: when DIFFKERN_REQUIRE_ORACLES=1 (the Makefile's test target sets
+# it), a test or module that skips because one of them cannot be imported FAILS instead, so a broken
+# install cannot pass as "skipped". Outside make (a bare pytest on a partial environment) they skip.
+REQUIRED_ORACLES = ("diffusers", "transformers", "safetensors", "triton", "PIL", "tqdm")
+_MISSING = re.compile(r"could not import '([\w.]+)'")
+
+
+def _missing_oracle(report):
+    if os.environ.get("DIFFKERN_REQUIRE_ORACLES") != "1" or not report.skipped:
+        return None
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    match = _MISSING.search(reason)
+    if match and match.group(1).split(".")[0] in REQUIRED_ORACLES:
+        return reason
+    return None
+
+
+def _fail_missing_oracle(report):
+    reason = _missing_oracle(report)
+    if reason is not None:
+        report.outcome = "failed"
+        report.longrepr = f"required test oracle missing (DIFFKERN_REQUIRE_ORACLES=1): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_missing_oracle(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_missing_oracle(outcome.get_result())
