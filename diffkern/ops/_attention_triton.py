@@ -35,20 +35,24 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, kp: Optional[Tens
                   need_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dkp, dvp, dbias = _kernels().attention_backward(do, q, k, v, kp, vp, bias, causal, scale, out,
                                                                  lse, need_dbias=need_dbias)
-    empty = q.new_empty(0)
-    return (dq, dk, dv, empty if dkp is None else dkp, empty if dvp is None else dvp,
-            empty if dbias is None else dbias)
+    return dq, dk, dv, _or_placeholder(dkp, q), _or_placeholder(dvp, q), _or_placeholder(dbias, q)
+
+
+def _or_placeholder(t, like):
+    """t, or a fresh empty tensor standing for "no gradient". Fresh each time: a custom op's outputs may not
+    alias each other, so one shared placeholder for dkp, dvp and dbias is refused (issue 11, defect 1)."""
+    return like.new_empty(0) if t is None else t
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, kp, vp, bias, causal, scale, out, lse, need_dbias):
-    empty = q.new_empty(0)
-    dbias = empty
+    dbias = None
     if need_dbias:
         dbias = q.new_empty((q.shape[0], q.shape[1], q.shape[2], k.shape[2] + (0 if kp is None else kp.shape[2])),
                             dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            empty if kp is None else torch.empty_like(kp), empty if vp is None else torch.empty_like(vp), dbias)
+            _or_placeholder(None if kp is None else torch.empty_like(kp), q),
+            _or_placeholder(None if vp is None else torch.empty_like(vp), q), _or_placeholder(dbias, q))
 
 
 def _setup_context(ctx, inputs, output):

@@ -178,20 +178,39 @@ def test_dispatch_defaults_and_head_dim_limit():
         diffkern.ops.attention(big, big, big, backend="triton")
 
 
-def test_triton_backend_compiles_without_graph_breaks():
+@pytest.mark.parametrize("with_prefix", [True, False], ids=["prefix", "plain"])
+def test_triton_backend_compiles_without_graph_breaks(with_prefix):
     """The Triton path is a torch.library custom op with a fake implementation: dynamo traces the
-    whole function (fullgraph=True), AOT autograd runs the fake shapes, forward and backward match."""
+    whole function (fullgraph=True), AOT autograd runs the fake shapes, forward and backward match.
+    The plain case (no prefix: placeholder gradients) is the one issue 11 found broken."""
     _require("triton")
     dev = _device("triton")
-    q, k, v, (kp, vp) = _qkv(1, 2, 9, 11, 16, torch.float32, dev, 3)
+    q, k, v, prefix = _qkv(1, 2, 9, 11, 16, torch.float32, dev, 3 if with_prefix else 0)
     for t in (q, k, v):
         t.requires_grad_(True)
 
     def f(q, k, v):
-        return diffkern.ops.attention(q, k, v, kv_prefix=(kp, vp), causal=True, backend="triton").sum()
+        return diffkern.ops.attention(q, k, v, kv_prefix=prefix, causal=True, backend="triton").sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     want = torch.autograd.grad(f(q, k, v), (q, k, v))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_gradients_without_prefix_or_bias(backend):
+    """The most common training call (no prefix, no bias): issue 11, defect 1. The Triton custom op's
+    backward used to return one empty placeholder for dkp, dvp and dbias, which torch.library refuses
+    as aliased outputs ("may not alias any inputs to this custom operator or other returns")."""
+    _require(backend)
+    dev = _device(backend)
+    q, k, v = (torch.randn(1, 2, 37, 40, device=dev, requires_grad=True) for _ in range(3))
+    out = diffkern.ops.attention(q, k, v, backend=backend)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    l64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    refs = torch.autograd.grad(reference.attention(*l64), l64, do.double())
+    for name, g, r in zip("qkv", grads, refs):
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
