@@ -12,13 +12,28 @@ def _per_channel(t, x):
     return t.reshape(t.shape + (1,) * (x.dim() - 2))
 
 
+def _gn_backward_crashes(x, weight, bias):
+    if x.device.type != "cpu" or x.dim() not in (4, 5) or x.is_contiguous() or not torch.is_grad_enabled():
+        return False
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return (x.is_contiguous(memory_format=fmt) and not x.requires_grad
+            and any(t is not None and t.requires_grad for t in (weight, bias)))
+
+
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None,
                activation=None, upcast=False):
     """act((GroupNorm(x) * weight + bias) * (1 + scale) + shift); float64 throughout if upcast."""
     if upcast:
         x, weight, bias, scale, shift = (None if t is None else t.double()
                                          for t in (x, weight, bias, scale, shift))
-    y = F.group_norm(x, num_groups, weight, bias, eps)
+    if _gn_backward_crashes(x, weight, bias):
+        # torch 2.13's CPU channels_last GroupNorm backward segfaults when weight or bias needs a
+        # gradient and x does not (tests/ops/test_group_norm_combinations.py found it): normalise a
+        # contiguous copy and hand back x's memory format.
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        y = F.group_norm(x.contiguous(), num_groups, weight, bias, eps).contiguous(memory_format=fmt)
+    else:
+        y = F.group_norm(x, num_groups, weight, bias, eps)
     if scale is not None:
         y = y * (1 + _per_channel(scale, x)) + _per_channel(shift, x)
     if activation == "silu":
