@@ -1,12 +1,13 @@
-"""Schedulers: DDPM / DDIM (+ inversion) with the diffusers scheduler contract, GLIDE /
-improved-DDPM respacing, and a sampling loop. Every step is one call of the fused guided_step.
+"""Schedulers with the diffusers scheduler contract (config, save/load, step outputs), GLIDE /
+improved-DDPM respacing, and a sampling loop. Every step's element-wise update is one fused op.
 
     import diffkern.schedulers as S
     pipe.scheduler = S.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = S.scheduler_class("EulerDiscreteScheduler").from_config(pipe.scheduler.config)
     x0 = S.sample_loop(model_fn, S.DDPMScheduler(timestep_respacing="100"), (1, 3, 64, 64))
 """
 
-from diffkern.schedulers._base import FrozenConfig, SchedulerOutput
+from diffkern.schedulers._config import BaseOutput, FrozenConfig, SchedulerOutput
 from diffkern.schedulers.ddim import DDIMInverseScheduler, DDIMScheduler
 from diffkern.schedulers.ddpm import DDPMScheduler
 from diffkern.schedulers.sampling import denoise_loop, sample_loop
@@ -17,19 +18,43 @@ from diffkern.schedulers.schedules import (
     respaced_betas,
     space_timesteps,
 )
+from diffkern.schedulers.unclip import UnCLIPScheduler
+
+# diffusers class name -> diffkern class (the names diffusers' scheduler_config.json `_class_name` uses)
+SCHEDULERS = {
+    cls.__name__: cls
+    for cls in (
+        DDPMScheduler,
+        DDIMScheduler,
+        DDIMInverseScheduler,
+        UnCLIPScheduler,
+    )
+}
+
+
+def scheduler_class(name):
+    """The diffkern scheduler class for a diffusers class name (e.g. "EulerDiscreteScheduler")."""
+    try:
+        return SCHEDULERS[name]
+    except KeyError:
+        raise ValueError(f"no diffkern scheduler named {name!r}; available: {sorted(SCHEDULERS)}") from None
 
 
 __all__ = [
+    "SCHEDULERS",
+    "BaseOutput",
     "DDIMInverseScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
     "FrozenConfig",
     "SchedulerOutput",
+    "UnCLIPScheduler",
     "betas_for_alpha_bar",
     "make_betas",
     "rescale_zero_terminal_snr",
     "respaced_betas",
     "denoise_loop",
     "sample_loop",
+    "scheduler_class",
     "space_timesteps",
 ]

@@ -3,48 +3,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 
 from diffkern import ops
-from diffkern.schedulers.schedules import make_betas, space_timesteps
+from diffkern.schedulers._config import ConfigMixin, FrozenConfig, SchedulerOutput  # noqa: F401 (re-exported)
+from diffkern.schedulers.schedules import BETA_SCHEDULES, make_betas, space_timesteps
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-
-
-class FrozenConfig(dict):
-    """Read-only config dict with attribute access, like diffusers' FrozenDict."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"config has no key {name!r}") from None
-
-    def _immutable(self, *args, **kwargs):
-        raise TypeError(
-            "scheduler config is frozen; build a new scheduler with from_config(config, key=value)"
-        )
-
-    __setitem__ = __delitem__ = __setattr__ = setdefault = update = pop = popitem = clear = _immutable
-
-
-@dataclass
-class SchedulerOutput:
-    """Result of `step`: the sample at the previous timestep and the (clipped) predicted x0."""
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor | None = None
-
-    def __getitem__(self, i):
-        return self.to_tuple()[i]
-
-    def to_tuple(self):
-        return (self.prev_sample, self.pred_original_sample)
 
 
 def randn_like_diffusers(shape, generator, device, dtype):
@@ -69,7 +38,12 @@ def randn_like_diffusers(shape, generator, device, dtype):
     return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
-class _Scheduler:
+class ConfigValueError(ValueError, NotImplementedError):
+    """An invalid config value (a ValueError naming the key; also a NotImplementedError where
+    diffusers raises that, e.g. for an unknown beta_schedule)."""
+
+
+class _Scheduler(ConfigMixin):
     """Base: subclasses set `_defaults` (diffusers' config keys plus ours) and implement `step`."""
 
     _defaults: ClassVar[dict] = {}
@@ -88,7 +62,19 @@ class _Scheduler:
         self._validate(cfg)
         if cfg.get("timestep_respacing", 0) is None:  # our extension: absent unless used, so configs stay
             del cfg["timestep_respacing"]  # loadable by diffusers without an "unexpected key" warning
-        self.config = FrozenConfig(cfg)
+        self._internal_dict = FrozenConfig(cfg)
+        self._build_schedule(cfg)
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.use_timesteps = None
+        if cfg.get("timestep_respacing") is not None:
+            self.use_timesteps = sorted(
+                space_timesteps(cfg["num_train_timesteps"], cfg["timestep_respacing"])
+            )
+        self._post_init()
+
+    def _build_schedule(self, cfg):
+        """betas / alphas / alphas_cumprod from the config, as diffusers builds them."""
         self.betas = make_betas(
             cfg["num_train_timesteps"],
             cfg["beta_start"],
@@ -99,47 +85,32 @@ class _Scheduler:
         )
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps = None
-        self.use_timesteps = None
-        if cfg.get("timestep_respacing") is not None:
-            self.use_timesteps = sorted(
-                space_timesteps(cfg["num_train_timesteps"], cfg["timestep_respacing"])
-            )
-        self._post_init()
-
-    @classmethod
-    def from_config(cls, config=None, **kwargs):
-        """Build from a diffusers config (dict / FrozenDict, or a scheduler with `.config`) plus overrides.
-
-        Keys this class does not know (other schedulers' options, "_class_name", ...) are ignored,
-        as diffusers ignores them; keyword overrides must be known keys.
-        """
-        if config is not None and hasattr(config, "config") and not isinstance(config, dict):
-            config = config.config
-        merged = {k: v for k, v in dict(config or {}).items() if k in cls._defaults}
-        merged.update(kwargs)
-        return cls(**merged)
 
     def _validate(self, cfg):
+        """ValueError naming the key for an invalid value of any key this class has."""
         name = type(self).__name__
-        if not isinstance(cfg["num_train_timesteps"], int) or cfg["num_train_timesteps"] < 1:
-            raise ValueError(
-                f"{name}: num_train_timesteps must be a positive int, got {cfg['num_train_timesteps']!r}"
-            )
-        if cfg["prediction_type"] not in PREDICTION_TYPES:
-            raise ValueError(
-                f"{name}: prediction_type must be one of {PREDICTION_TYPES}, got {cfg['prediction_type']!r}"
-            )
-        if cfg["timestep_spacing"] not in self._spacings:
-            raise ValueError(
-                f"{name}: timestep_spacing must be one of {self._spacings}, got {cfg['timestep_spacing']!r}"
-            )
+        n = cfg.get("num_train_timesteps")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name}: num_train_timesteps must be a positive int, got {n!r}")
+        choices = {
+            "prediction_type": getattr(self, "_prediction_types", PREDICTION_TYPES),
+            "timestep_spacing": self._spacings,
+            "beta_schedule": getattr(self, "_beta_schedules", BETA_SCHEDULES),
+        }
+        for key, allowed in choices.items():
+            if key in cfg and cfg[key] not in allowed:
+                if key == "beta_schedule" and cfg.get("trained_betas") is not None:
+                    continue  # trained_betas wins, as in diffusers
+                raise ConfigValueError(f"{name}: {key} must be one of {tuple(allowed)}, got {cfg[key]!r}")
         if cfg.get("thresholding") and not 0 < cfg["dynamic_thresholding_ratio"] <= 1:
             raise ValueError(
                 f"{name}: dynamic_thresholding_ratio must be in (0, 1], "
                 f"got {cfg['dynamic_thresholding_ratio']!r}"
             )
+        for key in ("beta_start", "beta_end", "clip_sample_range", "sample_max_value"):
+            v = cfg.get(key)
+            if key in cfg and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"{name}: {key} must be a number, got {v!r}")
 
     _spacings = TIMESTEP_SPACINGS
 

@@ -57,8 +57,11 @@ def test_from_config_overrides_and_foreign_keys():
     assert s.config.prediction_type == "sample" and s.config.clip_sample_range == 2.0
     with pytest.raises(TypeError, match="frozen"):
         s.config["prediction_type"] = "epsilon"
+    # an unknown keyword is not a config key: returned as unused, as diffusers' from_config does
+    s2, unused = DDIMScheduler.from_config(cfg, not_a_key=1, return_unused_kwargs=True)
+    assert unused == {"not_a_key": 1} and "not_a_key" not in s2.config
     with pytest.raises(TypeError, match="unknown config keys"):
-        DDIMScheduler.from_config(cfg, not_a_key=1)
+        DDIMScheduler(not_a_key=1)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
