@@ -2,6 +2,8 @@
 
 - UNet2DConditionModel: the LDM / Stable Diffusion 1.x-2.x latent UNet (diffusers' config and keys).
 - AutoencoderKL: the LDM / SD KL autoencoder (diffusers' config and keys).
+- UNet2DModel: diffusers' pixel UNet (the Karlo / unCLIP super-resolution models).
+- unclip: PriorTransformer and UnCLIPTextProjModel of DALL-E 2 / Karlo (diffkern.models.unclip).
 - from_diffusers: convert an instantiated diffusers UNet2DConditionModel / AutoencoderKL.
 - load: diffusers pipeline / component folders and CompVis / Stability single files (loading.py).
 - glide: GLIDE's ADM UNet, text transformer and diffusion (diffkern.models.glide).
@@ -9,9 +11,11 @@
 
 from diffkern.models.autoencoder_kl import AutoencoderKL, DiagonalGaussianDistribution
 from diffkern.models.diffusers_compat import from_diffusers
+from diffkern.models.unet_2d import UNet2DModel
 from diffkern.models.unet_2d_condition import UNet2DConditionModel
+from diffkern.models.unclip import PriorTransformer, UnCLIPTextProjModel
 
 from diffkern.models.loading import CheckpointError, load
 
 __all__ = ["UNet2DConditionModel", "AutoencoderKL", "DiagonalGaussianDistribution", "from_diffusers", "load",
-           "CheckpointError"]
+           "CheckpointError", "UNet2DModel", "PriorTransformer", "UnCLIPTextProjModel"]

@@ -9,12 +9,18 @@ from __future__ import annotations
 import torch
 
 from diffkern.models.autoencoder_kl import AutoencoderKL
+from diffkern.models.unet_2d import UNet2DModel
 from diffkern.models.unet_2d_condition import UNet2DConditionModel
+from diffkern.models.unclip.prior import PriorTransformer
+from diffkern.models.unclip.text_proj import UnCLIPTextProjModel
 
 # diffusers class name -> our class with the same config keys and state_dict.
 _CONVERTIBLE = {
     "UNet2DConditionModel": UNet2DConditionModel,
     "AutoencoderKL": AutoencoderKL,
+    "PriorTransformer": PriorTransformer,
+    "UnCLIPTextProjModel": UnCLIPTextProjModel,
+    "UNet2DModel": UNet2DModel,
 }
 
 

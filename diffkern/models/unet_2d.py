@@ -1,0 +1,283 @@
+"""The unconditional / class-conditional pixel UNet of diffusers (UNet2DModel), on diffkern ops: the
+Karlo (unCLIP) 64 -> 256 super-resolution models are configs of it (6 input channels: noisy image +
+upsampled low-resolution image; ResnetDownsampleBlock2D / ResnetUpsampleBlock2D; no attention).
+
+UNet2DModel(**config) takes diffusers' config (a `super_res_first/config.json`) and has exactly
+diffusers' state_dict keys. Supported: DownBlock2D / ResnetDownsampleBlock2D down blocks, UpBlock2D /
+ResnetUpsampleBlock2D up blocks, UNetMidBlock2D (with or without its self-attention) or none, "default"
+and "scale_shift" (ADM) time conditioning, positional time embeddings, class embeddings of type
+None / "identity" / "timestep" / num_class_embeds. Every GroupNorm + SiLU (and the scale-shift) is one
+fused diffkern GroupNorm call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffkern.models._config import ConfiguredModel, resolve_config
+from diffkern.nn.group_norm import GroupNorm
+from diffkern.nn.resnet import Downsample2D, TimestepEmbedding, Upsample2D, timestep_embedding
+from diffkern.nn.transformer import SpatialSelfAttention
+
+_NAME = "UNet2DModel"
+
+# diffusers' constructor defaults (0.42).
+DEFAULTS = dict(
+    sample_size=None, in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
+    time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2D",
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1,
+    downsample_type="conv", upsample_type="conv", dropout=0.0, act_fn="silu", attention_head_dim=8,
+    norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5, resnet_time_scale_shift="default",
+    add_attention=True, class_embed_type=None, num_class_embeds=None, num_train_timesteps=None,
+)
+FIXED = dict(time_embedding_type=("positional",), mid_block_type=("UNetMidBlock2D", None),
+             downsample_type=("conv",), upsample_type=("conv",), act_fn=("silu", "swish"),
+             resnet_time_scale_shift=("default", "scale_shift"), class_embed_type=(None, "identity", "timestep"))
+DOWN_TYPES = ("DownBlock2D", "ResnetDownsampleBlock2D")
+UP_TYPES = ("UpBlock2D", "ResnetUpsampleBlock2D")
+
+
+@dataclass
+class UNet2DOutput:
+    """`sample`: (B, out_channels, H, W), the model's prediction."""
+
+    sample: torch.Tensor
+
+    def __getitem__(self, i):
+        return (self.sample,)[i]
+
+
+class ResnetBlock(nn.Module):
+    """diffusers' ResnetBlock2D with both time modes and optional up/down resampling (keys norm1, conv1,
+    time_emb_proj, norm2, conv2, conv_shortcut):
+
+        h = silu(norm1(x)); x, h = resample(x), resample(h)  [nearest x2 / 2x2 average pool]
+        h = conv1(h);  e = time_emb_proj(silu(temb))
+        default:      h = silu(norm2(h + e))
+        scale_shift:  h = silu(norm2(h) * (1 + scale) + shift),  (scale, shift) = e.chunk(2)
+        out = (shortcut(x) + conv2(dropout(h))) / output_scale_factor
+    """
+
+    def __init__(self, in_channels, out_channels, temb_channels, *, groups, eps, dropout=0.0,
+                 time_scale_shift="default", up=False, down=False, output_scale_factor=1.0):
+        super().__init__()
+        self.scale_shift = time_scale_shift == "scale_shift"
+        self.up, self.down, self.output_scale_factor = up, down, output_scale_factor
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, activation="silu")
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, 2 * out_channels if self.scale_shift else out_channels)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps, activation="silu")
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def _resample(self, t):
+        if self.up:
+            return F.interpolate(t, scale_factor=2.0, mode="nearest")
+        if self.down:
+            return F.avg_pool2d(t, kernel_size=2, stride=2)
+        return t
+
+    def forward(self, x, temb):
+        h = self.norm1(x)
+        x, h = self._resample(x), self._resample(h)
+        h = self.conv1(h)
+        e = self.time_emb_proj(F.silu(temb))
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h, scale=scale, shift=shift)
+        else:
+            h = self.norm2(h + e[:, :, None, None])
+        h = self.conv2(self.dropout(h))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return (x + h) / self.output_scale_factor
+
+
+class _Down(nn.Module):
+    """DownBlock2D (conv downsampler) or ResnetDownsampleBlock2D (a down-resampling resnet)."""
+
+    def __init__(self, kind, in_ch, out_ch, temb, layers, add_downsample, padding, **res):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb, **res)
+                                      for i in range(layers)])
+        self.resnet_resample = kind == "ResnetDownsampleBlock2D"
+        self.downsamplers = None
+        if add_downsample:
+            self.downsamplers = nn.ModuleList([ResnetBlock(out_ch, out_ch, temb, down=True, **res)
+                                               if self.resnet_resample else
+                                               Downsample2D(out_ch, out_ch, padding=padding)])
+
+    def forward(self, h, temb):
+        skips = []
+        for resnet in self.resnets:
+            h = resnet(h, temb)
+            skips.append(h)
+        if self.downsamplers is not None:
+            h = self.downsamplers[0](h, temb) if self.resnet_resample else self.downsamplers[0](h)
+            skips.append(h)
+        return h, skips
+
+
+class _Up(nn.Module):
+    """UpBlock2D (nearest x2 + conv) or ResnetUpsampleBlock2D (an up-resampling resnet)."""
+
+    def __init__(self, kind, in_ch, prev_ch, out_ch, temb, layers, add_upsample, **res):
+        super().__init__()
+
+        def resnet_in(i):
+            return (prev_ch if i == 0 else out_ch) + (in_ch if i == layers - 1 else out_ch)
+
+        self.resnets = nn.ModuleList([ResnetBlock(resnet_in(i), out_ch, temb, **res) for i in range(layers)])
+        self.resnet_resample = kind == "ResnetUpsampleBlock2D"
+        self.upsamplers = None
+        if add_upsample:
+            self.upsamplers = nn.ModuleList([ResnetBlock(out_ch, out_ch, temb, up=True, **res)
+                                             if self.resnet_resample else Upsample2D(out_ch, out_ch)])
+
+    def forward(self, h, skips, temb, upsample_size=None):
+        for resnet in self.resnets:
+            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h, temb) if self.resnet_resample else self.upsamplers[0](h, upsample_size)
+        return h
+
+
+class _Mid(nn.Module):
+    """UNetMidBlock2D: resnet, (self-attention or nothing), resnet."""
+
+    def __init__(self, ch, temb, *, add_attention, head_dim, attn_groups, output_scale_factor, **res):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, temb, output_scale_factor=output_scale_factor, **res)
+                                      for _ in range(2)])
+        self.attentions = nn.ModuleList([
+            SpatialSelfAttention(ch, head_dim, norm_num_groups=attn_groups, eps=res["eps"],
+                                 rescale_output_factor=output_scale_factor)]) if add_attention else None
+
+    def forward(self, h, temb):
+        h = self.resnets[0](h, temb)
+        if self.attentions is not None:
+            h = self.attentions[0](h)
+        return self.resnets[1](h, temb)
+
+
+class UNet2DModel(ConfiguredModel):
+    """Pixel-space UNet without text: eps prediction from a noisy image and a timestep.
+
+    UNet2DModel(**config) with diffusers' config keys (see DEFAULTS); unknown keys or unsupported
+    values raise ValueError naming the key.
+
+    forward(sample (B, in_channels, H, W), timestep, class_labels=None, return_dict=True)
+    -> UNet2DOutput (or a 1-tuple). timestep: a number (read as an integer, as diffusers does), a 0-d
+    tensor or a (B,) tensor. class_labels: the (B, time_embed_dim) embedding for class_embed_type
+    "identity" (added to the time embedding), timesteps for "timestep", indices for num_class_embeds.
+    """
+
+    def __init__(self, **config):
+        super().__init__()
+        self.config = cfg = resolve_config(_NAME, DEFAULTS, config, FIXED)
+        ch = list(cfg.block_out_channels)
+        levels = len(ch)
+        if len(cfg.down_block_types) != levels or len(cfg.up_block_types) != levels:
+            raise ValueError(f"{_NAME}: down_block_types, up_block_types and block_out_channels must have the "
+                             f"same length, got {len(cfg.down_block_types)}, {len(cfg.up_block_types)}, {levels}")
+        for key, types, allowed in (("down_block_types", cfg.down_block_types, DOWN_TYPES),
+                                    ("up_block_types", cfg.up_block_types, UP_TYPES)):
+            bad = [t for t in types if t not in allowed]
+            if bad:
+                raise ValueError(f"{_NAME}: {key} {bad} are not supported (supported: {', '.join(allowed)})")
+        if cfg.norm_num_groups is None:
+            raise ValueError(f"{_NAME}: norm_num_groups=None is not supported")
+        scale_shift = cfg.resnet_time_scale_shift == "scale_shift"
+        if cfg.mid_block_type and cfg.add_attention and scale_shift and cfg.attn_norm_num_groups is None:
+            raise ValueError(f"{_NAME}: add_attention with resnet_time_scale_shift='scale_shift' (a mid "
+                             "attention without GroupNorm) is not supported")
+        temb = cfg.time_embedding_dim or ch[0] * 4
+        res = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout,
+                   time_scale_shift=cfg.resnet_time_scale_shift)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+        self.class_embedding = None
+        if cfg.class_embed_type is None and cfg.num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(cfg.num_class_embeds, temb)
+        elif cfg.class_embed_type == "timestep":
+            self.class_embedding = TimestepEmbedding(ch[0], temb)
+        elif cfg.class_embed_type == "identity":
+            self.class_embedding = nn.Identity()
+
+        self.down_blocks = nn.ModuleList([
+            _Down(kind, ch[max(i - 1, 0)], ch[i], temb, cfg.layers_per_block, i < levels - 1,
+                  cfg.downsample_padding, **res)
+            for i, kind in enumerate(cfg.down_block_types)])
+        self.mid_block = None
+        if cfg.mid_block_type is not None:
+            head_dim = cfg.attention_head_dim if cfg.attention_head_dim is not None else ch[-1]
+            attn_groups = cfg.attn_norm_num_groups or (None if scale_shift else cfg.norm_num_groups)
+            self.mid_block = _Mid(ch[-1], temb, add_attention=cfg.add_attention, head_dim=head_dim,
+                                  attn_groups=attn_groups, output_scale_factor=cfg.mid_block_scale_factor, **res)
+        rev = ch[::-1]
+        self.up_blocks = nn.ModuleList([
+            _Up(kind, rev[min(i + 1, levels - 1)], rev[max(i - 1, 0)], rev[i], temb, cfg.layers_per_block + 1,
+                i < levels - 1, **res)
+            for i, kind in enumerate(cfg.up_block_types)])
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps, activation="silu")
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def _time(self, t):
+        cfg = self.config
+        return timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                  downscale_freq_shift=cfg.freq_shift).to(self.dtype)
+
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
+        cfg = self.config
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4 or sample.shape[1] != cfg.in_channels:
+            got = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+            raise ValueError(f"{_NAME}: sample must be (B, {cfg.in_channels}, H, W), got {got}")
+        B = sample.shape[0]
+        if cfg.center_input_sample:
+            sample = 2 * sample - 1.0
+        t = timestep
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor([t], dtype=torch.long, device=sample.device)
+        elif t.dim() == 0:
+            t = t[None].to(sample.device)
+        if t.dim() != 1 or t.shape[0] not in (1, B):
+            raise ValueError(f"{_NAME}: timestep must be a number, a 0-d tensor or a (B={B},) tensor, "
+                             f"got shape {tuple(t.shape)}")
+        emb = self.time_embedding(self._time(t * torch.ones(B, dtype=t.dtype, device=t.device)))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError(f"{_NAME}: class_labels are required (class_embed_type="
+                                 f"{cfg.class_embed_type!r}, num_class_embeds={cfg.num_class_embeds})")
+            if cfg.class_embed_type == "timestep":
+                class_labels = self._time(class_labels)
+            emb = emb + self.class_embedding(class_labels).to(self.dtype)
+        elif class_labels is not None:
+            raise ValueError(f"{_NAME}: class_labels given but the model has no class embedding")
+
+        # Sides that do not halve evenly: conv upsamplers are told their skip's size (ours, not
+        # diffusers', which fails there); resnet upsamplers always double, as diffusers'.
+        h = self.conv_in(sample)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, emb)
+            skips.extend(block_skips)
+        if self.mid_block is not None:
+            h = self.mid_block(h, emb)
+        for i, block in enumerate(self.up_blocks):
+            level = skips[len(skips) - len(block.resnets):]
+            del skips[len(skips) - len(block.resnets):]
+            size = skips[-1].shape[2:] if skips else None
+            if size is not None and tuple(size) == (2 * h.shape[2], 2 * h.shape[3]):
+                size = None  # the plain x2 path, bit for bit diffusers'
+            h = block(h, level, emb, upsample_size=size)
+        out = self.conv_out(self.conv_norm_out(h))
+        return UNet2DOutput(out) if return_dict else (out,)
