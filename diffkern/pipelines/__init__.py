@@ -4,12 +4,20 @@
 - StableDiffusionInpaintPipeline: the SD inpainting checkpoints (9-channel UNet).
 - LDMTextToImagePipeline: Latent Diffusion text2im (LDM-BERT text encoder).
 - GlidePipeline: GLIDE 64 -> 256 with classifier-free or CLIP guidance, and inpainting.
+- IFPipeline / IFSuperResolutionPipeline / IFImg2ImgPipeline / IFInpaintingPipeline: DeepFloyd IF stages.
 - load_pipeline(path): the right SD/LDM one for a checkpoint.
 
 Each matches diffusers' pipeline of the same name image for image (same weights, same seed).
 """
 
 from diffkern.pipelines._common import ImagePipelineOutput
+from diffkern.pipelines.deepfloyd_if import (
+    IFImg2ImgPipeline,
+    IFInpaintingPipeline,
+    IFPipeline,
+    IFPipelineOutput,
+    IFSuperResolutionPipeline,
+)
 from diffkern.pipelines.glide import GlidePipeline
 from diffkern.pipelines.latent_diffusion import LDMTextToImagePipeline
 from diffkern.pipelines.stable_diffusion import (
@@ -49,6 +57,11 @@ def load_pipeline(path, *, dtype=None, device="cpu", scheduler="ddim", img2img=F
 
 __all__ = [
     "GlidePipeline",
+    "IFImg2ImgPipeline",
+    "IFInpaintingPipeline",
+    "IFPipeline",
+    "IFPipelineOutput",
+    "IFSuperResolutionPipeline",
     "ImagePipelineOutput",
     "LDMTextToImagePipeline",
     "LatentDiffusionPipelineBase",

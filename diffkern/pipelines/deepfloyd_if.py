@@ -1,0 +1,219 @@
+"""DeepFloyd IF (the public Imagen) stage by stage, on diffkern schedulers and ops.
+
+    stage_1 = IFPipeline(tokenizer, text_encoder, unet_I, scheduler_I)
+    stage_2 = IFSuperResolutionPipeline(None, None, unet_II, scheduler_II, image_noising_scheduler)
+    pe, ne = stage_1.encode_prompt("a photo of a red cat")
+    low = stage_1(prompt_embeds=pe, negative_prompt_embeds=ne, output_type="pt").images   # (1, 3, 64, 64)
+    image = stage_2(image=low, prompt_embeds=pe, negative_prompt_embeds=ne).images[0]    # 256 x 256 PIL
+
+Arguments, defaults and draw order are diffusers' IFPipeline / IFSuperResolutionPipeline /
+IFImg2ImgPipeline / IFInpaintingPipeline (same components and generator -> the same images).
+Differences: guidance, dynamic thresholding and the DDPM update are one fused guided_step;
+`timesteps` also takes the name of one of IF's schedules ("smart50", "super27", ...); the safety
+checker and watermarker are optional (skipped, with a warning, when None).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from diffkern.pipelines import _if_images as I
+from diffkern.pipelines._if_common import IFPipelineBase, IFPipelineOutput, as_diffkern_scheduler
+from diffkern.pipelines.stable_diffusion import check_strength
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IFPipeline", "IFSuperResolutionPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline",
+           "IFPipelineOutput"]
+
+
+class IFPipeline(IFPipelineBase):
+    """Stage I: text -> 64 x 64 pixels (IF-I-M / L / XL)."""
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, num_inference_steps=100, timesteps=None, guidance_scale=7.0,
+                 negative_prompt=None, num_images_per_prompt=1, height=None, width=None, eta=0.0, generator=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
+                 callback=None, callback_steps=1, clean_caption=True, cross_attention_kwargs=None, progress=None):
+        """Generate images for `prompt` (or `prompt_embeds`): diffusers' IFPipeline.__call__.
+
+        Args:
+            timesteps: descending custom timesteps or a schedule name ("smart100", "fast27", ...);
+                overrides num_inference_steps.
+            guidance_scale: w of uncond + w (cond - uncond) on the eps channels; guidance runs when w > 1.
+            height, width: pixels (default unet.config.sample_size).
+            eta: accepted for diffusers' signature; DDPM has no eta.
+            generator: torch.Generator or one per image; x_T and each step's noise are drawn from it as
+                diffusers draws them.
+            output_type: "pil", "np" ([0, 1]) or "pt" (the raw sample in [-1, 1], for stage II).
+            callback(i, t, images) every callback_steps steps. clean_caption: DeepFloyd's caption
+                cleaning (needs beautifulsoup4 and ftfy; otherwise lower/strip, with a warning).
+        Returns:
+            IFPipelineOutput (images, nsfw_detected, watermark_detected), or its tuple.
+        """
+        batch = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, callback_steps)
+        height, width = self._size(height, "height"), self._size(width, "width")
+        guided = guidance_scale > 1.0
+        context = self._context(prompt, negative_prompt, num_images_per_prompt, guided, prompt_embeds,
+                                negative_prompt_embeds, clean_caption)
+        steps = self._set_timesteps(num_inference_steps, timesteps)
+        n = batch * num_images_per_prompt
+        _check_generator(generator, n)
+        x = self._noise((n, self.unet.config.in_channels, height, width), generator) * self.scheduler.init_noise_sigma
+        x = self._denoise(x, steps, context, guidance_scale, generator, cross_attention_kwargs=cross_attention_kwargs,
+                          callback=callback, callback_steps=callback_steps, progress=progress)
+        return self._finish(x, output_type, return_dict)
+
+
+class IFSuperResolutionPipeline(IFPipelineBase):
+    """Stage II: 64 -> 256 (IF-II-M / L), conditioned on the bilinearly upsampled low-resolution image
+    noised to `noise_level` by image_noising_scheduler (noise-conditioning augmentation; the level
+    goes to the UNet as class_labels)."""
+
+    def __init__(self, tokenizer, text_encoder, unet, scheduler, image_noising_scheduler, safety_checker=None,
+                 feature_extractor=None, watermarker=None, requires_safety_checker=True):
+        super().__init__(tokenizer, text_encoder, unet, scheduler, safety_checker, feature_extractor, watermarker,
+                         requires_safety_checker)
+        self.image_noising_scheduler = as_diffkern_scheduler(image_noising_scheduler, "image_noising_scheduler")
+        if unet.config.in_channels != 6:
+            logger.warning("IFSuperResolutionPipeline: the UNet takes %d input channels, not 6 (image + "
+                           "upscaled low-res image): is it a super-resolution checkpoint?", unet.config.in_channels)
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, height=None, width=None, image=None, num_inference_steps=50, timesteps=None,
+                 guidance_scale=4.0, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
+                 callback=None, callback_steps=1, cross_attention_kwargs=None, noise_level=250, clean_caption=True,
+                 progress=None):
+        """Upscale `image` following `prompt` (or `prompt_embeds`): diffusers'
+        IFSuperResolutionPipeline.__call__.
+
+        Args:
+            image: the low-resolution image(s), one per prompt: stage I's output_type="pt" tensor
+                (B, 3, h, w) in [-1, 1], PIL images, or (B, h, w, 3) arrays in [-1, 1].
+            height, width: output pixels (default unet.config.sample_size).
+            noise_level: the augmentation timestep in [0, image_noising_scheduler's num_train_timesteps).
+            The others as IFPipeline (defaults: 50 steps, guidance 4.0; timesteps e.g. "super27").
+        """
+        batch = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, callback_steps)
+        if image is None:
+            raise ValueError("image: required (the low-resolution image to upscale, e.g. stage I's "
+                             "output_type='pt' output)")
+        levels = self.image_noising_scheduler.config.num_train_timesteps
+        if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level < levels:
+            raise ValueError(f"noise_level: expected an int in [0, {levels}) (a timestep of "
+                             f"image_noising_scheduler), got {noise_level!r}")
+        if I.image_batch(image) != batch:
+            raise ValueError(f"image: got {I.image_batch(image)} images for {batch} prompts (one per prompt)")
+        height, width = self._size(height, "height"), self._size(width, "width")
+        guided = guidance_scale > 1.0
+        context = self._context(prompt, negative_prompt, num_images_per_prompt, guided, prompt_embeds,
+                                negative_prompt_embeds, clean_caption)
+        steps = self._set_timesteps(num_inference_steps, timesteps)
+        n = batch * num_images_per_prompt
+        _check_generator(generator, n)
+        channels = self.unet.config.in_channels // 2
+        x = self._noise((n, channels, height, width), generator) * self.scheduler.init_noise_sigma
+        low = I.stage2_image(image)
+        if low.dim() != 4 or low.shape[1] != channels:
+            raise ValueError(f"image: expected (B, {channels}, h, w) images, got shape {tuple(low.shape)}")
+        low = low.to(device=self.device, dtype=self.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        upscaled = F.interpolate(low, (height, width), mode="bilinear", align_corners=True)
+        levels_t = torch.full((n,), noise_level, device=self.device, dtype=torch.int64)
+        upscaled = self.image_noising_scheduler.add_noise(upscaled, self._noise(upscaled.shape, generator), levels_t)
+        class_labels = torch.cat([levels_t, levels_t]) if guided else levels_t
+        x = self._denoise(x, steps, context, guidance_scale, generator, extra=upscaled, class_labels=class_labels,
+                          cross_attention_kwargs=cross_attention_kwargs, callback=callback,
+                          callback_steps=callback_steps, progress=progress)
+        return self._finish(x, output_type, return_dict)
+
+
+class IFImg2ImgPipeline(IFPipelineBase):
+    """Stage I image-to-image: the image (resized to the sample size) noised to `strength` of the
+    schedule, then denoised following the prompt."""
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, image=None, strength=0.7, num_inference_steps=80, timesteps=None,
+                 guidance_scale=10.0, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
+                 callback=None, callback_steps=1, clean_caption=True, cross_attention_kwargs=None, progress=None):
+        """diffusers' IFImg2ImgPipeline.__call__ (defaults: strength 0.7, 80 steps, guidance 10).
+
+        image: one per prompt; PIL (resized as DeepFloyd does), (B, H, W, 3) arrays or (B, 3, H, W)
+        tensors in [-1, 1]. The other arguments as IFPipeline."""
+        return self._edit(prompt, image, None, strength, num_inference_steps, timesteps, guidance_scale,
+                          negative_prompt, num_images_per_prompt, generator, prompt_embeds, negative_prompt_embeds,
+                          output_type, return_dict, callback, callback_steps, clean_caption, cross_attention_kwargs,
+                          progress)
+
+    def _edit(self, prompt, image, mask_image, strength, num_inference_steps, timesteps, guidance_scale,
+              negative_prompt, per_prompt, generator, prompt_embeds, negative_prompt_embeds, output_type,
+              return_dict, callback, callback_steps, clean_caption, cross_attention_kwargs, progress):
+        batch = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, callback_steps)
+        if image is None:
+            raise ValueError("image: required (the image to transform)")
+        if I.image_batch(image) != batch:
+            raise ValueError(f"image: got {I.image_batch(image)} images for {batch} prompts (one per prompt)")
+        if mask_image is not None and I.image_batch(mask_image, "mask_image") not in (1, batch):
+            raise ValueError(f"mask_image: got {I.image_batch(mask_image, 'mask_image')} masks for {batch} "
+                             "prompts (one, or one per prompt)")
+        check_strength(strength)
+        guided = guidance_scale > 1.0
+        context = self._context(prompt, negative_prompt, per_prompt, guided, prompt_embeds, negative_prompt_embeds,
+                                clean_caption)
+        all_steps = self._set_timesteps(num_inference_steps, timesteps)
+        count = len(all_steps)
+        start = max(count - min(int(count * strength), count), 0)
+        steps = all_steps[start:]
+        if len(steps) == 0:
+            raise ValueError(f"strength: {strength} x {count} steps leaves no denoising step; raise either")
+        pixels = I.stage1_image(image, self.unet.config.sample_size).to(device=self.device, dtype=self.dtype)
+        if pixels.dim() != 4 or pixels.shape[1] != self.unet.config.in_channels:
+            raise ValueError(f"image: expected (B, {self.unet.config.in_channels}, H, W) images, "
+                             f"got shape {tuple(pixels.shape)}")
+        n = batch * per_prompt
+        mask = None
+        if mask_image is not None:
+            mask = I.stage1_mask(mask_image, self.unet.config.sample_size).to(device=self.device, dtype=self.dtype)
+            mask = mask.repeat_interleave(n if mask.shape[0] == 1 else per_prompt, dim=0)
+        _check_generator(generator, n)
+        noise = self._noise((n,) + tuple(pixels.shape[1:]), generator)
+        pixels = pixels.repeat_interleave(per_prompt, dim=0)
+        x = self.scheduler.add_noise(pixels, noise, steps[:1].repeat(n))
+        if mask is not None:
+            x = (1 - mask) * pixels + mask * x
+        x = self._denoise(x, steps, context, guidance_scale, generator, mask=mask,
+                          cross_attention_kwargs=cross_attention_kwargs, callback=callback,
+                          callback_steps=callback_steps, progress=progress)
+        return self._finish(x, output_type, return_dict)
+
+
+class IFInpaintingPipeline(IFImg2ImgPipeline):
+    """Stage I inpainting: where mask_image is 1 the image is regenerated, elsewhere kept (blended
+    back after every step)."""
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, image=None, mask_image=None, strength=1.0, num_inference_steps=50,
+                 timesteps=None, guidance_scale=7.0, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
+                 generator=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+                 return_dict=True, callback=None, callback_steps=1, clean_caption=True, cross_attention_kwargs=None,
+                 progress=None):
+        """diffusers' IFInpaintingPipeline.__call__ (defaults: strength 1.0, 50 steps, guidance 7).
+
+        mask_image: 1 (white, >= 0.5) = repaint; PIL (resized as the image), (H, W) arrays or tensors
+        (B, 1, H, W) / (1, H, W) / (B, H, W). One mask for every image or one per prompt."""
+        if mask_image is None:
+            raise ValueError("mask_image: required (1 where the image is repainted)")
+        return self._edit(prompt, image, mask_image, strength, num_inference_steps, timesteps, guidance_scale,
+                          negative_prompt, num_images_per_prompt, generator, prompt_embeds, negative_prompt_embeds,
+                          output_type, return_dict, callback, callback_steps, clean_caption, cross_attention_kwargs,
+                          progress)
+
+
+def _check_generator(generator, n):
+    if isinstance(generator, list) and len(generator) != n:
+        raise ValueError(f"generator: got a list of {len(generator)} generators for {n} images "
+                         "(prompts x num_images_per_prompt)")
