@@ -4,225 +4,162 @@
     diffkern generate --checkpoint ./sd15 --prompt "oil painting" --init-image photo.png --strength 0.6
     diffkern generate --base base.pt --upsampler upsample.pt --tokenizer ./glide_tokenizer \\
         --prompt "an oil painting of a corgi" --output corgi.png          # GLIDE 64 -> 256
-    diffkern generate --base base_inpaint.pt --upsampler upsample_inpaint.pt --tokenizer ./glide_tokenizer \\
-        --inpaint-image grass.png --mask mask.png --prompt "a corgi in a field" --output fill.png
+    diffkern generate --checkpoint ./sd15 --prompts prompts.jsonl --outdir out/ --batch-size 4 --resume
+    torchrun --nproc-per-node 4 -m diffkern generate --checkpoint ./sd15 --prompts prompts.txt --outdir out/
     diffkern bench --device cpu --quick        # = python -m diffkern.bench
     diffkern info                              # = python -m diffkern.info
 
-`generate` serves two families: Stable Diffusion 1.x / 2.x and LDM text2im (--checkpoint), and
-GLIDE (--base; see diffkern.cli_glide). --model picks one; auto (the default) takes GLIDE when
---base or another GLIDE option is given without --checkpoint.
+`generate` serves every model family in FAMILIES; --model picks one, auto (the default) takes
+the family whose selecting option is given (--checkpoint: sd, --base: glide), else sd.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib
 import sys
-from pathlib import Path
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from diffkern.cli_common import DTYPES, UsageError, flag  # noqa: F401 (UsageError, flag: re-exported)
 
-WHERE_TO_PUT_WEIGHTS = """\
-diffkern downloads nothing: put the weights on this machine, then pass their path to --checkpoint.
-Either
-  - a diffusers pipeline folder (the one holding model_index.json), e.g. a download of
-    runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 or CompVis/ldm-text2im-large-256
-    (for instance `huggingface-cli download runwayml/stable-diffusion-v1-5 --local-dir ./sd15`), or
-  - a single Stable Diffusion 1.x / 2.x file (.ckpt or .safetensors, e.g. v1-5-pruned-emaonly.safetensors);
-    single files carry no tokenizer: add --tokenizer with a CLIP tokenizer folder (vocab.json + merges.txt).
-Example: diffkern generate --checkpoint ./sd15 --prompt "a red fox in the snow" --output fox.png
-(GLIDE takes --base base.pt instead of --checkpoint: see `diffkern generate --help`.)"""
+# Model families of `diffkern generate`: name -> module. To add one, write diffkern/cli_<name>.py
+# with the attributes below and add ONE line here; nothing else in this file changes.
+#
+#   NAME: str                 what the family is called in messages ("GLIDE")
+#   SELECT: str               the option that selects it under --model auto ("--base")
+#   SHARED: tuple of str      dests of the shared sampling options below it takes (negative_prompt,
+#                             steps, height, width); given to a family that does not list them,
+#                             they are refused with a message naming a family that takes them
+#   add_arguments(group)      its own options on an argparse group, every default None (a given one
+#                             is refused by the other families); flags must not repeat another
+#                             family's: an option two families take goes to the shared group here
+#   selected_by(args) -> bool True when its own selecting option was given (--model auto)
+#   generate(args) -> paths   one --prompt to --output (and --num-images)
+#   make_runner(args, device) --prompts mode: load the pipeline on `device` (cuda:LOCAL_RANK or cpu)
+#                             and return a diffkern.distributed runner (runner(jobs, generators) ->
+#                             PIL images, with accepts / defaults / metadata; see
+#                             diffkern/distributed/runners.py). diffkern.distributed then shards,
+#                             batches, seeds, writes PNG + manifest and runs CFG-parallel.
+# Raise cli_common.UsageError for anything the user can fix (printed as one line, exit status 2).
+FAMILIES = {
+    "sd": "diffkern.cli_sd",  # Stable Diffusion 1.x / 2.x, LDM text2im (--checkpoint)
+    "glide": "diffkern.cli_glide",  # GLIDE 64 -> 256, CLIP guidance, inpainting (--base)
+}
 
-# Stable Diffusion / LDM options: argparse leaves them None so that one given to GLIDE is noticed.
-SD_DEFAULTS = {"steps": 50, "guidance": 7.5, "scheduler": "ddim", "eta": 0.0, "strength": 0.8}
-SD_ONLY = ("checkpoint", "negative_prompt", "steps", "height", "width", "scheduler", "eta", "init_image",
-           "strength", "prediction_type")
 
-
-class UsageError(Exception):
-    """A problem with the command line or its files: printed as one message, exit status 2."""
+def families():
+    """{name: module} of every family in FAMILIES, imported (the modules import nothing heavy)."""
+    return {name: importlib.import_module(module) for name, module in FAMILIES.items()}
 
 
 def _generate_parser():
-    from diffkern import cli_glide
-
+    fams = families()
     p = argparse.ArgumentParser(prog="diffkern generate",
-                                description="Text-to-image with Stable Diffusion 1.x / 2.x or LDM text2im "
-                                "(--checkpoint; also image-to-image) or with GLIDE (--base; also "
-                                "CLIP guidance and inpainting), on diffkern's kernels.")
-    p.add_argument("--model", choices=["auto", "sd", "glide"], default="auto",
-                   help="model family (default auto: glide when --base is given, else sd)")
+                                description="Text-to-image on diffkern's kernels with "
+                                + ", ".join(f"{m.NAME} ({m.SELECT})" for m in fams.values())
+                                + "; one --prompt, or a --prompts file (also under torchrun).")
+    p.add_argument("--model", choices=["auto", *fams], default="auto",
+                   help="model family (default auto: the one whose " + " / ".join(m.SELECT for m in fams.values())
+                   + " is given, else sd)")
     p.add_argument("--prompt", help="the text to draw")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: "
                    "7.5 for sd, 3.0 for GLIDE text-to-image, 5.0 for GLIDE inpainting)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of a CPU torch.Generator (the same noise on any device)")
-    p.add_argument("--num-images", "--batch-size", dest="num_images", type=int, default=1,
-                   help="images to generate (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a CPU torch.Generator (the same noise on any "
+                   "device); with --prompts, image i gets seed + i")
+    p.add_argument("--num-images", dest="num_images", type=int, default=None,
+                   help="images per prompt (default 1)")
     p.add_argument("--tokenizer", default=None, help="sd: CLIP tokenizer folder, for single-file "
                    "checkpoints; GLIDE: the folder of its GPT-2 BPE files (encoder.json.gz + vocab.bpe.gz)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="weights and compute dtype (default fp32; GLIDE: fp16 = OpenAI's use_fp16)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="default: cuda if available, else cpu")
+                   help="default: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--backend", default=None, help="force one diffkern backend for every op that has it "
                    "(e.g. triton, sdpa, cpu, cuda, reference); see `diffkern info`")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--output", default="out.png", help="image file to write (default out.png); with "
+    p.add_argument("--output", default=None, help="image file to write (default out.png); with "
                    "--num-images N > 1, NAME-0.png ... NAME-{N-1}.png")
-    sd = p.add_argument_group("Stable Diffusion / LDM (--model sd)")
-    sd.add_argument("--checkpoint", help="diffusers pipeline folder, or a single .ckpt / .safetensors file")
-    sd.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
-    sd.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
-    sd.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
-    sd.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
-    sd.add_argument("--scheduler", choices=["ddim", "ddpm"], default=None, help="sampler (default ddim)")
-    sd.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0: deterministic)")
-    sd.add_argument("--init-image", default=None, help="image file: run image-to-image from it")
-    sd.add_argument("--strength", type=float, default=None,
-                    help="image-to-image strength in [0, 1] (default 0.8)")
-    sd.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
-                    help="override the checkpoint's (single SD 2.x 768-v files need v_prediction)")
-    cli_glide.add_arguments(p.add_argument_group("GLIDE (--model glide)"))
+    shared = p.add_argument_group("sampling (the families that take them: see each option's family)")
+    shared.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
+    shared.add_argument("--steps", type=int, default=None, help="sampling steps (default 50 for sd)")
+    shared.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
+    shared.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
+    batch = p.add_argument_group("prompt files and several processes (see diffkern.distributed)")
+    batch.add_argument("--prompts", metavar="FILE", help="a .txt (one prompt per line) or .jsonl file (one "
+                       "{\"prompt\", \"seed\", \"steps\", \"guidance\", \"negative_prompt\", \"height\", "
+                       "\"width\"} object per line) instead of --prompt")
+    batch.add_argument("--outdir", metavar="DIR", help="with --prompts: folder for 000000.png ... and "
+                       "manifest.jsonl")
+    batch.add_argument("--batch-size", type=int, default=None, help="with --prompts: images per pipeline "
+                       "call (default 1); with --prompt: the same as --num-images")
+    batch.add_argument("--resume", action="store_true", help="with --prompts: skip images that exist")
+    batch.add_argument("--cfg-parallel", action="store_true", help="under torchrun with an even number of "
+                       "processes: each pair of ranks splits every guided step's two halves")
+    owned = {}
+    for name, module in fams.items():
+        group = p.add_argument_group(f"{module.NAME} (--model {name})")
+        module.add_arguments(group)
+        owned[name] = tuple(a.dest for a in group._group_actions)
+    p.set_defaults(_owned=owned)
     return p
 
 
-def flag(dest):
-    """The command-line spelling of an argparse dest (num_images -> --num-images)."""
-    return "--" + dest.replace("_", "-")
-
-
 def _family(args):
-    """"sd" or "glide" from --model and the options given; rejects the other family's options."""
-    from diffkern.cli_glide import GLIDE_ONLY
-
-    glide_given = [flag(n) for n in GLIDE_ONLY if getattr(args, n) is not None]
-    sd_given = [flag(n) for n in SD_ONLY if getattr(args, n) is not None]
-    family = args.model
-    if family == "auto":
-        if args.checkpoint is not None and args.base is not None:
-            raise UsageError("give --checkpoint (Stable Diffusion / LDM) or --base (GLIDE), not both")
-        family = "glide" if args.checkpoint is None and glide_given else "sd"
-    if family == "sd" and glide_given:
-        raise UsageError(f"{', '.join(glide_given)}: GLIDE options; give --base base.pt (GLIDE) instead of "
-                         "--checkpoint, or leave them out")
-    if family == "glide" and sd_given:
-        hint = " (GLIDE's base model goes to --base)" if args.checkpoint is not None else \
-            " (GLIDE samples with --base-respacing / --upsample-respacing; its sizes are the checkpoints')"
-        raise UsageError(f"{', '.join(sd_given)}: Stable Diffusion / LDM options, not GLIDE's{hint}")
-    return family
-
-
-def output_paths(output, n):
-    """The files to write: `output`, or NAME-0.EXT ... for n > 1 (UsageError without an image suffix)."""
-    from PIL import Image
-
-    path = Path(output)
-    if path.suffix.lower() not in Image.registered_extensions():
-        raise UsageError(f"--output: {output!r} needs an image extension PIL can write (.png, .jpg, ...)")
-    if n == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+    """The family name from --model and the options given; refuses the other families' options."""
+    fams = families()
+    name = args.model
+    if name == "auto":
+        chosen = [n for n, m in fams.items() if m.selected_by(args)]
+        if len(chosen) > 1:
+            raise UsageError(" or ".join(f"give {fams[n].SELECT} ({fams[n].NAME})" if i == 0 else
+                                         f"{fams[n].SELECT} ({fams[n].NAME})" for i, n in enumerate(chosen))
+                             + ", not both")
+        name = chosen[0] if chosen else "sd"
+    module = fams[name]
+    for other, dests in args._owned.items():
+        given = [flag(d) for d in dests if other != name and getattr(args, d) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: {fams[other].NAME} options, not {module.NAME}'s"
+                             f"{getattr(module, 'OTHER_OPTIONS_HINT', '')}")
+    refused = [d for d in ("negative_prompt", "steps", "height", "width")
+               if getattr(args, d) is not None and d not in module.SHARED]
+    if refused:
+        takers = [m.NAME for n, m in fams.items() if set(refused) <= set(m.SHARED)] or ["other families"]
+        raise UsageError(f"{', '.join(flag(d) for d in refused)}: {takers[0]} options, not {module.NAME}'s"
+                         f"{getattr(module, 'OTHER_OPTIONS_HINT', '')}")
+    return name
 
 
-def check_backend(name):
-    """UsageError unless `name` is a backend some diffkern op has."""
-    from diffkern import _dispatch  # importing diffkern registers the ops
-
-    known = sorted({b for op in _dispatch.registered_ops() for b in _dispatch.op_family(op).backends})
-    if name not in known:
-        raise UsageError(f"--backend: unknown backend {name!r}; choose from {', '.join(known)}")
-
-
-def pick_device(requested):
-    """--device, else cuda when torch sees one; UsageError for cuda without one."""
-    import torch
-
-    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: torch sees no CUDA device here; use --device cpu")
-    return device
-
-
-def write_images(images, paths):
-    """Save PIL images to their paths (folders made), saying each."""
-    for image, path in zip(images, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        print(f"wrote {path}")
-    return paths
-
-
-def backend_context(backend):
-    """diffkern.use_backend(backend), or nothing without one."""
-    import diffkern
-
-    return diffkern.use_backend(backend) if backend else contextlib.nullcontext()
-
-
-def _check_sd_args(args):
-    if not args.checkpoint:
-        raise UsageError("no checkpoint given (--checkpoint PATH).\n" + WHERE_TO_PUT_WEIGHTS)
-    if not Path(args.checkpoint).exists():
-        raise UsageError(f"checkpoint not found: {args.checkpoint}\n" + WHERE_TO_PUT_WEIGHTS)
-    if not args.prompt:
-        raise UsageError("--prompt: give the text to draw")
-    if args.steps < 1 or args.num_images < 1:
-        raise UsageError("--steps and --num-images must be positive")
-    if args.init_image is not None and not Path(args.init_image).is_file():
-        raise UsageError(f"--init-image: no such file: {args.init_image}")
-    if args.backend is not None:
-        check_backend(args.backend)
-
-
-def generate_sd(args):
-    """`diffkern generate` for Stable Diffusion / LDM checkpoints; returns the written paths."""
-    import torch
-
-    from diffkern.pipelines import load_pipeline
-
-    for name, value in SD_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    _check_sd_args(args)
-    paths = output_paths(args.output, args.num_images)
-    device = pick_device(args.device)
-    load_kwargs = {k: v for k, v in (("tokenizer", args.tokenizer), ("prediction_type", args.prediction_type))
-                   if v is not None}
-    try:
-        pipe = load_pipeline(args.checkpoint, dtype=getattr(torch, DTYPES[args.dtype]), device=device,
-                             scheduler=args.scheduler, img2img=args.init_image is not None, **load_kwargs)
-    except (OSError, ValueError, NotImplementedError) as e:  # file and format problems, said by the loader
-        raise UsageError(f"cannot load checkpoint {args.checkpoint}: {e}") from e
-    for note in getattr(pipe, "notes", []):
-        print(f"note: {note}", file=sys.stderr)
-    kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-              guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height,
-              width=args.width, generator=torch.Generator().manual_seed(args.seed), eta=args.eta,
-              output_type="pil", progress=not args.quiet)
-    if args.init_image is not None:
-        from PIL import Image
-
-        inputs = (args.prompt, Image.open(args.init_image).convert("RGB"))
-        kw["strength"] = args.strength
-    else:
-        inputs = (args.prompt,)
-    try:
-        with backend_context(args.backend):
-            images = pipe(*inputs, **kw).images
-    except ValueError as e:  # argument problems the pipeline found (sizes, strength, ...)
-        raise UsageError(str(e)) from e
-    return write_images(images, paths)
+def _check_modes(args):
+    """--prompt/--output (one prompt) or --prompts/--outdir (a file); fills the mode's defaults."""
+    if args.prompts is None:
+        for dest in ("outdir", "cfg_parallel", "resume"):
+            if getattr(args, dest):
+                raise UsageError(f"{flag(dest)}: goes with --prompts FILE")
+        if args.num_images is None:  # --batch-size was once another name of --num-images
+            args.num_images = args.batch_size or 1
+        args.output = args.output or "out.png"
+        return False
+    if args.prompt is not None:
+        raise UsageError("--prompt, --prompts: give one of them")
+    if args.output is not None:
+        raise UsageError("--output: with --prompts the images go to --outdir DIR")
+    if args.outdir is None:
+        raise UsageError("--prompts: give --outdir DIR for the images and manifest.jsonl")
+    args.num_images = 1 if args.num_images is None else args.num_images
+    args.batch_size = 1 if args.batch_size is None else args.batch_size
+    if args.num_images < 1 or args.batch_size < 1:
+        raise UsageError("--num-images and --batch-size must be positive")
+    return True
 
 
 def generate(args):
-    """Run `diffkern generate` with parsed arguments; returns the written paths."""
-    if _family(args) == "glide":
-        from diffkern.cli_glide import generate_glide
+    """Run `diffkern generate` with parsed arguments; returns the written paths (or the batch result)."""
+    module = families()[_family(args)]
+    if _check_modes(args):
+        from diffkern.cli_batch import generate_batch
 
-        return generate_glide(args)
-    return generate_sd(args)
+        return generate_batch(module, args)
+    return module.generate(args)
 
 
 def main(argv=None):
@@ -242,11 +179,11 @@ def main(argv=None):
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     args = _generate_parser().parse_args(argv[1:])
     try:
-        generate(args)
+        result = generate(args)
     except UsageError as e:
         print(f"diffkern generate: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if getattr(result, "failures", None) else 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 
 As OpenAI's notebooks: the base model samples 64x64 with DDPM over --base-respacing steps and
 classifier-free guidance (or CLIP guidance), the upsampler goes to 256x256 with DDIM over
---upsample-respacing steps. diffkern.cli parses the command line and dispatches here.
+--upsample-respacing steps. diffkern.cli parses the command line and dispatches here (a family of
+diffkern.cli.FAMILIES: NAME, SELECT, SHARED, add_arguments, selected_by, generate, make_runner).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from diffkern.cli import (
+from diffkern.cli_common import (
     UsageError,
     backend_context,
     check_backend,
@@ -45,6 +46,11 @@ github.com/openai/glide-text2im, or of its pip install):
   --clip-tokenizer  bpe_simple_vocab_16e6.txt.gz (default: looked for in the --tokenizer folder)
 Example: diffkern generate --base base.pt --upsampler upsample.pt --tokenizer ./glide_tokenizer \\
     --prompt "an oil painting of a corgi" --output corgi.png"""
+
+NAME = "GLIDE"
+SELECT = "--base"
+SHARED = ()  # GLIDE samples with --base-respacing; its sizes are the checkpoints'; no negative prompt
+OTHER_OPTIONS_HINT = " (GLIDE samples with --base-respacing / --upsample-respacing; its sizes are the checkpoints')"
 
 GLIDE_DEFAULTS = {"base_respacing": "100", "upsample_respacing": "fast27", "upsample_temp": 0.997,
                   "clip_guidance_scale": 3.0}
@@ -81,6 +87,12 @@ def add_arguments(group):
     add("--base-options", metavar="JSON", help="JSON object or .json file overriding OpenAI's model "
         "options of the base model (e.g. '{\"num_res_blocks\": 2}' for a fine-tuned checkpoint)")
     add("--upsampler-options", metavar="JSON", help="the same for the upsampler")
+
+
+def selected_by(args):
+    """--model auto: GLIDE when --base is given, or another GLIDE option without --checkpoint."""
+    return args.base is not None or (getattr(args, "checkpoint", None) is None
+                                     and any(getattr(args, n) is not None for n in GLIDE_ONLY))
 
 
 def _file(path, option):
@@ -148,14 +160,14 @@ def _tokenizers(args, clip):
         raise UsageError(f"--clip-tokenizer: {e}\n" + WHERE_TO_PUT_GLIDE) from None
 
 
-def _check_args(args):
+def _check_args(args, batch=False):
     """Everything that can be said before reading weights; returns (clip, inpaint)."""
     if not args.base:
         raise UsageError("no GLIDE base model given (--base base.pt).\n" + WHERE_TO_PUT_GLIDE)
     for option in ("base", "upsampler", "clip_image", "clip_text"):
         if getattr(args, option) is not None:
             _file(getattr(args, option), flag(option))
-    if not args.prompt:
+    if not batch and not args.prompt:
         raise UsageError("--prompt: give the text to draw")
     if args.num_images < 1:
         raise UsageError("--num-images must be positive")
@@ -168,6 +180,8 @@ def _check_args(args):
         raise UsageError("CLIP guidance needs both --clip-image clip_image_enc.pt and --clip-text "
                          "clip_text_enc.pt")
     clip, inpaint = args.clip_image is not None, args.inpaint_image is not None
+    if batch and inpaint:
+        raise UsageError("--inpaint-image: inpainting takes one --prompt, not --prompts")
     if not clip and (args.clip_tokenizer is not None or args.clip_guidance_scale is not None):
         raise UsageError("--clip-tokenizer / --clip-guidance-scale: CLIP guidance needs --clip-image and "
                          "--clip-text")
@@ -211,13 +225,11 @@ def _load_hint(error, inpaint):
             "--upsampler-options)")
 
 
-def generate_glide(args):
-    """`diffkern generate` for GLIDE with parsed arguments; returns the written paths."""
-    import torch
-
+def _load(args, device, batch):
+    """Checks, defaults, then the GlidePipeline: (pipe, clip, inpaint)."""
     from diffkern.pipelines.glide import GlidePipeline
 
-    clip, inpaint = _check_args(args)
+    clip, inpaint = _check_args(args, batch)
     for name, value in GLIDE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -228,10 +240,9 @@ def generate_glide(args):
     _check_respacing(args.base_respacing, base_options, "--base-respacing")
     if args.upsampler is not None:
         _check_respacing(args.upsample_respacing, upsampler_options, "--upsample-respacing")
-    paths = output_paths(args.output, args.num_images)
+    if not batch:
+        output_paths(args.output, args.num_images)  # a bad --output fails before the weights are read
     tokenizer, clip_tokenizer = _tokenizers(args, clip)
-    inputs = _inpaint_inputs(args) if inpaint else ()
-    device = pick_device(args.device)
     try:
         pipe = GlidePipeline.from_checkpoints(
             args.base, args.upsampler, tokenizer=tokenizer, inpaint=inpaint, base_options=base_options,
@@ -243,6 +254,25 @@ def generate_glide(args):
     if args.upsampler is None:
         size = pipe.base_options["image_size"]
         print(f"note: no --upsampler: writing the base model's {size}x{size} samples", file=sys.stderr)
+    return pipe, clip, inpaint
+
+
+def _fixed_kwargs(args, clip):
+    """Pipeline arguments that are the same for every image of a run."""
+    kw = dict(upsample_respacing=args.upsample_respacing, upsample_temp=args.upsample_temp)
+    if clip:
+        kw.update(use_clip_guidance=True, clip_guidance_scale=args.clip_guidance_scale)
+    return kw
+
+
+def generate(args):
+    """One prompt (--prompt, --output): the written paths."""
+    import torch
+
+    device = pick_device(args.device)
+    pipe, clip, inpaint = _load(args, device, batch=False)
+    paths = output_paths(args.output, args.num_images)
+    inputs = _inpaint_inputs(args) if inpaint else ()
     kw = dict(guidance_scale=args.guidance, batch_size=args.num_images, base_respacing=args.base_respacing,
               upsample_respacing=args.upsample_respacing, upsample_temp=args.upsample_temp,
               generator=torch.Generator().manual_seed(args.seed), output_type="pil", progress=not args.quiet)
@@ -256,3 +286,16 @@ def generate_glide(args):
     except ValueError as e:  # argument problems the pipeline found
         raise UsageError(str(e)) from e
     return write_images(images, paths)
+
+
+generate_glide = generate  # the name of earlier releases
+
+
+def make_runner(args, device):
+    """A prompt file (--prompts, --outdir): text-to-image (classifier-free and / or CLIP guidance);
+    per-line "steps" is the base respacing ("100", "ddim50", or an int), "guidance" the scale."""
+    from diffkern.distributed import GlideRunner
+
+    pipe, clip, _ = _load(args, device, batch=True)
+    return GlideRunner(pipe, model=Path(args.base).name, steps=args.base_respacing, guidance=args.guidance,
+                       extra=_fixed_kwargs(args, clip))
