@@ -8,6 +8,7 @@ extension (diffkern._C) and Triton are loaded lazily, on the first call that nee
     with diffkern.use_backend("reference"):
         ...
     python -m diffkern.info        # what was built and which backends each op can use here
+    diffkern.patch(pipe)           # an existing diffusers pipeline on diffkern (needs diffusers)
 """
 
 from diffkern._dispatch import use_backend
@@ -15,4 +16,16 @@ from diffkern import models, nn, ops, schedulers
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "models", "schedulers", "use_backend", "__version__"]
+__all__ = ["ops", "nn", "models", "schedulers", "use_backend", "patch", "unpatch", "PatchReport", "__version__"]
+
+_INTEGRATION = ("patch", "unpatch", "PatchReport")
+
+
+def __getattr__(name):
+    # patch / unpatch / PatchReport come from diffkern.integrations.diffusers on first use, so that
+    # `import diffkern` never imports the integration (nor diffusers, which it imports per call)
+    if name in _INTEGRATION:
+        from diffkern.integrations import diffusers as integration
+
+        return getattr(integration, name)
+    raise AttributeError(f"module 'diffkern' has no attribute {name!r}")

@@ -1,0 +1,43 @@
+"""Swap a pipeline's diffusers schedulers for diffkern's class of the same name and config."""
+
+from __future__ import annotations
+
+
+def diffkern_scheduler_class(name: str):
+    """diffkern's scheduler class named `name` (diffusers' class name), or None."""
+    import diffkern.schedulers as S
+
+    registry = getattr(S, "SCHEDULERS", None)
+    if isinstance(registry, dict):
+        return registry.get(name)
+    cls = getattr(S, name, None)
+    return cls if isinstance(cls, type) else None
+
+
+def is_diffusers_scheduler(obj) -> bool:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    return isinstance(obj, SchedulerMixin)
+
+
+def is_diffkern_scheduler(obj) -> bool:
+    return type(obj).__module__.split(".")[0] == "diffkern" and hasattr(obj, "step")
+
+
+def swap(scheduler):
+    """(diffkern scheduler built from `scheduler.config`, None) or (None, why it was left)."""
+    name = type(scheduler).__name__
+    cls = diffkern_scheduler_class(name)
+    if cls is None:
+        return None, f"diffkern has no {name}"
+    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    try:
+        if hasattr(cls, "from_config"):
+            new = cls.from_config(config)
+        else:
+            new = cls(**config)
+    except Exception as e:  # a config value diffkern's class does not take: leave diffusers' scheduler
+        return None, f"diffkern's {name} rejects this config: {type(e).__name__}: {e}"
+    # built fresh from the config: diffusers pipelines call set_timesteps at every __call__, so the
+    # old scheduler's timestep state needs no carrying over
+    return new, ""
