@@ -5,6 +5,7 @@
 - LDMTextToImagePipeline: Latent Diffusion text2im (LDM-BERT text encoder).
 - GlidePipeline: GLIDE 64 -> 256 with classifier-free or CLIP guidance, and inpainting.
 - IFPipeline / IFSuperResolutionPipeline / IFImg2ImgPipeline / IFInpaintingPipeline: DeepFloyd IF stages.
+- UnCLIPPipeline / UnCLIPImageVariationPipeline: DALL-E 2 / Karlo (prior, decoder, 64 -> 256 SR).
 - load_pipeline(path): the right SD/LDM one for a checkpoint.
 
 Each matches diffusers' pipeline of the same name image for image (same weights, same seed).
@@ -27,6 +28,7 @@ from diffkern.pipelines.stable_diffusion import (
     components,
 )
 from diffkern.pipelines.stable_diffusion_inpaint import StableDiffusionInpaintPipeline
+from diffkern.pipelines.unclip import UnCLIPPipeline
 
 
 def load_pipeline(path, *, dtype=None, device="cpu", scheduler="ddim", img2img=False, inpaint=False,
@@ -68,5 +70,6 @@ __all__ = [
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "StableDiffusionPipeline",
+    "UnCLIPPipeline",
     "load_pipeline",
 ]
