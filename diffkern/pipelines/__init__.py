@@ -5,6 +5,7 @@
 - LDMTextToImagePipeline: Latent Diffusion text2im (LDM-BERT text encoder).
 - GlidePipeline: GLIDE 64 -> 256 with classifier-free or CLIP guidance, and inpainting.
 - IFPipeline / IFSuperResolutionPipeline / IFImg2ImgPipeline / IFInpaintingPipeline: DeepFloyd IF stages.
+- StableDiffusionUpscalePipeline: the SD x4 upscaler (IF stage III).
 - UnCLIPPipeline / UnCLIPImageVariationPipeline: DALL-E 2 / Karlo (prior, decoder, 64 -> 256 SR).
 - load_pipeline(path): the right SD/LDM one for a checkpoint.
 
@@ -28,7 +29,9 @@ from diffkern.pipelines.stable_diffusion import (
     components,
 )
 from diffkern.pipelines.stable_diffusion_inpaint import StableDiffusionInpaintPipeline
+from diffkern.pipelines.stable_diffusion_upscale import StableDiffusionUpscalePipeline
 from diffkern.pipelines.unclip import UnCLIPPipeline
+from diffkern.pipelines.unclip_variation import UnCLIPImageVariationPipeline
 
 
 def load_pipeline(path, *, dtype=None, device="cpu", scheduler="ddim", img2img=False, inpaint=False,
@@ -70,6 +73,8 @@ __all__ = [
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "StableDiffusionPipeline",
+    "StableDiffusionUpscalePipeline",
+    "UnCLIPImageVariationPipeline",
     "UnCLIPPipeline",
     "load_pipeline",
 ]

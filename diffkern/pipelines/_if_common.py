@@ -42,13 +42,13 @@ class IFPipelineOutput:
 
 
 def as_diffkern_scheduler(scheduler, name="scheduler"):
-    """A diffkern scheduler: ours as it is; a diffusers DDPMScheduler rebuilt from its config (the
-    same betas, variance type and thresholding), so components built for diffusers drop in."""
+    """A diffkern scheduler: ours as it is; a diffusers DDPMScheduler / DDIMScheduler rebuilt from its
+    config (the same betas, variance type and thresholding), so components built for diffusers drop in."""
     if scheduler is None:
         raise ValueError(f"{name}: required (a DDPMScheduler)")
     cls = type(scheduler)
-    if cls.__module__.split(".")[0] == "diffusers" and cls.__name__ == "DDPMScheduler":
-        return schedulers.DDPMScheduler.from_config(scheduler.config)
+    if cls.__module__.split(".")[0] == "diffusers" and cls.__name__ in ("DDPMScheduler", "DDIMScheduler"):
+        return getattr(schedulers, cls.__name__).from_config(scheduler.config)
     return C.make_scheduler(scheduler, None)
 
 

@@ -101,3 +101,37 @@ def if_unet_for_ours(unet):
 
 def uses_diffkern_unet(pipe):
     return type(pipe.unet).__module__.startswith("diffkern.")
+
+
+# stabilityai/stable-diffusion-x4-upscaler's schedulers (DDIM v-prediction; the low-res noising DDPM).
+X4_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+X4_LOW_RES_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
+
+
+def tiny_x4_unet(seed=2, cross_attention_dim=32):
+    """The x4 upscaler's shape: 4 latent + 3 image channels in, class embeddings for the noise level,
+    linear projections, cross-attention only on the first level (as the released one)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=7, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, norm_num_groups=4, attention_head_dim=2, use_linear_projection=True,
+        num_class_embeds=351).eval()
+
+
+def tiny_x4_vae(seed=0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=[8, 8], in_channels=3, out_channels=3, latent_channels=4,
+                         norm_num_groups=4, down_block_types=["DownEncoderBlock2D"] * 2,
+                         up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32, scaling_factor=0.08333).eval()
+
+
+def ddim(config):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**config)
