@@ -6,6 +6,7 @@
 - GlidePipeline: GLIDE 64 -> 256 with classifier-free or CLIP guidance, and inpainting.
 - IFPipeline / IFSuperResolutionPipeline / IFImg2ImgPipeline / IFInpaintingPipeline: DeepFloyd IF stages.
 - StableDiffusionUpscalePipeline: the SD x4 upscaler (IF stage III).
+- IFCascadePipeline (= ImagenPipeline): prompt -> 64 -> 256 -> 1024, T5 once, sequential loading.
 - UnCLIPPipeline / UnCLIPImageVariationPipeline: DALL-E 2 / Karlo (prior, decoder, 64 -> 256 SR).
 - load_pipeline(path): the right SD/LDM one for a checkpoint.
 
@@ -21,6 +22,7 @@ from diffkern.pipelines.deepfloyd_if import (
     IFSuperResolutionPipeline,
 )
 from diffkern.pipelines.glide import GlidePipeline
+from diffkern.pipelines.imagen import IFCascadeOutput, IFCascadePipeline, ImagenPipeline
 from diffkern.pipelines.latent_diffusion import LDMTextToImagePipeline
 from diffkern.pipelines.stable_diffusion import (
     LatentDiffusionPipelineBase,
@@ -62,12 +64,15 @@ def load_pipeline(path, *, dtype=None, device="cpu", scheduler="ddim", img2img=F
 
 __all__ = [
     "GlidePipeline",
+    "IFCascadeOutput",
+    "IFCascadePipeline",
     "IFImg2ImgPipeline",
     "IFInpaintingPipeline",
     "IFPipeline",
     "IFPipelineOutput",
     "IFSuperResolutionPipeline",
     "ImagePipelineOutput",
+    "ImagenPipeline",
     "LDMTextToImagePipeline",
     "LatentDiffusionPipelineBase",
     "StableDiffusionImg2ImgPipeline",

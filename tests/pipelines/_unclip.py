@@ -114,3 +114,45 @@ def max_stage_diff(want, got):
         assert len(want[name]) == len(got[name]), (name, len(want[name]), len(got[name]))
         out[name] = max((a.double() - b.double()).abs().max().item() for a, b in zip(want[name], got[name]))
     return out
+
+
+MODEL_NAMES = ("prior", "decoder", "text_encoder", "text_proj", "image_encoder", "super_res_first", "super_res_last")
+
+
+def in_float64(pipe):
+    """A shallow copy of `pipe` whose models are float64 copies (schedulers, tokenizer shared).
+
+    Why: the first reverse step (t = 999) divides by sqrt(alpha_bar_999) ~ 6e-3, so float32 rounding
+    differences of 1e-6 in a model output become ~1e-2 in the few elements of x0 that the clip to
+    [-1, 1] leaves alone; in float64 every stage of the two pipelines must agree to ~1e-12."""
+    import copy
+
+    twin = copy.copy(pipe)
+    done = {}
+    for name in MODEL_NAMES:
+        model = getattr(pipe, name, None)
+        if model is not None:
+            if id(model) not in done:
+                done[id(model)] = copy.deepcopy(model).double()
+            setattr(twin, name, done[id(model)])
+    return twin
+
+
+def check_parity(ref, ours, dtype, call):
+    """Run `call(pipe)` on both; fp32: final images within 1e-3; fp64: every stage's model inputs and
+    the images within 1e-8. Returns the float32/64 images of ours."""
+    import numpy as np
+
+    if dtype == torch.float64:
+        ref, ours = in_float64(ref), in_float64(ours)
+    with ModelInputs(**stage_models(ref)) as seen_ref:
+        want = call(ref)
+    with ModelInputs(**stage_models(ours)) as seen:
+        got = call(ours)
+    assert got.shape == want.shape
+    tol = 1e-3 if dtype == torch.float32 else 1e-8
+    assert np.abs(got.astype(np.float64) - want.astype(np.float64)).max() < tol
+    if dtype == torch.float64:
+        diffs = max_stage_diff(seen_ref, seen)
+        assert max(diffs.values()) < 1e-8, diffs
+    return got, seen
