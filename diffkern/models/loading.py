@@ -35,7 +35,10 @@ __all__ = ["CheckpointError", "LoadedPipeline", "load", "load_component_folder",
 _TEXT_ENCODERS = ("CLIPTextModel", "LDMBertModel")
 _TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "BertTokenizer", "BertTokenizerFast")
 # Pipeline parts a diffkern pipeline never runs: left out (None) with a note, not an error.
-_NOT_LOADED = ("StableDiffusionSafetyChecker", "CLIPImageProcessor", "CLIPFeatureExtractor")
+_NOT_LOADED = ("StableDiffusionSafetyChecker", "CLIPImageProcessor", "CLIPFeatureExtractor", "IFSafetyChecker",
+               "IFWatermarker")
+# DeepFloyd IF folders (IF-I-*, IF-II-*): T5 text encoder and tokenizer (diffkern.models.t5).
+_T5_PARTS = ("T5EncoderModel", "T5Tokenizer", "T5TokenizerFast")
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 @dataclass
@@ -164,6 +167,12 @@ def _load_part(name, cls, folder, *, dtype, device, variant, notes):
         return load_component_folder(folder, dtype=dtype, device=device, variant=variant)
     if cls in _TEXT_ENCODERS:
         return _load_text_encoder(folder, dtype=dtype, device=device, variant=variant)
+    if cls in _T5_PARTS:
+        from diffkern.models import t5
+
+        if cls == "T5EncoderModel":
+            return t5.load_t5(str(folder), dtype=dtype, device=device, variant=variant)
+        return t5.load_t5_tokenizer(str(folder))
     if cls in _TOKENIZERS:
         from diffkern.models import text_encoders
 
@@ -173,7 +182,7 @@ def _load_part(name, cls, folder, *, dtype, device, variant, notes):
     if cls in _NOT_LOADED:
         notes.append(f"{name} ({cls}) not loaded: diffkern pipelines do not run it")
         return None
-    supported = ", ".join((*MODEL_CLASSES, *_TEXT_ENCODERS, *_TOKENIZERS, "schedulers"))
+    supported = ", ".join((*MODEL_CLASSES, *_TEXT_ENCODERS, *_TOKENIZERS, *_T5_PARTS, "schedulers"))
     raise NotImplementedError(f"{name}: class {cls!r} is not loadable by diffkern (supported: {supported})")
 
 

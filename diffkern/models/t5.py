@@ -143,16 +143,18 @@ def encode_t5(text_encoder, tokenizer, prompts, *, max_length=MAX_LENGTH, clean=
     return hidden.to(device=device or enc_device)
 
 
-def load_t5(folder, *, dtype=None, device="cpu"):
+def load_t5(folder, *, dtype=None, device="cpu", variant=None):
     """transformers' T5EncoderModel from a local folder (config.json + weights, sharded or not).
 
-    dtype: e.g. torch.float16 (T5-XXL: ~9.5 GB in fp16, ~19 GB in fp32). Never downloads."""
+    dtype: e.g. torch.float16 (T5-XXL: ~9.5 GB in fp16, ~19 GB in fp32). variant: "fp16" reads
+    model.fp16.safetensors (IF's folders ship both). Never downloads."""
     from transformers import T5EncoderModel
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"text_encoder: {folder} is not a folder (expected a T5EncoderModel "
                                 "folder with config.json and its weights)")
-    model = T5EncoderModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    kw = {"variant": variant} if variant is not None else {}
+    model = T5EncoderModel.from_pretrained(folder, dtype=dtype or "auto", local_files_only=True, **kw)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -104,6 +104,42 @@ class IFPipelineBase:
         self.progress = True
         self._check_text_width()
 
+    _extra_schedulers = ()  # scheduler components besides `scheduler` (stage II: image_noising_scheduler)
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=None, device="cpu", variant=None):
+        """Load a diffusers IF folder (IF-I-*, IF-II-*: model_index.json, unet/, scheduler/, text_encoder/
+        and tokenizer/ when present) with diffkern.models.loading.load. The safety checker and the
+        watermarker are not loaded (`notes` says so)."""
+        from diffkern.models.loading import load
+
+        return cls.from_loaded(load(path, dtype=dtype, device=device, variant=variant))
+
+    @classmethod
+    def from_loaded(cls, loaded):
+        """Build from what diffkern.models.loading.load returned for an IF folder."""
+        parts = loaded.components
+        if loaded.unet is None:
+            raise ValueError(f"loaded: {loaded.source} has no unet")
+        extra = {}
+        for name in cls._extra_schedulers:
+            if parts.get(name) is None:
+                raise ValueError(f"loaded: {loaded.source} has no {name} (is it a stage II folder?)")
+            extra[name] = schedulers.DDPMScheduler.from_config(parts[name])
+        pipe = cls(tokenizer=parts.get("tokenizer"), text_encoder=parts.get("text_encoder"), unet=loaded.unet,
+                   scheduler=schedulers.DDPMScheduler.from_config(loaded.scheduler_config),
+                   requires_safety_checker=False, **extra)
+        pipe.notes += list(loaded.notes)
+        return pipe
+
+    def to(self, device=None, dtype=None):
+        """Move (and cast) the UNet and the text encoder; returns self."""
+        for m in (self.unet, self.text_encoder):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
+        return self
+
     # -- properties ------------------------------------------------------------------------------
     @property
     def device(self):

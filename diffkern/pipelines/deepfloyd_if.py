@@ -73,6 +73,8 @@ class IFSuperResolutionPipeline(IFPipelineBase):
     noised to `noise_level` by image_noising_scheduler (noise-conditioning augmentation; the level
     goes to the UNet as class_labels)."""
 
+    _extra_schedulers = ("image_noising_scheduler",)
+
     def __init__(self, tokenizer, text_encoder, unet, scheduler, image_noising_scheduler, safety_checker=None,
                  feature_extractor=None, watermarker=None, requires_safety_checker=True):
         super().__init__(tokenizer, text_encoder, unet, scheduler, safety_checker, feature_extractor, watermarker,

@@ -62,6 +62,24 @@ class StableDiffusionUpscalePipeline(LatentDiffusionPipelineBase):
         if safety_checker is None:
             self.notes.append("safety checker: absent, images are not checked")
 
+    @classmethod
+    def from_loaded(cls, loaded, scheduler="ddim"):
+        """Build from diffkern.models.loading.load of a stable-diffusion-x4-upscaler folder (its
+        low_res_scheduler and max_noise_level included); scheduler: "ddim" / "ddpm" or an instance."""
+        from diffkern import schedulers
+        from diffkern.pipelines.stable_diffusion import components
+
+        parts = components(loaded)
+        low = (getattr(loaded, "components", None) or {}).get("low_res_scheduler")
+        if low is None:
+            raise ValueError("loaded: no low_res_scheduler (is it a stable-diffusion-x4-upscaler folder?)")
+        index = getattr(loaded, "model_index", None) or {}
+        pipe = cls(parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["unet"],
+                   schedulers.DDPMScheduler.from_config(low), C.make_scheduler(scheduler, parts["scheduler_config"]),
+                   max_noise_level=index.get("max_noise_level", 350))
+        pipe.notes += list(getattr(loaded, "notes", None) or [])
+        return pipe
+
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, num_inference_steps=75, guidance_scale=9.0, noise_level=20,
                  negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, latents=None,
