@@ -16,12 +16,14 @@
 #include "cpu/group_norm.h"
 #include "cpu/dynamic_threshold.h"
 #include "cpu/guided_step.h"
+#include "cpu/sampler_update.h"
 #ifdef WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include "cuda/group_norm.h"
 #include "cuda/dynamic_threshold.h"
 #include "cuda/guided_step.h"
+#include "cuda/sampler_update.h"
 #endif
 
 namespace diffkern {
@@ -308,6 +310,85 @@ void guided_step_forward(const at::Tensor& x, const at::Tensor& m, const std::op
 #endif
 }
 
+// sampler_update: one pass of the CPU or CUDA kernel into preallocated outputs (the Python layer plans the
+// passes: with abs_out only |unclipped d| is written, for the dynamic-threshold statistics).
+void sampler_update_check(const at::Tensor& t, const char* name, const at::Tensor& x, at::ScalarType dtype,
+                          at::IntArrayRef shape) {
+  DK_CHECK_TYPE(t.scalar_type() == dtype, "sampler_update: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  DK_CHECK_VALUE(t.device() == x.device(), "sampler_update: ", name, " must be on sample's device ", x.device(),
+                 ", got ", t.device());
+  DK_CHECK_VALUE(t.sizes() == shape, "sampler_update: ", name, " must have shape ", shape, ", got ", t.sizes());
+  DK_CHECK_VALUE(t.is_contiguous(), "sampler_update: ", name, " must be contiguous");
+}
+
+void sampler_update_forward(const at::Tensor& x, const at::Tensor& m, const std::optional<at::Tensor>& u,
+                            const std::optional<at::Tensor>& noise, const std::vector<at::Tensor>& history,
+                            const at::Tensor& coeffs, const at::Tensor& out, const at::Tensor& d,
+                            const std::optional<at::Tensor>& aux, const std::optional<at::Tensor>& thresholds,
+                            const std::optional<at::Tensor>& abs_out, int64_t clip, double guidance_scale,
+                            double clip_range) {
+  DK_CHECK_VALUE(x.dim() >= 1, "sampler_update: sample must be (B, *), got a 0-d tensor");
+  DK_CHECK_VALUE(x.device().is_cpu() || x.device().is_cuda(),
+                 "sampler_update: sample must be a CPU or CUDA tensor, got ", x.device());
+  DK_CHECK_VALUE(clip >= 0 && clip <= 2, "sampler_update: clip code must be 0, 1 or 2, got ", clip);
+  const auto H = static_cast<int64_t>(history.size());
+  DK_CHECK_VALUE(H <= kSamplerMaxHistory, "sampler_update: at most ", kSamplerMaxHistory,
+                 " history tensors, got ", H);
+  const auto dt = x.scalar_type();
+  DK_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+                "sampler_update: sample must be float32, float16 or bfloat16, got ", dt);
+  DK_CHECK_VALUE(x.is_contiguous(), "sampler_update: sample must be contiguous");
+  SamplerUpdateArgs a;
+  a.dtype = dt == at::kFloat ? DType::kFloat32 : dt == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
+  const int64_t B = x.size(0);
+  const int64_t N = B > 0 ? x.numel() / B : 0;
+  const int64_t K = 5 + H + (aux.has_value() ? 2 + H : 0);
+  sampler_update_check(m, "model_output", x, dt, x.sizes());
+  if (u.has_value()) sampler_update_check(*u, "uncond_output", x, dt, x.sizes());
+  if (noise.has_value()) sampler_update_check(*noise, "noise", x, dt, x.sizes());
+  for (int64_t j = 0; j < H; ++j) sampler_update_check(history[j], "history", x, dt, x.sizes());
+  sampler_update_check(out, "out", x, dt, x.sizes());
+  sampler_update_check(d, "d", x, dt, x.sizes());
+  if (aux.has_value()) sampler_update_check(*aux, "aux", x, dt, x.sizes());
+  sampler_update_check(coeffs, "coeffs", x, at::kFloat, {B, K});
+  if (abs_out.has_value()) {
+    sampler_update_check(*abs_out, "abs_out", x, at::kFloat, {B, N});
+  } else if (clip == 2) {
+    DK_CHECK_VALUE(thresholds.has_value(), "sampler_update: clip='dynamic' needs thresholds (or abs_out)");
+    sampler_update_check(*thresholds, "thresholds", x, at::kFloat, {B});
+    a.thresholds = thresholds->data_ptr<float>();
+  }
+  if (x.numel() == 0) return;
+  a.x = x.data_ptr();
+  a.m = m.data_ptr();
+  a.u = u.has_value() ? u->data_ptr() : nullptr;
+  a.noise = noise.has_value() ? noise->data_ptr() : nullptr;
+  for (int64_t j = 0; j < H; ++j) a.h[j] = history[j].data_ptr();
+  a.H = static_cast<int>(H);
+  a.coeffs = coeffs.data_ptr<float>();
+  a.out = out.data_ptr();
+  a.d = d.data_ptr();
+  a.aux = aux.has_value() ? aux->data_ptr() : nullptr;
+  a.abs_out = abs_out.has_value() ? abs_out->data_ptr<float>() : nullptr;
+  a.B = B; a.N = N; a.K = K;
+  a.clip = static_cast<int>(clip);
+  a.guidance_scale = static_cast<float>(guidance_scale);
+  a.clip_range = static_cast<float>(clip_range);
+  if (x.device().is_cpu()) {
+    cpu::sampler_update_forward(a);
+    return;
+  }
+#ifdef WITH_CUDA
+  DK_CHECK_VALUE(B <= 65535, "sampler_update: at most 65535 samples per call on CUDA, got ", B);
+  c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = cuda::sampler_update_forward(a, at::cuda::getCurrentCUDAStream());
+  DK_CHECK(err == cudaSuccess, std::runtime_error, "sampler_update: CUDA kernel failed: ",
+           cudaGetErrorString(err));
+#else
+  DK_CHECK_VALUE(false, "sampler_update: diffkern._C was built without CUDA kernels");
+#endif
+}
+
 // Throws one kind of C++ exception (0: pybind11::value_error, 1: c10::Error via TORCH_CHECK,
 // 2: std::runtime_error), for diagnosing exception translation on a given build.
 void debug_throw(int kind) {
@@ -359,6 +440,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("pred"), pybind11::arg("clip"), pybind11::arg("learned"), pybind11::arg("guidance_scale"),
         pybind11::arg("clip_range"), pybind11::arg("seed") = pybind11::none(), pybind11::arg("offset") = 0,
         pybind11::arg("eps_from_clipped") = true);
+  m.def("sampler_update_forward", &diffkern::sampler_update_forward,
+        "sampler_update: one pass into preallocated outputs (abs_out: the dynamic-threshold statistics pass)",
+        pybind11::arg("x"), pybind11::arg("m"), pybind11::arg("u"), pybind11::arg("noise"),
+        pybind11::arg("history"), pybind11::arg("coeffs"), pybind11::arg("out"), pybind11::arg("d"),
+        pybind11::arg("aux"), pybind11::arg("thresholds"), pybind11::arg("abs_out"), pybind11::arg("clip"),
+        pybind11::arg("guidance_scale"), pybind11::arg("clip_range"));
   m.def("build_info", &diffkern::build_info, "How this extension was built");
   m.def("_debug_throw", &diffkern::debug_throw, "Throw a C++ exception of the given kind (diagnostics)");
   m.def("_debug_throw_formatted", &diffkern::debug_throw_formatted, "Throw a formatted message (diagnostics)");
