@@ -93,8 +93,8 @@ def _models(case, device):
 
 
 def _unet_step(unet, x, t, ctx, returns_object):
-    out = unet(x, t, ctx)
-    return out.sample if returns_object else out
+    out = unet(x, t, ctx)  # both models return diffusers' output object now (the flag is kept for callers)
+    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def _loop(unet, vae, scheduler, latents, ctx, steps, returns_object):
@@ -107,7 +107,7 @@ def _loop(unet, vae, scheduler, latents, ctx, steps, returns_object):
         uncond, cond = eps.chunk(2)
         x = scheduler.step(uncond + GUIDANCE * (cond - uncond), t, x).prev_sample
     img = vae.decode(x / 0.18215)
-    return img.sample if returns_object else img
+    return img if isinstance(img, torch.Tensor) else img[0]
 
 
 def _glide_callables(case, device):
@@ -139,7 +139,7 @@ def _callables(case, device):
     if case.kind == "unet":
         ctx = torch.randn(case.shape[0], 77, case.config["cross_attention_dim"], generator=g).to(device, case.dtype)
         t = torch.tensor(500, device=device)
-        fns["diffkern"] = lambda: ours(x, t, ctx)
+        fns["diffkern"] = lambda: ours(x, t, ctx).sample
         if ref is not None:
             fns["diffusers"] = lambda: ref(x, t, ctx).sample
     elif case.kind == "vae":

@@ -54,7 +54,17 @@ def per_level(model_name, key, value, levels):
 
 
 class ConfiguredModel(nn.Module):
-    """Base of the models built from a diffusers-style config: `from_config`, `.dtype`, `.device`."""
+    """Base of the models built from a diffusers-style config: `from_config`, `.dtype`, `.device`, and
+    config keys readable as attributes (``unet.in_channels``), as diffusers' models allow."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            config = self.__dict__.get("config")
+            if config is not None and name in config:
+                return config[name]
+            raise
 
     @classmethod
     def from_config(cls, config):

@@ -1,8 +1,9 @@
-"""Residual blocks, resamplers and timestep embeddings of the LDM / Stable Diffusion UNet and VAE.
+"""Residual blocks, resamplers and timestep embeddings of the diffusers-layout UNets (SD, SDXL, IF, unCLIP) and the VAE.
 
 Parameter names follow diffusers' (ResnetBlock2D, Downsample2D, Upsample2D, TimestepEmbedding), so
 their state dicts load as they are. Every GroupNorm that is followed by SiLU is one fused
-diffkern.nn.GroupNorm(activation="silu"), so the whole block follows diffkern.use_backend(...).
+diffkern.nn.GroupNorm(activation="silu") (with the ADM scale-shift inside it where the block has one),
+so the whole block follows diffkern.use_backend(...).
 """
 
 from __future__ import annotations
@@ -45,25 +46,59 @@ def timestep_embedding(timesteps, dim, flip_sin_to_cos=False, downscale_freq_shi
     return emb
 
 
+# diffusers' get_activation names -> torch modules (diffusers.models.activations.ACT2CLS).
+ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def activation(name):
+    """A fresh activation module for a diffusers activation name ("silu", "swish", "gelu", ...)."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[key]()
+
+
+def _is_silu(name):
+    return name.lower() in ("silu", "swish")
+
+
 class TimestepEmbedding(nn.Module):
-    """MLP on the sinusoidal embedding: linear_1 -> SiLU -> linear_2 (diffusers' key names)."""
+    """MLP on the sinusoidal embedding: [+ cond_proj(condition)] -> linear_1 -> act -> linear_2
+    [-> post_act] (diffusers' TimestepEmbedding and its key names).
 
-    def __init__(self, in_channels, time_embed_dim):
+    cond_proj_dim: width of `condition` (diffusers' timestep_cond, LCM's guidance embedding),
+    projected without bias onto the input. out_dim: width of linear_2's output (time_embed_dim).
+    """
+
+    def __init__(self, in_channels, time_embed_dim, act_fn="silu", out_dim=None, post_act_fn=None,
+                 cond_proj_dim=None, sample_proj_bias=True):
         super().__init__()
-        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
-        self.act = nn.SiLU()
-        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim, sample_proj_bias)
+        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim is not None else None
+        self.act = activation(act_fn)
+        self.linear_2 = nn.Linear(time_embed_dim, out_dim or time_embed_dim, sample_proj_bias)
+        self.post_act = activation(post_act_fn) if post_act_fn is not None else None
 
-    def forward(self, emb):
-        return self.linear_2(self.act(self.linear_1(emb)))
+    def forward(self, sample, condition=None):
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError("TimestepEmbedding: condition given but the layer has no cond_proj "
+                                 "(time_cond_proj_dim is None)")
+            sample = sample + self.cond_proj(condition)
+        sample = self.linear_2(self.act(self.linear_1(sample)))
+        return sample if self.post_act is None else self.post_act(sample)
 
 
 class ResnetBlock2D(nn.Module):
-    """Pre-norm residual block of the SD/LDM UNet and VAE (diffusers' ResnetBlock2D, "default"
-    time-embedding mode: the projected embedding is added between conv1 and norm2).
+    """Pre-norm residual block of the diffusers UNets and VAE (diffusers' ResnetBlock2D).
 
-        h = conv1(silu(norm1(x)));  h += time_emb_proj(silu(temb));  h = conv2(dropout(silu(norm2(h))))
-        out = (shortcut(x) + h) / output_scale_factor
+        h = act(norm1(x));  [x, h = resample(x), resample(h)];  h = conv1(h)
+        default:      h = act(norm2(h + time_emb_proj(act(temb))))
+        scale_shift:  scale, shift = time_emb_proj(act(temb)).chunk(2);  h = act(norm2(h) * (1 + scale) + shift)
+        h = conv2(dropout(h));  out = (shortcut(x) + h) / output_scale_factor
+
+    Every norm followed by SiLU is one fused ops.group_norm (with the scale-shift inside it in the
+    "scale_shift" mode); other activations run after the (fused scale-shift) norm.
 
     Args:
         in_channels, out_channels: conv_shortcut (1x1) exists exactly when they differ.
@@ -71,32 +106,67 @@ class ResnetBlock2D(nn.Module):
         groups, groups_out: GroupNorm groups of norm1 and norm2 (groups_out defaults to groups).
         eps: GroupNorm epsilon.
         dropout: before conv2.
-        output_scale_factor: divides the sum (the UNet mid block's mid_block_scale_factor).
+        output_scale_factor: divides the sum (mid_block_scale_factor / resnet_out_scale_factor).
+        act_fn: diffusers' non_linearity ("silu"/"swish", "gelu", "mish", "relu").
+        time_embedding_norm: "default" (add) or "scale_shift" (AdaGN: time_emb_proj is 2x wide).
+        skip_time_act: feed temb to time_emb_proj without the activation (IF's resnet_skip_time_act).
+        up, down: nearest x2 upsampling / 2x2 average pooling of both paths after norm1 (the
+            resnet up/downsamplers of ResnetDownsampleBlock2D, SimpleCrossAttn*Block2D).
     """
 
     def __init__(self, in_channels, out_channels=None, temb_channels=None, *, groups=32, groups_out=None,
-                 eps=1e-6, dropout=0.0, output_scale_factor=1.0):
+                 eps=1e-6, dropout=0.0, output_scale_factor=1.0, act_fn="silu", time_embedding_norm="default",
+                 skip_time_act=False, up=False, down=False):
         super().__init__()
+        if time_embedding_norm not in ("default", "scale_shift"):
+            raise ValueError(f"ResnetBlock2D: time_embedding_norm must be 'default' or 'scale_shift', "
+                             f"got {time_embedding_norm!r}")
         out_channels = out_channels or in_channels
         self.in_channels, self.out_channels = in_channels, out_channels
         self.output_scale_factor = output_scale_factor
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps, activation="silu")
+        self.time_embedding_norm, self.skip_time_act = time_embedding_norm, skip_time_act
+        self.up, self.down = up, down
+        # SiLU goes inside the norm kernel; any other activation is a module applied after it.
+        fused = "silu" if _is_silu(act_fn) else None
+        self.nonlinearity = activation(act_fn)
+        self._act_after_norm = fused is None
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, activation=fused)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
-        self.norm2 = GroupNorm(groups_out or groups, out_channels, eps=eps, activation="silu")
+        self.time_emb_proj = None
+        if temb_channels is not None:
+            width = 2 * out_channels if time_embedding_norm == "scale_shift" else out_channels
+            self.time_emb_proj = nn.Linear(temb_channels, width)
+        self.norm2 = GroupNorm(groups_out or groups, out_channels, eps=eps, activation=fused)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.conv_shortcut = None
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
+    def _norm_act(self, norm, h, scale=None, shift=None):
+        h = norm(h, scale, shift)
+        return self.nonlinearity(h) if self._act_after_norm else h
+
     def forward(self, x, temb=None):
-        h = self.conv1(self.norm1(x))
+        h = self._norm_act(self.norm1, x)
+        if self.up:
+            x, h = F.interpolate(x, scale_factor=2.0, mode="nearest"), F.interpolate(h, scale_factor=2.0,
+                                                                                       mode="nearest")
+        elif self.down:
+            x, h = F.avg_pool2d(x, kernel_size=2, stride=2), F.avg_pool2d(h, kernel_size=2, stride=2)
+        h = self.conv1(h)
         if self.time_emb_proj is not None:
             if temb is None:
                 raise ValueError("ResnetBlock2D: this block was built with temb_channels; pass temb")
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(self.norm2(h)))
+            emb = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
+            if self.time_embedding_norm == "scale_shift":
+                scale, shift = emb.chunk(2, dim=1)
+                h = self._norm_act(self.norm2, h, scale.contiguous(), shift.contiguous())
+            else:
+                h = self._norm_act(self.norm2, h + emb[:, :, None, None])
+        else:
+            h = self._norm_act(self.norm2, h)
+        h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         # A division, not a multiplication by the reciprocal: bit-for-bit what the checkpoints

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from diffkern.nn.attention import Attention
+from diffkern.nn.attention import Attention, mask_to_bias
 from diffkern.nn.group_norm import GroupNorm
 
 
@@ -45,20 +45,29 @@ class BasicTransformerBlock(nn.Module):
     """Pre-LayerNorm block: self-attention, cross-attention to the text tokens, GEGLU MLP.
 
         x += attn1(norm1(x));  x += attn2(norm2(x), context);  x += ff(norm3(x))
+
+    only_cross_attention: attn1 attends to the text too (its keys come from `context`).
+    forward(x, context, attention_mask=None, encoder_attention_mask=None): the masks are diffusers'
+    (a (B, S) keep-mask or a (B, 1, S) bias), over attn1's and attn2's keys respectively.
     """
 
-    def __init__(self, dim, heads, dim_head, context_dim, *, dropout=0.0, norm_eps=1e-5):
+    def __init__(self, dim, heads, dim_head, context_dim, *, dropout=0.0, norm_eps=1e-5,
+                 only_cross_attention=False):
         super().__init__()
+        self.only_cross_attention = only_cross_attention
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.attn1 = Attention(dim, context_dim=context_dim if only_cross_attention else None, heads=heads,
+                               dim_head=dim_head, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn2 = Attention(dim, context_dim=context_dim, heads=heads, dim_head=dim_head, dropout=dropout)
         self.norm3 = nn.LayerNorm(dim, eps=norm_eps)
         self.ff = FeedForward(dim, dropout=dropout)
 
-    def forward(self, x, context):
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
+    def forward(self, x, context, attention_mask=None, encoder_attention_mask=None):
+        self_bias = mask_to_bias(attention_mask, x.dtype)
+        cross_bias = mask_to_bias(encoder_attention_mask, x.dtype)
+        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None, attn_bias=self_bias) + x
+        x = self.attn2(self.norm2(x), context, attn_bias=cross_bias) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -77,12 +86,14 @@ class SpatialTransformer(nn.Module):
         context_dim: width of encoder_hidden_states (the text tokens).
         depth: number of transformer blocks (transformer_layers_per_block).
         norm_num_groups: groups of the input GroupNorm.
+        only_cross_attention: every block's attn1 attends to the text (see BasicTransformerBlock).
 
-    forward(x (B, C, H, W), context (B, M, context_dim)) -> (B, C, H, W).
+    forward(x (B, C, H, W), context (B, M, context_dim), attention_mask=None, encoder_attention_mask=None)
+    -> (B, C, H, W); the masks as BasicTransformerBlock takes them.
     """
 
     def __init__(self, heads, dim_head, in_channels, context_dim, *, depth=1, norm_num_groups=32,
-                 use_linear_projection=False, dropout=0.0):
+                 use_linear_projection=False, dropout=0.0, only_cross_attention=False):
         super().__init__()
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
@@ -90,11 +101,12 @@ class SpatialTransformer(nn.Module):
         proj = nn.Linear if use_linear_projection else (lambda i, o: nn.Conv2d(i, o, kernel_size=1))
         self.proj_in = proj(in_channels, inner)
         self.transformer_blocks = nn.ModuleList([
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout=dropout)
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout=dropout,
+                                  only_cross_attention=only_cross_attention)
             for _ in range(depth)])
         self.proj_out = proj(inner, in_channels)
 
-    def forward(self, x, context):
+    def forward(self, x, context, attention_mask=None, encoder_attention_mask=None):
         B, _, H, W = x.shape
         h = self.norm(x)
         if not self.use_linear_projection:
@@ -103,7 +115,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear_projection:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, attention_mask, encoder_attention_mask)
         if self.use_linear_projection:
             h = self.proj_out(h)
         h = h.reshape(B, H, W, h.shape[-1]).permute(0, 3, 1, 2).contiguous()

@@ -59,7 +59,7 @@ def test_matches_diffusers(name, size, backend, used_backends):
     with torch.no_grad():
         want = theirs(sample, timesteps, context).sample
         with backend_context(backend):
-            got = ours(sample, timesteps, context)
+            got = ours(sample, timesteps, context).sample
     assert got.shape == want.shape == sample.shape
     assert max_diff(got, want) < TOL
     check_backends(used_backends, backend)
@@ -73,8 +73,8 @@ def test_timestep_forms_broadcast_to_batch(timestep):
     sample, context = _inputs(CONFIGS["sd1"], (16, 16))
     with torch.no_grad():
         want = theirs(sample, timestep, context).sample
-        got = ours(sample, timestep, context)
-        per_sample = ours(sample, torch.full((2,), float(timestep)), context)
+        got = ours(sample, timestep, context).sample
+        per_sample = ours(sample, torch.full((2,), float(timestep)), context).sample
     assert max_diff(got, want) < TOL
     assert max_diff(got, per_sample) < TOL
 
@@ -131,14 +131,16 @@ def test_from_diffusers_keeps_dtype_and_mode():
 
 
 @pytest.mark.parametrize("option, value", [
-    ("addition_embed_type", "text_time"),
-    ("class_embed_type", "timestep"),
-    ("only_cross_attention", True),
+    ("addition_embed_type", "image_hint"),
+    ("class_embed_type", "not_a_kind"),
     ("dual_cross_attention", True),
-    ("resnet_time_scale_shift", "scale_shift"),
-    ("act_fn", "gelu"),
-    ("down_block_types", ("SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")),
-    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+    ("resnet_time_scale_shift", "spatial"),
+    ("act_fn", "tanh"),
+    ("time_embedding_type", "fourier"),
+    ("encoder_hid_dim_type", "image_proj"),
+    ("down_block_types", ("KDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")),
+    ("up_block_types", ("UpBlock2D", "CrossAttnUpBlock2D", "AttnUpBlock2D")),
+    ("mid_block_type", "UNetMidBlock2DNope"),
     ("not_an_option", 1),
 ])
 def test_unsupported_options_name_themselves(option, value):
@@ -153,12 +155,10 @@ def test_private_keys_are_ignored():
 def test_from_diffusers_rejects_other_types_and_configs():
     with pytest.raises(TypeError, match="UNet2DConditionModel"):
         from_diffusers(torch.nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="UNet2DModel"):
-        from_diffusers(diffusers.UNet2DModel(block_out_channels=(32, 32), norm_num_groups=8,
-                                             down_block_types=("DownBlock2D",) * 2,
-                                             up_block_types=("UpBlock2D",) * 2))
-    theirs = diffusers.UNet2DConditionModel(**CONFIGS["sd1"], class_embed_type="timestep")
-    with pytest.raises(ValueError, match="class_embed_type"):
+    with pytest.raises(TypeError, match="TimestepEmbedding"):
+        from_diffusers(diffusers.models.embeddings.TimestepEmbedding(4, 8))
+    theirs = diffusers.UNet2DConditionModel(**CONFIGS["sd1"], attention_type="gated")
+    with pytest.raises(ValueError, match="attention_type"):
         from_diffusers(theirs)
 
 

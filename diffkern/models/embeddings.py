@@ -1,0 +1,77 @@
+"""The extra embeddings of the diffusers UNet: text pooling into the time embedding (DeepFloyd IF,
+`addition_embed_type="text"`), text+image (Kandinsky 2.1 style, "text_image"), on diffkern ops.
+
+Parameter names follow diffusers' (diffusers.models.embeddings), so state dicts load as they are.
+The SDXL "text_time" embedding is a plain TimestepEmbedding (diffkern.nn.resnet) on
+[text_embeds | sinusoids of time_ids]; the UNet builds it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffkern import ops
+
+
+class AttentionPooling(nn.Module):
+    """Attention pooling of a token sequence into one vector (DeepFloyd IF's, as diffusers'
+    AttentionPooling): a class token mean(x) + positional_embedding queries [class token | x].
+
+    forward(x (B, L, embed_dim)) -> (B, embed_dim). The softmax runs on ops.attention (float32
+    accumulation whatever the dtype, as the original's `softmax(weight.float())`).
+    """
+
+    def __init__(self, num_heads, embed_dim):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"AttentionPooling: num_heads {num_heads} must divide embed_dim {embed_dim}")
+        # Initialised as diffusers does (randn / sqrt(width)); checkpoints overwrite it.
+        self.positional_embedding = nn.Parameter(torch.randn(1, embed_dim) / embed_dim ** 0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.num_heads = num_heads
+        self.dim_per_head = embed_dim // num_heads
+
+    def _split(self, t):
+        B, S, _ = t.shape
+        return t.view(B, S, self.num_heads, self.dim_per_head).transpose(1, 2)
+
+    def forward(self, x):
+        B, _, width = x.shape
+        class_token = x.mean(dim=1, keepdim=True) + self.positional_embedding.to(x.dtype)
+        tokens = torch.cat([class_token, x], dim=1)
+        # The original scales q and k by d**-0.25 each: the same d**-0.5 on the product.
+        out = ops.attention(self._split(self.q_proj(class_token)), self._split(self.k_proj(tokens)),
+                            self._split(self.v_proj(tokens)))
+        return out.transpose(1, 2).reshape(B, width)
+
+
+class TextTimeEmbedding(nn.Module):
+    """IF's text conditioning of the time embedding: norm1 -> pool -> proj -> norm2
+    (diffusers' TextTimeEmbedding). forward(hidden_states (B, L, encoder_dim)) -> (B, time_embed_dim)."""
+
+    def __init__(self, encoder_dim, time_embed_dim, num_heads=64):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(encoder_dim)
+        self.pool = AttentionPooling(num_heads, encoder_dim)
+        self.proj = nn.Linear(encoder_dim, time_embed_dim)
+        self.norm2 = nn.LayerNorm(time_embed_dim)
+
+    def forward(self, hidden_states):
+        return self.norm2(self.proj(self.pool(self.norm1(hidden_states))))
+
+
+class TextImageTimeEmbedding(nn.Module):
+    """text_norm(text_proj(text_embeds)) + image_proj(image_embeds) (diffusers' TextImageTimeEmbedding,
+    addition_embed_type="text_image"). Each input (B, dim) -> (B, time_embed_dim)."""
+
+    def __init__(self, text_embed_dim=768, image_embed_dim=768, time_embed_dim=1536):
+        super().__init__()
+        self.text_proj = nn.Linear(text_embed_dim, time_embed_dim)
+        self.text_norm = nn.LayerNorm(time_embed_dim)
+        self.image_proj = nn.Linear(image_embed_dim, time_embed_dim)
+
+    def forward(self, text_embeds, image_embeds):
+        return self.image_proj(image_embeds) + self.text_norm(self.text_proj(text_embeds))
