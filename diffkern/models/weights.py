@@ -21,6 +21,9 @@ from diffkern.models.compvis import CheckpointError
 MODEL_CLASSES = {
     "UNet2DConditionModel": ("diffkern.models.unet_2d_condition", "UNet2DConditionModel"),
     "AutoencoderKL": ("diffkern.models.autoencoder_kl", "AutoencoderKL"),
+    "UNet2DModel": ("diffkern.models.unet_2d", "UNet2DModel"),
+    "PriorTransformer": ("diffkern.models.unclip.prior", "PriorTransformer"),
+    "UnCLIPTextProjModel": ("diffkern.models.unclip.text_proj", "UnCLIPTextProjModel"),
 }
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Classes that Lightning training checkpoints pickle (as dict keys of their callback state). They are

@@ -41,10 +41,18 @@ def load_pipeline(path, *, dtype=None, device="cpu", scheduler="ddim", img2img=F
     """Load a checkpoint and wrap it in the matching pipeline: LDMTextToImagePipeline when its text
     encoder is an LDMBertModel, else StableDiffusionPipeline; with img2img=True the image-to-image
     pipeline (which runs LDM text2im components too); with inpaint=True StableDiffusionInpaintPipeline
-    (an inpainting checkpoint, whose UNet takes 9 channels). load_kwargs go to
+    (an inpainting checkpoint, whose UNet takes 9 channels). A Karlo diffusers folder (model_index.json
+    _class_name UnCLIPPipeline / UnCLIPImageVariationPipeline) gives that unCLIP pipeline (dtype,
+    device and variant= apply; scheduler= does not: unCLIP runs its own UnCLIPSchedulers). load_kwargs go to
     diffkern.models.loading.load (tokenizer= for single files, prediction_type=, variant=)."""
     from diffkern.models.loading import load
     from diffkern.models.text_encoders import LDMBertModel
+    from diffkern.models.unclip.folders import unclip_pipeline_class
+
+    unclip = unclip_pipeline_class(path)  # Karlo folders: UnCLIPPipeline / UnCLIPImageVariationPipeline
+    if unclip is not None:
+        cls = UnCLIPPipeline if unclip == "UnCLIPPipeline" else UnCLIPImageVariationPipeline
+        return cls.from_pretrained(path, dtype=dtype, device=device, variant=load_kwargs.get("variant"))
 
     if img2img and inpaint:
         raise ValueError("img2img, inpaint: pick one pipeline, not both")

@@ -48,6 +48,11 @@ class UnCLIPPipeline:
                    super_res_last=from_diffusers(pipe.super_res_last), prior_scheduler=pipe.prior_scheduler,
                    decoder_scheduler=pipe.decoder_scheduler, super_res_scheduler=pipe.super_res_scheduler)
 
+    @classmethod
+    def from_pretrained(cls, folder, *, dtype=None, device="cpu", variant=None):
+        """Load a Karlo diffusers folder (kakaobrain/karlo-v1-alpha layout) into diffkern's models."""
+        return cls(**_folder_components(folder, cls.__name__, dtype, device, variant))
+
     @property
     def components(self):
         return {k: getattr(self, k) for k in ("prior", "decoder", "text_encoder", "tokenizer", "text_proj",
@@ -120,3 +125,13 @@ class UnCLIPPipeline:
         return stages.run_decoder(self.decoder, self.decoder_scheduler, fn, image_embeddings.shape[0],
                                   context.dtype, steps=steps, guidance_scale=guidance_scale, generator=generator,
                                   latents=latents, scale_latents=scale_latents)
+
+
+def _folder_components(folder, expected, dtype, device, variant):
+    from diffkern.models.unclip.folders import load_unclip_folder, unclip_pipeline_class
+
+    kind = unclip_pipeline_class(folder)
+    if kind != expected:
+        raise ValueError(f"folder: {folder} is not a diffusers {expected} folder (model_index.json "
+                         f"_class_name: {kind!r})")
+    return load_unclip_folder(folder, dtype=dtype, device=device, variant=variant)

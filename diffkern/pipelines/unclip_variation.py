@@ -11,7 +11,7 @@ import torch
 
 from diffkern.pipelines._common import ImagePipelineOutput
 from diffkern.pipelines import _unclip_stages as stages
-from diffkern.pipelines.unclip import UnCLIPPipeline
+from diffkern.pipelines.unclip import UnCLIPPipeline, _folder_components
 
 PIL_MODES = ("RGB", "RGBA", "L")  # what CLIP's preprocessing converts to RGB without guessing
 
@@ -43,6 +43,11 @@ class UnCLIPImageVariationPipeline:
                    image_encoder=pipe.image_encoder, super_res_first=from_diffusers(pipe.super_res_first),
                    super_res_last=from_diffusers(pipe.super_res_last), decoder_scheduler=pipe.decoder_scheduler,
                    super_res_scheduler=pipe.super_res_scheduler)
+
+    @classmethod
+    def from_pretrained(cls, folder, *, dtype=None, device="cpu", variant=None):
+        """Load a Karlo image-variations diffusers folder into diffkern's models."""
+        return cls(**_folder_components(folder, cls.__name__, dtype, device, variant))
 
     @property
     def device(self):
