@@ -157,3 +157,45 @@ def test_generate_single_file_needs_and_takes_a_tokenizer(tmp_path, capsys):
     clip_tokenizer(tmp_path / "tok")
     assert main(argv + ["--tokenizer", str(tmp_path / "tok")]) == 0
     assert _png(out).shape == (32, 32, 3)
+
+
+def test_a_model_family_plugs_in_with_one_registry_line(monkeypatch, tmp_path, capsys):
+    """diffkern.cli.FAMILIES: a module with the documented attributes gets both modes and the checks."""
+    import types
+
+    from PIL import Image
+
+    from diffkern import cli
+    from diffkern.distributed import read_records
+
+    toy = types.ModuleType("toy_family")
+    toy.NAME, toy.SELECT, toy.SHARED = "Toy", "--toy", ("steps",)
+    toy.add_arguments = lambda group: group.add_argument("--toy")
+    toy.selected_by = lambda args: args.toy is not None
+    calls = []
+    toy.generate = lambda args: calls.append((args.toy, args.prompt, args.steps)) or []
+
+    class Runner:
+        accepts, defaults, metadata, pipe = ("steps",), {"steps": 1}, {"model": "toy"}, None
+
+        def __call__(self, jobs, generators):
+            return [Image.new("RGB", (4, 4), (j.seed, j.settings["steps"], 0)) for j in jobs]
+
+    toy.make_runner = lambda args, device: Runner()
+    monkeypatch.setitem(sys.modules, "toy_family", toy)
+    monkeypatch.setitem(cli.FAMILIES, "toy", "toy_family")
+    assert main(["generate", "--toy", "t", "--prompt", "p", "--steps", "3"]) == 0 and calls == [("t", "p", 3)]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b", "steps": 9}\n')
+    assert main(["generate", "--model", "toy", "--prompts", str(prompts), "--outdir", str(tmp_path / "o"),
+                 "--seed", "5", "--quiet"]) == 0
+    assert [(r["seed"], r["steps"], r["model"]) for r in read_records(tmp_path / "o" / "manifest.jsonl")] == [
+        (5, 1, "toy"), (6, 9, "toy")]
+    assert Image.open(tmp_path / "o" / "000001.png").getpixel((0, 0)) == (6, 9, 0)
+    capsys.readouterr()
+    assert main(["generate", "--toy", "t", "--checkpoint", "x", "--prompt", "p"]) == 2
+    assert "give --checkpoint (Stable Diffusion / LDM) or --toy (Toy), not both" in capsys.readouterr().err
+    assert main(["generate", "--toy", "t", "--negative-prompt", "n", "--prompt", "p"]) == 2
+    assert "--negative-prompt: Stable Diffusion / LDM options, not Toy's" in capsys.readouterr().err
+    assert main(["generate", "--model", "sd", "--toy", "t", "--prompt", "p"]) == 2
+    assert "--toy: Toy options, not Stable Diffusion / LDM's" in capsys.readouterr().err
