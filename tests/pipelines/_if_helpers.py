@@ -88,15 +88,11 @@ def diffusers_ddpm(config):
 
 
 def if_unet_for_ours(unet):
-    """diffkern's UNet converted from the diffusers IF UNet (same weights) when diffkern's
-    UNet2DConditionModel takes IF's config; until then the diffusers UNet itself stands in (the
-    pipelines only need its call contract). `uses_diffkern_unet` tells which one a test got."""
+    """diffkern's UNet converted from the diffusers IF UNet (same weights): what the diffkern
+    pipelines run in these tests."""
     from diffkern.models import from_diffusers
 
-    try:
-        return from_diffusers(unet)
-    except (ValueError, TypeError, NotImplementedError):
-        return unet
+    return from_diffusers(unet)
 
 
 def uses_diffkern_unet(pipe):

@@ -196,3 +196,9 @@ def test_clean_caption_matches_diffusers(monkeypatch):
                 "<person> 漢字 テスト click for more"]
     for c in captions:
         assert clean_caption(c) == theirs(owner, c), c
+
+
+def test_pipelines_run_diffkern_unets(parts):
+    from tests.pipelines._if_helpers import uses_diffkern_unet
+
+    assert uses_diffkern_unet(_stage1(parts)[1]) and uses_diffkern_unet(_stage2(parts)[1])

@@ -50,17 +50,23 @@ def parts(tmp_path_factory):
                 vae=tiny_x4_vae())
 
 
+def _stage(parts, i):
+    if i == 1:
+        s = IFPipeline(parts["tok"], parts["t5"], if_unet_for_ours(parts["u1"]), diffusers_ddpm(IF_I_SCHEDULER),
+                       requires_safety_checker=False)
+    elif i == 2:
+        s = IFSuperResolutionPipeline(None, None, if_unet_for_ours(parts["u2"]), diffusers_ddpm(IF_II_SCHEDULER),
+                                      diffusers_ddpm(NOISING_SCHEDULER), requires_safety_checker=False)
+    else:
+        s = StableDiffusionUpscalePipeline(from_diffusers(parts["vae"]), parts["clip"], parts["clip_tok"],
+                                           if_unet_for_ours(parts["u3"]), diffusers_ddpm(X4_LOW_RES_SCHEDULER),
+                                           ddim(X4_SCHEDULER))
+    s.set_progress_bar_config(disable=True)
+    return s
+
+
 def _ours(parts):
-    s1 = IFPipeline(parts["tok"], parts["t5"], if_unet_for_ours(parts["u1"]), diffusers_ddpm(IF_I_SCHEDULER),
-                    requires_safety_checker=False)
-    s2 = IFSuperResolutionPipeline(None, None, if_unet_for_ours(parts["u2"]), diffusers_ddpm(IF_II_SCHEDULER),
-                                   diffusers_ddpm(NOISING_SCHEDULER), requires_safety_checker=False)
-    s3 = StableDiffusionUpscalePipeline(from_diffusers(parts["vae"]), parts["clip"], parts["clip_tok"],
-                                        if_unet_for_ours(parts["u3"]), diffusers_ddpm(X4_LOW_RES_SCHEDULER),
-                                        ddim(X4_SCHEDULER))
-    for s in (s1, s2, s3):
-        s.set_progress_bar_config(disable=True)
-    return s1, s2, s3
+    return tuple(_stage(parts, i) for i in (1, 2, 3))
 
 
 def _diffusers_chain(parts, per_prompt=1, stages=3):
@@ -110,7 +116,7 @@ def test_sequential_loads_and_frees(parts):
     def loader(i):
         def load():
             made.append(i)
-            return _ours(parts)[i - 1]
+            return _stage(parts, i)
         return load
 
     cascade = ImagenPipeline(loader(1), loader(2), loader(3), sequential=True)

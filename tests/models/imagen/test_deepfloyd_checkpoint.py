@@ -1,0 +1,192 @@
+"""Original DeepFloyd IF checkpoints (pytorch_model.bin + config.yml) -> diffusers layout.
+
+The test writes tiny files in the original layout (deep-floyd/IF's UNetModel: input_blocks /
+middle_block / output_blocks of ResBlocks and AttentionBlocks, qkv as a 1x1 conv1d grouped per head,
+encoder_kv, encoder_pooling, aug_proj) from a random diffusers IF UNet, converts them back and checks
+the config and every tensor; the original attention's math (per-head qkv split, encoder keys before
+self keys) is recomputed here and must equal diffusers' attention on the converted weights.
+"""
+
+import pytest
+import torch
+import yaml
+
+from diffkern.models.checkpoints.deepfloyd import convert_deepfloyd_unet, load_deepfloyd_unet
+
+diffusers = pytest.importorskip("diffusers")
+
+BASE_PARAMS = dict(image_size=16, in_channels=3, out_channels=6, model_channels=32, channel_mult="1,2",
+                   num_res_blocks=1, attention_resolutions="8", num_head_channels=16, encoder_dim=24,
+                   encoder_channels=32, att_pool_heads=2, activation="gelu", use_scale_shift_norm=True,
+                   resblock_updown=True, dropout=0.0, precision="32")
+BASE_CONFIG = dict(sample_size=16, in_channels=3, out_channels=6, block_out_channels=[32, 64], layers_per_block=1,
+                   down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+                   up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+                   mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=32, attention_head_dim=16,
+                   encoder_hid_dim=24, cross_attention_norm="group_norm", addition_embed_type="text",
+                   addition_embed_type_num_heads=2, act_fn="gelu", resnet_time_scale_shift="scale_shift",
+                   time_embedding_dim=64)
+SR_PARAMS = dict(BASE_PARAMS, in_channels=6, num_res_blocks="1,2", disable_self_attentions="8,16",
+                 attention_resolutions="8,16", efficient_activation=True, scale_skip_connection=True)
+SR_CONFIG = dict(BASE_CONFIG, in_channels=6, layers_per_block=[1, 2], class_embed_type="timestep",
+                 down_block_types=["SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
+                 up_block_types=["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D"], only_cross_attention=True,
+                 time_embedding_act_fn="gelu", resnet_skip_time_act=True, resnet_out_scale_factor=1 / 0.7071,
+                 mid_block_scale_factor=1 / 0.7071)
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def _random_unet(config, seed=0):
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**config)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return unet.eval()
+
+
+def _heads(tensors, head_dim):
+    """Original qkv / encoder_kv rows: per head [part_0 rows; part_1 rows; ...] (how QKVAttention reshapes)."""
+    heads = tensors[0].shape[0] // head_dim
+    grouped = torch.cat([t.reshape(heads, head_dim, *t.shape[1:]) for t in tensors], dim=1)
+    return grouped.reshape(-1, *tensors[0].shape[1:])
+
+
+def _write_resnet(sd, new, old, out):
+    for name, orig in _RESNET.items():
+        for p in ("weight", "bias"):
+            if f"{new}.{name}.{p}" in sd:
+                out[f"{old}.{orig}.{p}"] = sd[f"{new}.{name}.{p}"]
+
+
+def _write_attention(sd, new, old, out, head_dim, self_attention):
+    parts = ["to_q", "to_k", "to_v"] if self_attention else ["to_q"]
+    out[f"{old}.qkv.weight"] = _heads([sd[f"{new}.{p}.weight"] for p in parts], head_dim)[..., None]
+    out[f"{old}.qkv.bias"] = _heads([sd[f"{new}.{p}.bias"] for p in parts], head_dim)
+    out[f"{old}.encoder_kv.weight"] = _heads([sd[f"{new}.add_{p}_proj.weight"] for p in "kv"], head_dim)[..., None]
+    out[f"{old}.encoder_kv.bias"] = _heads([sd[f"{new}.add_{p}_proj.bias"] for p in "kv"], head_dim)
+    for orig, name in (("norm", "group_norm"), ("norm_encoder", "norm_cross")):
+        for p in ("weight", "bias"):
+            out[f"{old}.{orig}.{p}"] = sd[f"{new}.{name}.{p}"]
+    out[f"{old}.proj_out.weight"] = sd[f"{new}.to_out.0.weight"][..., None]
+    out[f"{old}.proj_out.bias"] = sd[f"{new}.to_out.0.bias"]
+
+
+def original_layout(unet, blocks, attn_levels, self_attention, head_dim):
+    """The state dict deep-floyd/IF's UNetModel would hold, in its construction order."""
+    sd, out = unet.state_dict(), {}
+    for old, new in (("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
+                     ("aug_proj.0", "class_embedding.linear_1"), ("aug_proj.2", "class_embedding.linear_2"),
+                     ("input_blocks.0.0", "conv_in"), ("encoder_proj", "encoder_hid_proj"), ("out.0", "conv_norm_out"),
+                     ("out.2", "conv_out"), ("encoder_pooling.0", "add_embedding.norm1"),
+                     ("encoder_pooling.2", "add_embedding.proj"), ("encoder_pooling.3", "add_embedding.norm2")):
+        for p in ("weight", "bias"):
+            if f"{new}.{p}" in sd:
+                out[f"{old}.{p}"] = sd[f"{new}.{p}"]
+    for k, v in sd.items():
+        if k.startswith("add_embedding.pool."):
+            out["encoder_pooling.1." + k[len("add_embedding.pool."):]] = v
+    levels, i = len(blocks), 1
+    for level in range(levels):
+        for j in range(blocks[level]):
+            _write_resnet(sd, f"down_blocks.{level}.resnets.{j}", f"input_blocks.{i}.0", out)
+            if level in attn_levels:
+                _write_attention(sd, f"down_blocks.{level}.attentions.{j}", f"input_blocks.{i}.1", out, head_dim,
+                                 self_attention)
+            i += 1
+        if level < levels - 1:
+            _write_resnet(sd, f"down_blocks.{level}.downsamplers.0", f"input_blocks.{i}.0", out)
+            i += 1
+    _write_resnet(sd, "mid_block.resnets.0", "middle_block.0", out)
+    _write_attention(sd, "mid_block.attentions.0", "middle_block.1", out, head_dim, self_attention)
+    _write_resnet(sd, "mid_block.resnets.1", "middle_block.2", out)
+    i = 0
+    for u, level in enumerate(reversed(range(levels))):
+        for j in range(blocks[level] + 1):
+            _write_resnet(sd, f"up_blocks.{u}.resnets.{j}", f"output_blocks.{i}.0", out)
+            if level in attn_levels:
+                _write_attention(sd, f"up_blocks.{u}.attentions.{j}", f"output_blocks.{i}.1", out, head_dim,
+                                 self_attention)
+            if level and j == blocks[level]:
+                _write_resnet(sd, f"up_blocks.{u}.upsamplers.0",
+                              f"output_blocks.{i}.{2 if level in attn_levels else 1}", out)
+            i += 1
+    return out
+
+
+def _original_attention(orig, prefix, x, context, heads, self_attention):
+    """deep-floyd/IF AttentionBlock.forward on original weights (written out here, not converted)."""
+    b, c, h, w = x.shape
+    gn = torch.nn.functional.group_norm
+    qkv = torch.nn.functional.conv1d(gn(x, 32, orig[f"{prefix}.norm.weight"], orig[f"{prefix}.norm.bias"]).view(b, c, -1),
+                                     orig[f"{prefix}.qkv.weight"], orig[f"{prefix}.qkv.bias"])
+    enc = gn(context.permute(0, 2, 1), 32, orig[f"{prefix}.norm_encoder.weight"], orig[f"{prefix}.norm_encoder.bias"])
+    enc = torch.nn.functional.conv1d(enc, orig[f"{prefix}.encoder_kv.weight"], orig[f"{prefix}.encoder_kv.bias"])
+    ch = c // heads
+    ek, ev = enc.reshape(b * heads, ch * 2, -1).split(ch, dim=1)
+    if self_attention:
+        q, k, v = qkv.reshape(b * heads, ch * 3, -1).split(ch, dim=1)
+        k, v = torch.cat([ek, k], dim=-1), torch.cat([ev, v], dim=-1)
+    else:
+        (q,), k, v = qkv.reshape(b * heads, ch, -1).split(ch, dim=1), ek, ev
+    weight = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / ch ** 0.5, dim=-1)
+    a = torch.einsum("bts,bcs->bct", weight, v).reshape(b, c, -1)
+    out = torch.nn.functional.conv1d(a, orig[f"{prefix}.proj_out.weight"], orig[f"{prefix}.proj_out.bias"])
+    return x + out.reshape(b, c, h, w)
+
+
+@pytest.mark.parametrize("params, config, blocks, attn_levels, self_attention", [
+    (BASE_PARAMS, BASE_CONFIG, [1, 1], {1}, True),
+    (SR_PARAMS, SR_CONFIG, [1, 2], {0, 1}, False),
+], ids=["stage-I", "stage-II"])
+def test_original_checkpoint_converts(tmp_path, params, config, blocks, attn_levels, self_attention):
+    unet = _random_unet(config)
+    orig = original_layout(unet, blocks, attn_levels, self_attention, head_dim=16)
+    torch.save(orig, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.yml").write_text(yaml.safe_dump({"params": params}))
+
+    new_config, converted = convert_deepfloyd_unet(torch.load(tmp_path / "pytorch_model.bin"), params)
+    rebuilt = diffusers.UNet2DConditionModel(**new_config)
+    assert {k: v for k, v in rebuilt.config.items() if not k.startswith("_")} == \
+        {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    assert sorted(converted) == sorted(unet.state_dict())
+    assert all(torch.equal(converted[k], v) for k, v in unet.state_dict().items())
+
+    # The attention semantics: the original block's math on original weights == diffusers on converted ones.
+    attn = unet.mid_block.attentions[0]
+    x, context = torch.randn(2, 64, 8, 8), torch.randn(2, 5, 32)
+    expected = _original_attention(orig, "middle_block.1", x, context, heads=4, self_attention=self_attention)
+    assert (attn(x, encoder_hidden_states=context) - expected).abs().max() < 1e-4
+
+
+def test_load_deepfloyd_unet_to_diffkern(tmp_path):
+    unet = _random_unet(BASE_CONFIG)
+    torch.save(original_layout(unet, [1, 1], {1}, True, 16), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.yml").write_text(yaml.safe_dump({"params": BASE_PARAMS}))
+    try:
+        ours = load_deepfloyd_unet(tmp_path)
+    except ValueError as e:  # diffkern's UNet does not take IF's config yet
+        pytest.skip(f"diffkern UNet2DConditionModel lacks an IF feature: {e}")
+    x, t, text = torch.randn(1, 3, 16, 16), torch.tensor([500]), torch.randn(1, 7, 24)
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=text).sample
+        got = ours(x, t, encoder_hidden_states=text)
+    got = got if isinstance(got, torch.Tensor) else got[0]
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_errors(tmp_path):
+    unet = _random_unet(BASE_CONFIG)
+    orig = original_layout(unet, [1, 1], {1}, True, 16)
+    orig["input_blocks.9.0.in_layers.0.weight"] = torch.zeros(3)
+    with pytest.raises(KeyError, match="does not place.*input_blocks.9"):
+        convert_deepfloyd_unet(orig, BASE_PARAMS)
+    del orig["input_blocks.9.0.in_layers.0.weight"], orig["middle_block.1.qkv.weight"]
+    with pytest.raises(KeyError, match="middle_block.1.qkv.weight is missing"):
+        convert_deepfloyd_unet(orig, BASE_PARAMS)
+    with pytest.raises(ValueError, match="encoder_channels"):
+        convert_deepfloyd_unet(orig, {k: v for k, v in BASE_PARAMS.items() if k != "encoder_channels"})
+    with pytest.raises(FileNotFoundError, match="config.yml"):
+        load_deepfloyd_unet(tmp_path)
