@@ -46,7 +46,9 @@ def attention(q, k, v, *, attn_bias=None, causal=False, scale=None, kv_prefix=No
 
     kv_prefix=(kp, vp) keys/values come before k/v and are always visible; causal lets query i see
     main key j <= i (top-left). attn_bias: additive float, or bool keep-mask (True = attend),
-    broadcastable to (B, H, Sq, Sp + Sk). Rows with every key masked give zeros."""
+    broadcastable to (B, H, Sq, Sp + Sk). Rows with every key masked give zeros. A -inf bias entry
+    masks its key whatever the score (a NaN score there does not leak), and a NaN or Inf input reaches
+    every output it feeds (see diffkern.ops.attention for the whole rule)."""
     out_dtype = q.dtype
     work = torch.float64 if (upcast or q.dtype == torch.float64) else torch.float32
     if kv_prefix is not None:
@@ -65,11 +67,14 @@ def attention(q, k, v, *, attn_bias=None, causal=False, scale=None, kv_prefix=No
         if attn_bias.dtype == torch.bool:
             keep = keep & attn_bias
         else:
+            # -inf entries are masks: keep them out of the scores, where NaN + -inf would be NaN
+            keep = keep & ~torch.isneginf(attn_bias)
             s = s + attn_bias.to(work)
     s = s.masked_fill(~keep, float("-inf"))
     dead = torch.isneginf(s).all(-1, keepdim=True)
     p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
-    out = torch.matmul(p, v.to(work))
+    # zero fully masked rows after the product too: 0 * NaN from a masked value would be NaN there
+    out = torch.matmul(p, v.to(work)).masked_fill(dead, 0.0)
     return out if upcast else out.to(out_dtype)
 
 

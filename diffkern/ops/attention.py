@@ -35,9 +35,24 @@ def attention(q, k, v, *, attn_bias=None, causal=False, scale=None, kv_prefix=No
         backend: "triton", "sdpa", "xformers" or "reference"; None chooses (see diffkern.use_backend).
 
     Returns:
-        (B, H, Sq, D) in q's dtype. A query row whose keys are all masked returns zeros (not NaN),
-        and passes no gradient. Differentiable in q, k, v, the prefix and a float attn_bias on
+        (B, H, Sq, D) in q's dtype. Differentiable in q, k, v, the prefix and a float attn_bias on
         every backend.
+
+    Masks, NaN and Inf (every backend; tests/ops/test_attention_nonfinite.py):
+        - A key is masked for a query by causal, a False in a bool attn_bias, or a -inf float
+          attn_bias entry (a -inf entry masks its key even where q k^T is NaN).
+        - A query row whose keys are all masked returns exactly 0 and passes no gradient, whatever
+          its masked keys, values and bias entries hold.
+        - A NaN reaches every output element it feeds, never turned into 0: a NaN in q row i makes
+          output row i NaN; in key j (k or kv_prefix[0]), every row that sees key j; in value
+          (j, d), column d of every row that sees key j; in a visible attn_bias entry (i, j), row i.
+          A NaN attn_bias entry that causal masks feeds nothing.
+        - An Inf does the same with "non-finite" for NaN: Inf or NaN, whichever the arithmetic
+          gives (+Inf scores give NaN rows, inf - inf in the softmax). A score that comes out -inf
+          acts as a masked key.
+        - Everything else stays finite. One exception, as in every fused kernel: a non-finite k or
+          v of a key that a row masks may still reach that row (0 * NaN in the probabilities x
+          values product, or NaN + -inf in a peer's scores), so masking is no NaN filter.
 
     Equivalent PyTorch (no prefix, no fully masked rows)::
 
@@ -182,10 +197,31 @@ def _with_prefix(c):
     return torch.cat([c.kp, c.k], dim=2), torch.cat([c.vp, c.v], dim=2)
 
 
+def _nan_rows(c, k):
+    """Bool (B, H, Sq, 1): rows with a NaN in their query or in a key they see (unmasked SDPA call)."""
+    rows = torch.isnan(c.q).any(-1, keepdim=True)
+    keys = torch.isnan(k).any(-1)                                  # (B, H, Sp + Sk)
+    if not c.causal:
+        return rows | keys.any(-1)[..., None, None]
+    seen = keys.cummax(-1).values                                  # row i sees keys 0..i (top-left)
+    last = torch.arange(c.q.shape[2], device=k.device).clamp_max(k.shape[2] - 1)
+    return rows | seen[..., last, None]
+
+
 def _run_sdpa(c):
     k, v = _with_prefix(c)
     if c.bias is None and (not c.causal or c.kp is None):
-        return F.scaled_dot_product_attention(c.q, k, v, is_causal=c.causal, scale=c.scale)
+        out = F.scaled_dot_product_attention(c.q, k, v, is_causal=c.causal, scale=c.scale)
+        if c.q.device.type == "cpu" and k.shape[2] > 0:
+            # torch's CPU SDPA takes a row whose scores are all NaN (a NaN query, or NaN in every key it
+            # sees) for a fully masked one and returns 0 there, hiding the NaN (issue 11). The masked call
+            # below keeps NaN; here, restore it. Eager: one sum of q and of k (NaN if any element is, or
+            # if +Inf and -Inf meet; the exact check then decides) and the row fix only when it fires:
+            # 1-3% of the call at SD shapes (numbers in benchmarks/results or the attention README).
+            # Compiled: no data-dependent branch, the fix always runs (inductor fuses it).
+            if torch.compiler.is_compiling() or torch.isnan(c.q.sum() + k.sum()):
+                out = out.masked_fill(_nan_rows(c, k), float("nan"))
+        return out
     mask, dead = _peer_mask(c)
     out = F.scaled_dot_product_attention(c.q, k, v, attn_mask=mask, scale=c.scale)
     return out if dead is None else out.masked_fill(dead, 0.0)

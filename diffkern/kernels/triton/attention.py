@@ -8,7 +8,8 @@ qkv tensor, biases .expand()ed with 0 strides); no Sq x Sk tensor is ever materi
 Forward: grid (cdiv(Sq, BLOCK_M), B * H). A program holds a block of queries and streams key blocks
 (the prefix, then the main keys up to the diagonal) through the online softmax in base 2: scores are
 scaled by scale * log2(e) and the bias by log2(e), so exp2 replaces exp; lse is stored in natural log.
-Rows whose keys are all masked keep m = -inf, l = 0: they output 0 and lse = -inf.
+Rows whose keys are all masked keep m = -inf, l = 0: they output 0 and lse = -inf. A -inf bias entry masks
+its key even where the score is NaN; NaN scores elsewhere make l NaN, so NaN reaches out and lse.
 
 Backward (FlashAttention-2, no atomics, deterministic):
 - _bwd_preprocess_kernel: delta = rowsum(dO * O), fp32 (B * H, Sq), the only extra memory;
@@ -78,6 +79,7 @@ def _scores(q, k, bias_base, offs_m, offs_n, col0, Sq, n_keys, stride_bm, stride
         b = tl.load(bias_base + offs_m[:, None] * stride_bm + (col0 + offs_n)[None, :] * stride_bn,
                     mask=bmask, other=0.0)
         s += b.to(tl.float32) * LOG2E
+        visible = visible & (b != float("-inf"))  # a -inf entry masks its key even where q k^T is NaN
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None])
     return tl.where(visible, s, float("-inf"))
@@ -140,12 +142,14 @@ def _fwd_kernel(
                                  bias_base, offs_m, offs_d, Sp, Sk, n_end, Sq, D,
                                  sk_n, sk_d, sv_n, sv_d, sb_m, sb_n, qk_scale,
                                  CAUSAL, HAS_BIAS, DOT_MODE, BLOCK_N)
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # fully masked rows: acc = 0, out = 0
+    # l = 0 exactly when every key of the row is masked: out = 0 there even if acc caught 0 * NaN from a
+    # masked value; a NaN l (NaN scores) is not "dead" and keeps NaN in out and lse
+    dead = l_i == 0.0
+    out = tl.where(dead[:, None], 0.0, acc / tl.where(dead, 1.0, l_i)[:, None])
     mask = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
     tl.store(out_ptr + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d,
              _to(out, out_ptr.dtype.element_ty, DOT_MODE), mask=mask)
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(tl.where(dead, 1.0, l_i))) * LN2)
     tl.store(lse_ptr + bh * Sq + offs_m, lse, mask=offs_m < Sq)
 
 
