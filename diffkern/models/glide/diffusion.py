@@ -19,7 +19,9 @@ Facts from OpenAI's glide_text2im (gaussian_diffusion.py, respace.py), equations
   it shifts the guided step: the mean (or score) of the guided eps, the variance of the conditional half.
 
 Each step is one call of the scheduler's fused guided_step; only denoised_fn (inpainting) and cond_fn
-(CLIP guidance) need a few elementwise torch ops before it (see `_prepared_output`).
+(CLIP guidance) need a few elementwise torch ops before it (see `_prepared_output`). The loops are the
+house's one sampling loop, diffkern.schedulers.sampling.denoise_loop, over the diffusion indices;
+`_GlideSteps` stands in for its scheduler and adds GLIDE's parts to each step.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 from diffkern.schedulers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
 from diffkern.schedulers._base import randn_like_diffusers
-from diffkern.schedulers.sampling import _progress
+from diffkern.schedulers.sampling import denoise_loop
 from diffkern.schedulers.schedules import respaced_betas, space_timesteps
 
 NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2")
@@ -167,22 +169,10 @@ class GaussianDiffusion:
         if isinstance(fixed_point_iterations, bool) or not isinstance(fixed_point_iterations, int) \
                 or fixed_point_iterations < 0:
             raise ValueError(f"fixed_point_iterations must be an int >= 0, got {fixed_point_iterations!r}")
-        sched = self.ddim_inverse_scheduler(clip_denoised)
-        scale = 1.0 if guidance_scale is None else guidance_scale
-        x = x0
-        C = x.shape[1]
-        for i in _progress(range(self.num_timesteps), progress, self.num_timesteps):
-            x_next = x
-            for _ in range(1 + fixed_point_iterations):
-                cond, uncond = self._call(model_fn, x_next, i, guidance_scale)
-                # DDIMInverseScheduler takes C channels: the variance channels play no part in DDIM
-                out = sched.step(cond[:, :C], i, x, uncond_output=None if uncond is None else uncond[:, :C],
-                                 guidance_scale=scale)
-                x_next = out.prev_sample
-            x = x_next
-            if callback is not None:
-                callback(i, out)
-        return x
+        steps = _GlideSteps(self, self.ddim_inverse_scheduler(clip_denoised), {}, model_fn=model_fn,
+                            guidance_scale=guidance_scale, fixed_point_iterations=fixed_point_iterations)
+        return denoise_loop(steps.model_fn, steps, x0, list(range(self.num_timesteps)),
+                            guidance_scale=guidance_scale, progress=progress, callback=_index_callback(callback))
 
     # -- internals -----------------------------------------------------------------------------------
     def _call(self, model_fn, x, i, guidance_scale):
@@ -208,43 +198,19 @@ class GaussianDiffusion:
                 raise ValueError(f"noise must have shape {tuple(shape)}, got {tuple(x.shape)}")
         else:
             x = randn_like_diffusers(tuple(shape), generator, device, dtype)
-        unclamped = None
         if kind == "ddpm":
-            sched = self.ddpm_scheduler(clip_denoised)
-            kw = {}
+            sched, kw, unclamped = self.ddpm_scheduler(clip_denoised), {}, None
         else:
             sched = self.ddim_scheduler(clip_denoised)
             kw = {"eta": eta, "use_clipped_model_output": True}  # OpenAI re-derives eps from the clamped x0
             # after condition_score OpenAI does not clamp again: that step runs unclamped
             unclamped = self.ddim_scheduler(False) if cond_fn is not None else None
-        C = x.shape[1]
-        for i in _progress(range(self.num_timesteps - 1, -1, -1), progress, self.num_timesteps):
-            cond, uncond = self._call(model_fn, x, i, guidance_scale)
-            if cond.shape[1] != 2 * C:
-                raise ValueError(f"model_fn must return 2*C={2 * C} channels (eps, variance values), "
-                                 f"got {cond.shape[1]}")
-            grad = None
-            if cond_fn is not None:
-                t = self.timestep_map[i].to(x.device).expand(x.shape[0])
-                with torch.enable_grad():
-                    grad = cond_fn(x, t).to(x.dtype)
-            step_sched, step_kw = sched, dict(kw)
-            if denoised_fn is None and (grad is None or kind == "ddpm"):
-                model_output = cond
-                scale = 1.0 if guidance_scale is None else guidance_scale
-                step_kw.update(uncond_output=uncond, guidance_scale=scale)
-            else:
-                model_output = self._prepared_output(sched, kind, x, i, cond, uncond, guidance_scale,
-                                                     clip_denoised, denoised_fn, grad)
-                if kind == "ddim" and grad is not None:
-                    step_sched = unclamped
-            out = step_sched.step(model_output, i, x, generator=generator, **step_kw)
-            x = out.prev_sample
-            if kind == "ddpm" and grad is not None:
-                x = x + self._model_variance(i, cond[:, C:]) * grad  # condition_mean
-            if callback is not None:
-                callback(i, out)
-        return x
+        steps = _GlideSteps(self, sched, kw, model_fn=model_fn, guidance_scale=guidance_scale, kind=kind,
+                            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+                            unclamped=unclamped)
+        return denoise_loop(steps.model_fn, steps, x, list(range(self.num_timesteps - 1, -1, -1)),
+                            guidance_scale=guidance_scale, generator=generator, progress=progress,
+                            callback=_index_callback(callback))
 
     def _prepared_output(self, sched, kind, x, i, cond, uncond, guidance_scale, clip_denoised, denoised_fn,
                          grad):
@@ -274,3 +240,68 @@ class GaussianDiffusion:
         max_log = self._coef("betas", i, v).log()
         min_log = self._coef("posterior_log_variance_clipped", i, v)
         return torch.exp(frac * max_log + (1 - frac) * min_log)
+
+
+def _index_callback(callback):
+    """denoise_loop calls back (counter, index, output); GLIDE's callbacks take (index, output)."""
+    return None if callback is None else (lambda _, i, out: callback(i, out))
+
+
+class _GlideSteps:
+    """The scheduler denoise_loop drives for GLIDE: the model is called at the original timestep of
+    each index (`model_fn`), and `step` adds what OpenAI's samplers do beside the plain update: the
+    channel check, cond_fn's gradient (DDPM: mean shift after the step; DDIM: score shift, unclamped),
+    denoised_fn, and for DDIM inversion the fixed-point re-evaluations of the model."""
+
+    def __init__(self, diffusion, sched, step_kw, *, model_fn, guidance_scale, kind="ddim", clip_denoised=False,
+                 denoised_fn=None, cond_fn=None, unclamped=None, fixed_point_iterations=0):
+        self.diffusion, self.sched, self.step_kw, self.kind = diffusion, sched, step_kw, kind
+        self.user_model_fn, self.guidance_scale = model_fn, guidance_scale
+        self.clip_denoised, self.denoised_fn, self.cond_fn, self.unclamped = clip_denoised, denoised_fn, cond_fn, \
+            unclamped
+        self.fixed_point_iterations = fixed_point_iterations
+
+    def scale_model_input(self, x, i):
+        return x  # DDPM / DDIM do not scale the model input
+
+    def model_fn(self, x, i):
+        cond, uncond = self.diffusion._call(self.user_model_fn, x, i, self.guidance_scale)
+        return cond if self.guidance_scale is None else (cond, uncond)
+
+    def step(self, model_output, i, x, generator=None, uncond_output=None, guidance_scale=None):
+        if isinstance(self.sched, DDIMInverseScheduler):
+            return self._inverse_step(model_output, i, x, uncond_output)
+        d, C = self.diffusion, x.shape[1]
+        cond, uncond = model_output, uncond_output
+        if cond.shape[1] != 2 * C:
+            raise ValueError(f"model_fn must return 2*C={2 * C} channels (eps, variance values), got {cond.shape[1]}")
+        grad = None
+        if self.cond_fn is not None:
+            t = d.timestep_map[i].to(x.device).expand(x.shape[0])
+            with torch.enable_grad():
+                grad = self.cond_fn(x, t).to(x.dtype)
+        step_sched, step_kw = self.sched, dict(self.step_kw)
+        if self.denoised_fn is None and (grad is None or self.kind == "ddpm"):
+            model_out = cond
+            step_kw.update(uncond_output=uncond, guidance_scale=1.0 if guidance_scale is None else guidance_scale)
+        else:
+            model_out = d._prepared_output(self.sched, self.kind, x, i, cond, uncond, guidance_scale,
+                                           self.clip_denoised, self.denoised_fn, grad)
+            if self.kind == "ddim" and grad is not None:
+                step_sched = self.unclamped
+        out = step_sched.step(model_out, i, x, generator=generator, **step_kw)
+        if self.kind == "ddpm" and grad is not None:  # condition_mean
+            shifted = out.prev_sample + d._model_variance(i, cond[:, C:]) * grad
+            out = type(out)(prev_sample=shifted, pred_original_sample=out.pred_original_sample)
+        return out
+
+    def _inverse_step(self, cond, i, x, uncond):
+        C, scale = x.shape[1], 1.0 if self.guidance_scale is None else self.guidance_scale
+        # DDIMInverseScheduler takes C channels: the variance channels play no part in DDIM
+        out = self.sched.step(cond[:, :C], i, x, uncond_output=None if uncond is None else uncond[:, :C],
+                              guidance_scale=scale)
+        for _ in range(self.fixed_point_iterations):
+            cond, uncond = self.diffusion._call(self.user_model_fn, out.prev_sample, i, self.guidance_scale)
+            out = self.sched.step(cond[:, :C], i, x, uncond_output=None if uncond is None else uncond[:, :C],
+                                  guidance_scale=scale)
+        return out
