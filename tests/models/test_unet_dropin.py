@@ -1,0 +1,144 @@
+"""UNet2DConditionModel as a drop-in for diffusers': forward's arguments and outputs, each against
+diffusers' model with the same weights, and the model inside a diffusers pipeline."""
+
+import warnings
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from diffkern.models import UNet2DConditionModel, from_diffusers  # noqa: E402
+
+from ._helpers import max_diff, randomise  # noqa: E402
+
+TOL = 1e-4
+SD = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+          cross_attention_dim=16, attention_head_dim=2)
+
+
+def _pair(seed=0, **over):
+    torch.manual_seed(seed)
+    theirs = randomise(diffusers.UNet2DConditionModel(**{**SD, **over}), seed)
+    return theirs, from_diffusers(theirs)
+
+
+def _inputs(batch=2, tokens=7, in_channels=4, size=(16, 16)):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, in_channels, *size, generator=g), torch.randn(batch, tokens, 16, generator=g)
+
+
+def _both(theirs, ours, *args, **kwargs):
+    with torch.no_grad():
+        return theirs(*args, **kwargs).sample, ours(*args, **kwargs).sample
+
+
+def test_output_object_and_return_dict():
+    theirs, ours = _pair()
+    x, ctx = _inputs()
+    with torch.no_grad():
+        out = ours(x, 10, ctx)
+        tup = ours(x, 10, ctx, return_dict=False)
+    assert out.sample is out[0] is out["sample"] and out.to_tuple() == (out.sample,)
+    assert list(out.keys()) == ["sample"] and type(out).__name__ == "UNet2DConditionOutput"
+    assert isinstance(tup, tuple) and len(tup) == 1 and torch.equal(tup[0], out.sample)
+
+
+def test_attributes_pipelines_read():
+    _, ours = _pair()
+    assert ours.in_channels == ours.config.in_channels == 4 and ours.config["sample_size"] == 8
+    assert ours.dtype == torch.float32 and ours.device.type == "cpu"
+    with pytest.raises(AttributeError):
+        ours.not_a_config_key
+
+
+def test_controlnet_residuals_match_diffusers():
+    theirs, ours = _pair()
+    x, ctx = _inputs()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        # One residual per skip: conv_in, level 0 (resnet, downsample), level 1 (resnet).
+        shapes = [(2, 16, 16, 16), (2, 16, 16, 16), (2, 16, 8, 8), (2, 32, 8, 8)]
+        down = [torch.randn(s, generator=g) for s in shapes]
+        mid = torch.randn(2, 32, 8, 8, generator=g)
+    want, got = _both(theirs, ours, x, 10, ctx, down_block_additional_residuals=down,
+                      mid_block_additional_residual=mid)
+    plain = ours(x, 10, ctx).sample
+    assert max_diff(got, want) < TOL and max_diff(got, plain) > 1e-3
+
+
+def test_t2i_adapter_residuals_match_diffusers():
+    theirs, ours = _pair()
+    x, ctx = _inputs()
+    g = torch.Generator().manual_seed(4)
+    adapter = [torch.randn(2, 16, 16, 16, generator=g), torch.randn(2, 32, 8, 8, generator=g)]
+    given = list(adapter)
+    with torch.no_grad():
+        got = ours(x, 10, ctx, down_intrablock_additional_residuals=given).sample
+        want = theirs(x, 10, ctx, down_intrablock_additional_residuals=list(adapter)).sample
+    assert max_diff(got, want) < TOL and len(given) == 2  # the caller's list is left alone
+
+
+def test_encoder_attention_mask_matches_diffusers():
+    theirs, ours = _pair()
+    x, ctx = _inputs()
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    want, got = _both(theirs, ours, x, 10, ctx, encoder_attention_mask=mask)
+    unmasked = ours(x, 10, ctx).sample
+    assert max_diff(got, want) < TOL and max_diff(got[:1], unmasked[:1]) > 1e-4
+
+
+def test_class_labels_timestep_cond_and_concat_match_diffusers():
+    theirs, ours = _pair(num_class_embeds=10, time_cond_proj_dim=6, class_embeddings_concat=True,
+                         timestep_post_act="silu")
+    x, ctx = _inputs()
+    cond = torch.randn(2, 6, generator=torch.Generator().manual_seed(5))
+    want, got = _both(theirs, ours, x, torch.tensor([3, 700]), ctx, class_labels=torch.tensor([1, 7]),
+                      timestep_cond=cond)
+    assert max_diff(got, want) < TOL
+    with pytest.raises(ValueError, match="class_labels"):
+        ours(x, 3, ctx)
+
+
+@pytest.mark.parametrize("kind", ["projection", "simple_projection"])
+def test_projection_class_embeddings_match_diffusers(kind):
+    theirs, ours = _pair(class_embed_type=kind, projection_class_embeddings_input_dim=5, act_fn="mish")
+    x, ctx = _inputs()
+    want, got = _both(theirs, ours, x, 3, ctx, class_labels=torch.randn(2, 5, generator=torch.Generator().manual_seed(6)))
+    assert max_diff(got, want) < TOL
+
+
+def test_only_cross_attention_transformers_match_diffusers():
+    theirs, ours = _pair(only_cross_attention=True, center_input_sample=True)
+    x, ctx = _inputs()
+    want, got = _both(theirs, ours, x, 3, ctx)
+    assert max_diff(got, want) < TOL
+
+
+def test_cross_attention_kwargs_warn_like_diffusers():
+    _, ours = _pair()
+    x, ctx = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = ours(x, 3, ctx, cross_attention_kwargs={"scale": 1.0}).sample  # LoRA scale 1: nothing to say
+    with pytest.warns(UserWarning, match=r"cross_attention_kwargs \['not_a_key'\] are not expected"):
+        got = ours(x, 3, ctx, cross_attention_kwargs={"not_a_key": 1}).sample
+    assert torch.equal(got, plain)
+
+
+def test_in_a_diffusers_pipeline_gives_the_same_images(tmp_path):
+    from tests.pipelines import SD_SCHEDULER_CONFIG, clip_tokenizer, tiny_clip, tiny_unet, tiny_vae
+
+    tok = clip_tokenizer(tmp_path / "tok")
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=tiny_vae(), text_encoder=tiny_clip(len(tok)), tokenizer=tok, unet=randomise(tiny_unet(), 1),
+        scheduler=diffusers.DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt="a photo of a cat", num_inference_steps=3, height=32, width=32, output_type="np")
+    want = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    pipe.unet = from_diffusers(pipe.unet)
+    assert isinstance(pipe.unet, UNet2DConditionModel)
+    got = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    assert max_diff(torch.from_numpy(got), torch.from_numpy(want)) < 1e-4
