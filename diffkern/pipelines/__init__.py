@@ -54,6 +54,12 @@ def load_pipeline(path, *, dtype=None, device="cpu", scheduler="ddim", img2img=F
         cls = UnCLIPPipeline if unclip == "UnCLIPPipeline" else UnCLIPImageVariationPipeline
         return cls.from_pretrained(path, dtype=dtype, device=device, variant=load_kwargs.get("variant"))
 
+    from diffkern.pipelines.imagen import if_folder_pipeline
+
+    deepfloyd = if_folder_pipeline(path, img2img=img2img, inpaint=inpaint)  # IF-I / IF-II / x4-upscaler folders
+    if deepfloyd is not None:
+        return deepfloyd.from_pretrained(path, dtype=dtype, device=device, **load_kwargs)
+
     if img2img and inpaint:
         raise ValueError("img2img, inpaint: pick one pipeline, not both")
     loaded = load(path, dtype=dtype, device=device, **load_kwargs)

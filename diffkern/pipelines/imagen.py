@@ -190,6 +190,35 @@ class IFCascadePipeline:
         return embeds
 
 
+_IF_FOLDERS = ("IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline", "IFSuperResolutionPipeline",
+               "StableDiffusionUpscalePipeline")
+
+
+def if_folder_pipeline(path, *, img2img=False, inpaint=False):
+    """The diffkern pipeline class for a DeepFloyd IF / x4-upscaler diffusers folder (by model_index.json's
+    _class_name), or None for any other path. An IF-I folder serves text-to-image, img2img=True and
+    inpaint=True alike (the same weights)."""
+    import json
+    import os
+
+    index = os.path.join(str(path), "model_index.json")
+    if not os.path.isfile(index):
+        return None
+    with open(index) as f:
+        name = json.load(f).get("_class_name")
+    if name not in _IF_FOLDERS:
+        return None
+    from diffkern import pipelines as P
+
+    if name in ("IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline"):
+        if img2img and inpaint:
+            raise ValueError("img2img, inpaint: pick one pipeline, not both")
+        return P.IFImg2ImgPipeline if img2img else P.IFInpaintingPipeline if inpaint else P.IFPipeline
+    if img2img or inpaint:
+        raise ValueError(f"img2img / inpaint: {path} is a {name} folder (super-resolution), not stage I")
+    return getattr(P, name)
+
+
 def _with_thresholding(pipe, overrides, kw):
     """Call `pipe(**kw)` with its scheduler's thresholding settings overridden for this call only."""
     if not overrides:
