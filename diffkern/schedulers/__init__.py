@@ -10,6 +10,8 @@ improved-DDPM respacing, and a sampling loop. Every step's element-wise update i
 from diffkern.schedulers._config import BaseOutput, FrozenConfig, SchedulerOutput
 from diffkern.schedulers.ddim import DDIMInverseScheduler, DDIMScheduler
 from diffkern.schedulers.ddpm import DDPMScheduler
+from diffkern.schedulers.dpmsolver import DPMSolverMultistepScheduler
+from diffkern.schedulers.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from diffkern.schedulers.sampling import denoise_loop, sample_loop
 from diffkern.schedulers.schedules import (
     betas_for_alpha_bar,
@@ -28,6 +30,9 @@ SCHEDULERS = {
         DDIMScheduler,
         DDIMInverseScheduler,
         UnCLIPScheduler,
+        EulerDiscreteScheduler,
+        EulerAncestralDiscreteScheduler,
+        DPMSolverMultistepScheduler,
     )
 }
 
@@ -46,6 +51,9 @@ __all__ = [
     "DDIMInverseScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
     "FrozenConfig",
     "SchedulerOutput",
     "UnCLIPScheduler",
