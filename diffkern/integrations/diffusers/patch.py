@@ -215,7 +215,15 @@ def patch(obj, *, attention: bool = True, norm: bool = True, scheduler: bool = T
             _patch_norms(m, where, report)
     if scheduler:
         _patch_schedulers(obj, schedulers, report)
+    if any("dispatcher" in why for _, _, why in report.left):
+        report.notes.append(DISPATCHER_NOTE)
     return report
+
+
+DISPATCHER_NOTE = ("diffusers' attention dispatcher names its backends in a closed Enum (AttentionBackendName), so "
+                   "diffkern cannot be registered as a backend of its own name; "
+                   "diffkern.integrations.diffusers.attention_backend() routes the 'native' backend through "
+                   "diffkern for the duration of a with-block instead")
 
 
 def _patch_schedulers(pipe, schedulers, report):
