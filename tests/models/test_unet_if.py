@@ -137,3 +137,13 @@ def test_up_blocks_read_head_widths_in_down_order():
     ours = UNet2DConditionModel(**CONFIGS["if-heads"])
     assert ours.down_blocks[2].attentions[0].dim_head == 32 and ours.mid_block.attentions[0].dim_head == 32
     assert ours.up_blocks[0].attentions[0].dim_head == 8 and ours.up_blocks[0].attentions[0].heads == 4
+
+
+def test_stage_two_unet_is_one_graph():
+    """Traces under torch.compile as one graph (the SimpleCrossAttn path, class embedding, text pooling)."""
+    torch._dynamo.reset()
+    ours = UNet2DConditionModel(**CONFIGS["if-ii"]).eval()
+    x, ctx = _inputs(CONFIGS["if-ii"])
+    with torch.no_grad():
+        ex = torch._dynamo.explain(ours)(x, torch.tensor([3, 5]), ctx, class_labels=torch.tensor([3, 4]))
+    assert (ex.graph_count, [str(r.reason)[:200] for r in ex.break_reasons]) == (1, [])
