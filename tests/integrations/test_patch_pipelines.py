@@ -63,14 +63,27 @@ def _images(pipe, kwargs):
     return np.asarray(out.cpu() if isinstance(out, torch.Tensor) else out, dtype=np.float64)
 
 
+def _swappable(pipe):
+    """Names of the pipeline's schedulers whose class name diffkern has."""
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    from diffkern.integrations.diffusers.scheduler_swap import diffkern_scheduler_class
+
+    return [n for n in pipe.config if isinstance(getattr(pipe, n, None), SchedulerMixin)
+            and diffkern_scheduler_class(type(getattr(pipe, n)).__name__)]
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_patched_pipeline_same_images(name, tmp_path):
     build, kwargs, kinds = CASES[name]
     pipe = build(tmp_path)
     expected = _images(pipe, kwargs)
+    swappable = _swappable(pipe)
     report = diffkern.patch(pipe)
     for kind in kinds:
         assert report.replaced[kind] > 0, (kind, report)
+    # every scheduler diffkern has a class of the same name for is swapped (none is left for its config)
+    assert report.replaced["scheduler"] == len(swappable), report
     got = _images(pipe, kwargs)
     assert got.shape == expected.shape
     assert np.isfinite(got).all()
@@ -133,3 +146,17 @@ def test_import_diffkern_does_not_import_the_integration():
     code = ("import sys, diffkern; assert 'diffkern.integrations.diffusers' not in sys.modules; "
             "diffkern.PatchReport; assert 'diffkern.integrations.diffusers' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_schedulers_diffkern_lacks_are_left_and_reported(tmp_path):
+    from diffusers import DEISMultistepScheduler
+
+    from diffkern.integrations.diffusers.scheduler_swap import diffkern_scheduler_class
+
+    if diffkern_scheduler_class("DEISMultistepScheduler") is not None:
+        pytest.skip("diffkern has a DEISMultistepScheduler now: pick another class diffkern lacks")
+    pipe = _tiny.sd(tmp_path)
+    pipe.scheduler = DEISMultistepScheduler.from_config(pipe.scheduler.config)
+    report = diffkern.patch(pipe)
+    assert report.replaced["scheduler"] == 0 and type(pipe.scheduler) is DEISMultistepScheduler
+    assert ("scheduler", "scheduler", "diffkern has no DEISMultistepScheduler") in report.left

@@ -204,3 +204,21 @@ def test_processors_take_no_arguments_and_fit_set_attn_processor():
     unet = tiny_unet()
     unet.set_attn_processor(DiffkernAttnProcessor())  # diffusers' own API, as IP-Adapter loading uses it
     assert all(type(p) is DiffkernAttnProcessor for p in unet.attn_processors.values())
+
+
+def test_unet_encoder_attention_mask_matches_diffusers():
+    """The SD UNet's encoder_attention_mask (a (B, S) keep-mask) reaches the cross attention as
+    diffusers prepares it."""
+    from tests.pipelines import tiny_unet
+
+    unet = tiny_unet()
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor(7), torch.randn(2, 6, 32)
+    mask = torch.ones(2, 6)
+    mask[1, 2:] = 0
+    with torch.no_grad():
+        want = unet(x, t, text, encoder_attention_mask=mask).sample
+        unmasked = unet(x, t, text).sample
+        diffkern.patch(unet, norm=False)
+        got = unet(x, t, text, encoder_attention_mask=mask).sample
+    assert (want - unmasked).abs().max() > 1e-3  # the mask matters here
+    assert (got - want).abs().max() <= TOL * max(1.0, want.abs().max())
