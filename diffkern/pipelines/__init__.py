@@ -7,7 +7,8 @@
 - IFPipeline / IFSuperResolutionPipeline / IFImg2ImgPipeline / IFInpaintingPipeline: DeepFloyd IF stages.
 - StableDiffusionUpscalePipeline: the SD x4 upscaler (IF stage III).
 - IFCascadePipeline (= ImagenPipeline): prompt -> 64 -> 256 -> 1024, T5 once, sequential loading.
-- UnCLIPPipeline / UnCLIPImageVariationPipeline: DALL-E 2 / Karlo (prior, decoder, 64 -> 256 SR).
+- UnCLIPPipeline / UnCLIPImageVariationPipeline: DALL-E 2 / Karlo (prior, decoder, 64 -> 256 SR);
+  UnCLIPManipulations: the paper's variations / interpolations / text diffs; load_karlo: original .ckpt files.
 - load_pipeline(path): the right SD/LDM one for a checkpoint.
 
 Each matches diffusers' pipeline of the same name image for image (same weights, same seed).
@@ -34,6 +35,8 @@ from diffkern.pipelines.stable_diffusion_inpaint import StableDiffusionInpaintPi
 from diffkern.pipelines.stable_diffusion_upscale import StableDiffusionUpscalePipeline
 from diffkern.pipelines.unclip import UnCLIPPipeline
 from diffkern.pipelines.unclip_variation import UnCLIPImageVariationPipeline
+from diffkern.pipelines._unclip_manipulations import UnCLIPManipulations
+from diffkern.models.checkpoints.karlo import load_karlo
 
 
 def load_pipeline(path, *, dtype=None, device="cpu", scheduler="ddim", img2img=False, inpaint=False,
@@ -94,6 +97,8 @@ __all__ = [
     "StableDiffusionPipeline",
     "StableDiffusionUpscalePipeline",
     "UnCLIPImageVariationPipeline",
+    "UnCLIPManipulations",
+    "load_karlo",
     "UnCLIPPipeline",
     "load_pipeline",
 ]
