@@ -66,11 +66,14 @@ def candidates(case, device):
     scores_bytes = case.B * case.H * case.Sq * (case.Sk + case.Sp) * 4
     if scores_bytes < (4 << 30):
         out.append(("reference", lambda: reference.attention(q, k, v, **kw), "plain math, fp32 scores"))
+    if device.type == "cpu" and not prefix:  # beside diffkern's sdpa backend: what its checks cost
+        out.append(("torch-sdpa", lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=case.causal), "torch SDPA called directly (no NaN check, no dispatch)"))
     if device.type == "cuda" and not prefix:
         for name, ctx in _sdpa_backends().items():
             out.append((f"sdpa[{name}]", _in_context(ctx, lambda: torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=case.causal)), "peer"))
-    note = "peer: concat + SDPA" if prefix else "peer: torch SDPA, its own dispatch"
+    note = "peer: concat + SDPA" if prefix else "peer: torch SDPA, its own dispatch (+ NaN row check on CPU)"
     would_run = lambda n: ops.attention_backend(q, k, v, backend=n, **kw)  # noqa: E731
     for name in harness.kernel_backends("attention", device, would_run):
         out.append((name, (lambda n=name: ops.attention(q, k, v, backend=n, **kw)),
@@ -132,3 +135,44 @@ def targets(rows, device, copy_gbps):
             ok = ok and tf >= 450
         out.append((text, ok))
     return out
+
+
+def sdpa_nan_check_cost(shapes=((2, 8, 1024, 77, 40), (2, 8, 256, 77, 160), (2, 8, 64, 64, 160),
+                                (2, 8, 256, 256, 160)), rounds=6, calls=15, log=print):
+    """What the sdpa backend's NaN row check costs on CPU (diffkern.ops.attention._run_sdpa): torch SDPA
+    alone against the backend, interleaved, best of rounds x calls on one thread (a shared machine's noise
+    only ever adds time). Run: python -c "from diffkern.bench.attention import sdpa_nan_check_cost as f; f()"
+    """
+    import importlib
+    import time
+
+    attn = importlib.import_module("diffkern.ops.attention")
+    torch.set_num_threads(1)
+
+    def best(fn, c):
+        ts = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            fn(c)
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    def plain(c):
+        return torch.nn.functional.scaled_dot_product_attention(c.q, c.k, c.v, scale=c.scale)
+
+    def check(c):
+        return bool(torch.isnan(c.q.sum() + c.k[:, :, :1].sum()))
+
+    rows = []
+    for B, H, Sq, Sk, D in shapes:
+        q, k, v = (torch.randn(B, H, S, D) for S in (Sq, Sk, Sk))
+        c = attn._check(q, k, v, None, False, None, None)
+        t = {f: float("inf") for f in (plain, attn._run_sdpa, check)}
+        for _ in range(rounds):
+            for f in t:
+                t[f] = min(t[f], best(f, c))
+        rows.append(((B, H, Sq, Sk, D), t[plain] * 1e6, t[attn._run_sdpa] * 1e6, t[check] * 1e6))
+        log(f"{rows[-1][0]}: torch SDPA {rows[-1][1]:.0f} us, sdpa backend {rows[-1][2]:.0f} us "
+            f"({rows[-1][2] / rows[-1][1]:.3f}x), the check alone {rows[-1][3]:.0f} us "
+            f"({100 * rows[-1][3] / rows[-1][1]:.1f}% of torch SDPA)")
+    return rows
