@@ -12,6 +12,7 @@ from diffkern.schedulers.ddim import DDIMInverseScheduler, DDIMScheduler
 from diffkern.schedulers.ddpm import DDPMScheduler
 from diffkern.schedulers.dpmsolver import DPMSolverMultistepScheduler
 from diffkern.schedulers.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffkern.schedulers.pndm import PNDMScheduler
 from diffkern.schedulers.sampling import denoise_loop, sample_loop
 from diffkern.schedulers.schedules import (
     betas_for_alpha_bar,
@@ -21,6 +22,7 @@ from diffkern.schedulers.schedules import (
     space_timesteps,
 )
 from diffkern.schedulers.unclip import UnCLIPScheduler
+from diffkern.schedulers.unipc import UniPCMultistepScheduler
 
 # diffusers class name -> diffkern class (the names diffusers' scheduler_config.json `_class_name` uses)
 SCHEDULERS = {
@@ -33,6 +35,8 @@ SCHEDULERS = {
         EulerDiscreteScheduler,
         EulerAncestralDiscreteScheduler,
         DPMSolverMultistepScheduler,
+        PNDMScheduler,
+        UniPCMultistepScheduler,
     )
 }
 
@@ -55,8 +59,10 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FrozenConfig",
+    "PNDMScheduler",
     "SchedulerOutput",
     "UnCLIPScheduler",
+    "UniPCMultistepScheduler",
     "betas_for_alpha_bar",
     "make_betas",
     "rescale_zero_terminal_snr",

@@ -1,0 +1,199 @@
+"""Pseudo numerical methods (PNDM, Liu et al. 2022, arXiv:2202.09778): Runge-Kutta warm-up (PRK) then
+linear multistep (PLMS, eq. 12), a drop-in for diffusers' PNDMScheduler (Stable Diffusion 1.x's
+default, with skip_prk_steps). Each step is one fused sampler_update call: the guidance combine,
+the Adams-Bashforth combination of the kept epsilons and the DDIM-style transfer in one pass."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from diffkern.schedulers._base import _Scheduler
+from diffkern.schedulers._sigmas import _FusedStep
+
+# Adams-Bashforth weights of eps_t, eps_{t-1}, ... by the number of kept epsilons
+_PLMS = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+
+
+class PNDMScheduler(_FusedStep, _Scheduler):
+    """PNDM / PLMS with diffusers' PNDMScheduler config and step contract (prediction epsilon or
+    v_prediction; both the PRK warm-up and skip_prk_steps). `step` returns (prev_sample,) and also
+    takes `uncond_output` + `guidance_scale` (classifier-free guidance fused into the op)."""
+
+    _defaults: ClassVar[dict] = {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "trained_betas": None,
+        "skip_prk_steps": False,
+        "set_alpha_to_one": False,
+        "prediction_type": "epsilon",
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+    }
+    _prediction_types = ("epsilon", "v_prediction")
+    pndm_order = 4
+
+    def _post_init(self):
+        cfg = self.config
+        self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
+        self._timesteps = np.arange(0, cfg.num_train_timesteps)[::-1].copy()
+        self.prk_timesteps = None
+        self.plms_timesteps = None
+        self.timesteps = None
+        self._reset_state()
+
+    def _reset_state(self):
+        self.cur_model_output = 0
+        self.counter = 0
+        self.cur_sample = None
+        self.ets = []
+
+    def set_timesteps(self, num_inference_steps, device=None):
+        """PRK timesteps (the last four steps of the spacing, doubled with half steps) then PLMS ones;
+        with skip_prk_steps only PLMS (its second step repeats the first's timestep, as diffusers)."""
+        cfg = self.config
+        n = num_inference_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"PNDMScheduler.set_timesteps: num_inference_steps must be a positive int, got {n!r}")
+        T = cfg.num_train_timesteps
+        self.num_inference_steps = n
+        if cfg.timestep_spacing == "linspace":
+            ts = np.linspace(0, T - 1, n).round().astype(np.int64)
+        elif cfg.timestep_spacing == "leading":
+            ts = (np.arange(0, n) * (T // n)).round() + cfg.steps_offset
+        else:  # trailing
+            ts = np.round(np.arange(T, 0, -T / n))[::-1].astype(np.int64) - 1
+        self._timesteps = ts
+        if cfg.skip_prk_steps:
+            self.prk_timesteps = np.array([])
+            self.plms_timesteps = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1].copy()
+        else:
+            prk = np.array(ts[-self.pndm_order:]).repeat(2) + np.tile(np.array([0, T // n // 2]), self.pndm_order)
+            self.prk_timesteps = (prk[:-1].repeat(2)[1:-1])[::-1].copy()
+            self.plms_timesteps = ts[:-3][::-1].copy()
+        self.timesteps = torch.from_numpy(
+            np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)).to(device)
+        self._reset_state()
+
+    def _transfer(self, t, prev_t):
+        """(sample coefficient, eps coefficient, v scale sa, v shift s1m) of diffusers' _get_prev_sample:
+        prev = c_s S - c_e e', e' = eps (or sa v + s1m S for v_prediction)."""
+        a_t = float(self.alphas_cumprod[t])
+        a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else float(self.final_alpha_cumprod)
+        b_t, b_prev = 1 - a_t, 1 - a_prev
+        c_s = math.sqrt(a_prev / a_t)
+        denom = a_t * math.sqrt(b_prev) + math.sqrt(a_t * b_t * a_prev)
+        return c_s, (a_prev - a_t) / denom, math.sqrt(a_t), math.sqrt(b_t)
+
+    def _combine(self, model_output, uncond_output, guidance_scale, t, prev_t, on_x, on_hist, eps_x, eps_hist,
+                 sample, history, aux=None):
+        """One fused pass: prev = c_s S - c_e e', with S = on_x x + on_hist . history and
+        e' = eps_x pred + eps_hist . history (+ the v conversion); aux = (a2, b2, d) or None."""
+        c_s, c_e, sa, s1m = self._transfer(t, prev_t)
+        if self.config.prediction_type == "v_prediction":  # e'' = sa e' + s1m S
+            c_s_eff = c_s - c_e * s1m
+            c_e_eff = c_e * sa
+        else:
+            c_s_eff, c_e_eff = c_s, c_e
+        a = c_s_eff * on_x
+        b = -c_e_eff * eps_x
+        hist = [c_s_eff * oh - c_e_eff * eh for oh, eh in zip(on_hist, eps_hist)]
+        row = [0.0, 1.0, a, b, *hist, 0.0]
+        if aux is not None:
+            row += [aux[0], aux[1], *aux[2]]
+        return self._fused(sample, model_output, row, history, uncond_output=uncond_output,
+                           guidance_scale=guidance_scale, aux=aux is not None)
+
+    def step(self, model_output, timestep, sample, return_dict=True, *, uncond_output=None, guidance_scale=1.0):
+        """One PRK or PLMS step (by the step counter, as diffusers); returns (prev_sample,)."""
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
+            )
+        if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
+            prev = self._step_prk(model_output, int(timestep), sample, uncond_output, guidance_scale)
+        else:
+            prev = self._step_plms(model_output, int(timestep), sample, uncond_output, guidance_scale)
+        self.counter += 1
+        return (prev,) if not return_dict else self._output(prev, None, True)
+
+    def step_prk(self, model_output, timestep, sample, return_dict=True):
+        """diffusers' step_prk entry point."""
+        prev = self._step_prk(model_output, int(timestep), sample, None, 1.0)
+        self.counter += 1
+        return (prev,) if not return_dict else self._output(prev, None, True)
+
+    def step_plms(self, model_output, timestep, sample, return_dict=True):
+        """diffusers' step_plms entry point."""
+        prev = self._step_plms(model_output, int(timestep), sample, None, 1.0)
+        self.counter += 1
+        return (prev,) if not return_dict else self._output(prev, None, True)
+
+    def _step_prk(self, model_output, timestep, sample, uncond_output, guidance_scale):
+        # RK4 over a step: eps weights 1/6, 1/3, 1/3, 1/6 accumulated in cur_model_output (an aux output)
+        T, n = self.config.num_train_timesteps, self.num_inference_steps
+        diff = 0 if self.counter % 2 else T // n // 2
+        prev_t = timestep - diff
+        t = int(self.prk_timesteps[self.counter // 4 * 4])
+        phase = self.counter % 4
+        acc = self.cur_model_output if isinstance(self.cur_model_output, torch.Tensor) else None
+        cur_sample = self.cur_sample if (self.cur_sample is not None and phase != 0) else sample
+        history, on_hist, eps_hist = [], [], []
+        acc_hist = []
+        on_x = 1.0
+        if cur_sample is not sample:
+            history.append(cur_sample)
+            on_hist.append(1.0)
+            eps_hist.append(0.0)
+            acc_hist.append(0.0)
+            on_x = 0.0
+        if acc is not None:
+            history.append(acc)
+            on_hist.append(0.0)
+            acc_hist.append(1.0)
+            eps_hist.append(1.0 if phase == 3 else 0.0)
+        if phase == 3:  # the step uses acc + eps / 6 and resets the accumulator
+            eps_x, aux = 1 / 6, None
+        else:
+            eps_x, aux = 1.0, (0.0, 1 / 6 if phase == 0 else 1 / 3, acc_hist)
+        res = self._combine(model_output, uncond_output, guidance_scale, t, prev_t, on_x, on_hist, eps_x,
+                            eps_hist, sample, history, aux)
+        if phase == 0:
+            self.ets.append(res[1])
+            self.cur_sample = sample
+        self.cur_model_output = res[2] if aux is not None else 0
+        return res[0]
+
+    def _step_plms(self, model_output, timestep, sample, uncond_output, guidance_scale):
+        cfg = self.config
+        if not cfg.skip_prk_steps and len(self.ets) < 3:
+            raise ValueError(
+                f"{type(self).__name__} can only be run AFTER scheduler has been run in 'prk' mode for at least 12 "
+                "iterations. See: https://github.com/huggingface/diffusers/blob/main/src/diffusers/pipelines/"
+                "pipeline_pndm.py for more information."
+            )
+        ratio = cfg.num_train_timesteps // self.num_inference_steps
+        prev_t = timestep - ratio
+        if self.counter == 1:  # second PLMS step: the first one's timestep again, averaging the epsilons
+            prev_t, timestep = timestep, timestep + ratio
+        kept = self.ets[-3:] if self.counter != 1 else self.ets
+        if self.counter == 1 and len(self.ets) == 1:
+            # e' = (eps + ets[-1]) / 2 from cur_sample; the current eps is not kept
+            res = self._combine(model_output, uncond_output, guidance_scale, timestep, prev_t, 0.0, [1.0, 0.0],
+                                0.5, [0.0, 0.5], sample, [self.cur_sample, self.ets[-1]])
+            self.cur_sample = None
+            return res[0]
+        n_eps = len(kept) + 1
+        w = _PLMS[n_eps]  # w[0] for this step's eps, w[j] for kept[-j]
+        history = kept[::-1]
+        res = self._combine(model_output, uncond_output, guidance_scale, timestep, prev_t, 1.0, [0.0] * len(history),
+                            w[0], w[1:], sample, history)
+        self.ets = kept + [res[1]]
+        if len(self.ets) == 1 and self.counter == 0:
+            self.cur_sample = sample
+        return res[0]
