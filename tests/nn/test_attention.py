@@ -54,3 +54,22 @@ def test_backward_and_errors():
         diffkern.nn.Attention(16, context_dim=8)(x)
     with pytest.raises(ValueError, match="prefix"):
         m(x, prefix=torch.randn(1, 2, 4))
+
+
+def test_nan_token_reaches_its_output_row():
+    """NaN semantics of diffkern.ops.attention through the module, on the default backend (issue 11:
+    torch's CPU SDPA returned 0 for a NaN query row, and to_out's bias then hid it as a finite row)."""
+    torch.manual_seed(0)
+    m = diffkern.nn.Attention(32, context_dim=24, heads=2, dim_head=20)
+    x, ctx = torch.randn(2, 10, 32), torch.randn(2, 7, 24)
+    x[0, 3, 5] = float("nan")
+    with torch.no_grad():
+        out = m(x, context=ctx)
+    assert torch.isnan(out[0, 3]).all()
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[0, 3] = False
+    assert torch.isfinite(out[keep]).all()
+    ctx[1, 2, 0] = float("nan")   # a NaN context token reaches every query of its sample
+    with torch.no_grad():
+        out = m(x, context=ctx)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0][keep[0]]).all()
