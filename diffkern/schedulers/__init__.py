@@ -12,6 +12,8 @@ from diffkern.schedulers.ddim import DDIMInverseScheduler, DDIMScheduler
 from diffkern.schedulers.ddpm import DDPMScheduler
 from diffkern.schedulers.dpmsolver import DPMSolverMultistepScheduler
 from diffkern.schedulers.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffkern.schedulers.heun import HeunDiscreteScheduler
+from diffkern.schedulers.lms import LMSDiscreteScheduler
 from diffkern.schedulers.pndm import PNDMScheduler
 from diffkern.schedulers.sampling import denoise_loop, sample_loop
 from diffkern.schedulers.schedules import (
@@ -37,6 +39,8 @@ SCHEDULERS = {
         DPMSolverMultistepScheduler,
         PNDMScheduler,
         UniPCMultistepScheduler,
+        HeunDiscreteScheduler,
+        LMSDiscreteScheduler,
     )
 }
 
@@ -59,6 +63,8 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FrozenConfig",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
     "PNDMScheduler",
     "SchedulerOutput",
     "UnCLIPScheduler",

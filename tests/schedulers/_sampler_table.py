@@ -69,3 +69,23 @@ def _params(fn):
     import inspect
 
     return inspect.signature(fn).parameters
+
+
+def diffusers_lms_class():
+    """diffusers' real LMSDiscreteScheduler class even without scipy: its only scipy use is
+    integrate.quad of a polynomial of degree < 4, supplied here by 8-point Gauss-Legendre (exact for
+    it). Everything else (sigmas, derivative history, orders) is diffusers' own code."""
+    import types
+
+    import numpy as np
+    from diffusers.schedulers import scheduling_lms_discrete as mod
+
+    if not hasattr(mod, "integrate"):
+        def quad(fn, a, b, epsrel=None):
+            a, b = float(a), float(b)
+            nodes, weights = np.polynomial.legendre.leggauss(8)
+            vals = [float(fn(0.5 * (b - a) * x + 0.5 * (b + a))) for x in nodes]
+            return 0.5 * (b - a) * float(np.dot(weights, vals)), 0.0
+
+        mod.integrate = types.SimpleNamespace(quad=quad)
+    return mod.LMSDiscreteScheduler

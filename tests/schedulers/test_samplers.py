@@ -5,7 +5,7 @@ import pytest
 
 import diffkern.schedulers as S
 
-from ._sampler_table import run_pair
+from ._sampler_table import diffusers_lms_class, run_pair
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -63,7 +63,19 @@ TABLE = [
     ("UniPCMultistepScheduler", {"thresholding": True, "prediction_type": "sample", "sample_max_value": 1.5}, 8),
     ("UniPCMultistepScheduler", {**SD, "predict_x0": False, "final_sigmas_type": "sigma_min"}, 10),
     ("UniPCMultistepScheduler", {**LEADING, "use_exponential_sigmas": True}, 9),
+    ("HeunDiscreteScheduler", SD, 8),
+    ("HeunDiscreteScheduler", {**SD, "use_karras_sigmas": True}, 10),
+    ("HeunDiscreteScheduler", V_TRAILING, 6),
+    ("HeunDiscreteScheduler", {**LEADING, "prediction_type": "sample", "clip_sample": True}, 6),
+    ("LMSDiscreteScheduler", SD, 12),
+    ("LMSDiscreteScheduler", {**SD, "use_karras_sigmas": True}, 10),
+    ("LMSDiscreteScheduler", V_TRAILING, 8),
+    ("LMSDiscreteScheduler", {**LEADING, "prediction_type": "sample", "use_exponential_sigmas": True}, 8),
 ]
+
+
+def _theirs(name):
+    return diffusers_lms_class() if name == "LMSDiscreteScheduler" else getattr(diffusers, name)
 
 
 def _id(entry):
@@ -74,13 +86,13 @@ def _id(entry):
 @pytest.mark.parametrize("entry", TABLE, ids=[_id(e) for e in TABLE])
 def test_step_for_step_matches_diffusers(entry):
     name, cfg, steps = entry
-    ours, theirs = S.scheduler_class(name)(**cfg), getattr(diffusers, name)(**cfg)
+    ours, theirs = S.scheduler_class(name)(**cfg), _theirs(name)(**cfg)
     run_pair(ours, theirs, steps=steps, guidance=7.5)
 
 
 @pytest.mark.parametrize("name", sorted({e[0] for e in TABLE}))
 def test_without_guidance(name):
-    run_pair(S.scheduler_class(name)(**SD), getattr(diffusers, name)(**SD), steps=9, seed=4)
+    run_pair(S.scheduler_class(name)(**SD), _theirs(name)(**SD), steps=9, seed=4)
 
 
 @pytest.mark.parametrize("name,set_kwargs", [
@@ -89,4 +101,4 @@ def test_without_guidance(name):
     ("DPMSolverMultistepScheduler", {"timesteps": [999, 800, 500, 300, 120, 20]}),
 ])
 def test_custom_schedules(name, set_kwargs):
-    run_pair(S.scheduler_class(name)(**SD), getattr(diffusers, name)(**SD), set_kwargs=set_kwargs)
+    run_pair(S.scheduler_class(name)(**SD), _theirs(name)(**SD), set_kwargs=set_kwargs)
