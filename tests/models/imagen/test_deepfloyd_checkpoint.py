@@ -190,3 +190,18 @@ def test_errors(tmp_path):
         convert_deepfloyd_unet(orig, {k: v for k, v in BASE_PARAMS.items() if k != "encoder_channels"})
     with pytest.raises(FileNotFoundError, match="config.yml"):
         load_deepfloyd_unet(tmp_path)
+
+
+def test_if_i_xl_config_has_its_4_3b_parameters():
+    """IF-I-XL's config.yml (704 ch x (1, 2, 3, 4), 3 resnets, attention at 32/16/8, head 64, T5 4096 ->
+    2816, 64-head pooling) through the converter: the released 4.3B, counted on the meta device."""
+    from diffkern.models import UNet2DConditionModel
+    from diffkern.models.checkpoints.deepfloyd import convert_deepfloyd_config
+
+    params = dict(image_size=64, in_channels=3, out_channels=6, model_channels=704, channel_mult="1,2,3,4",
+                  num_res_blocks=3, attention_resolutions="32,16,8", num_head_channels=64, encoder_dim=4096,
+                  encoder_channels=2816, att_pool_heads=64, activation="gelu", use_scale_shift_norm=True,
+                  resblock_updown=True, efficient_activation=True, scale_skip_connection=True)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**convert_deepfloyd_config(params))
+    assert abs(sum(p.numel() for p in unet.parameters()) / 4.3e9 - 1) < 0.01
