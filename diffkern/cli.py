@@ -43,6 +43,7 @@ from diffkern.cli_common import DTYPES, UsageError, flag  # noqa: F401 (UsageErr
 FAMILIES = {
     "sd": "diffkern.cli_sd",  # Stable Diffusion 1.x / 2.x, LDM text2im (--checkpoint)
     "glide": "diffkern.cli_glide",  # GLIDE 64 -> 256, CLIP guidance, inpainting (--base)
+    "unclip": "diffkern.cli_unclip",  # DALL-E 2 / Karlo, variations, interpolations, text diffs (--karlo)
 }
 
 

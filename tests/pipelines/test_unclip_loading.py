@@ -61,3 +61,68 @@ def test_wrong_folder_kind(saved):
     root, _, _ = saved
     with pytest.raises(ValueError, match="UnCLIPPipeline"):
         UnCLIPPipeline.from_pretrained(root / "karlo-v1-alpha-image-variations")
+
+
+# -- diffkern generate --model unclip on the saved folders --------------------------------------------
+
+CLI_STEPS = ["--prior-steps", "2", "--decoder-steps", "2", "--super-res-steps", "2", "--device", "cpu", "--quiet"]
+
+
+def _png(tmp_path, name, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / name
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_cli_text_to_image_matches_the_pipeline(saved, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffkern.cli import main
+
+    root, ref, _ = saved
+    out = tmp_path / "frog.png"
+    assert main(["generate", "--karlo", str(root / "karlo-v1-alpha"), "--prompt", "a red cat", "--seed", "3",
+                 "--output", str(out), *CLI_STEPS]) == 0
+    want = ref("a red cat", generator=torch.Generator().manual_seed(3), prior_num_inference_steps=2,
+               decoder_num_inference_steps=2, super_res_num_inference_steps=2, decoder_guidance_scale=8.0,
+               prior_guidance_scale=4.0).images[0]
+    assert np.abs(np.asarray(Image.open(out), dtype=np.int16) - np.asarray(want, dtype=np.int16)).max() <= 1
+
+
+def test_cli_manipulations(saved, tmp_path):
+    from diffkern.cli import main
+
+    root, _, _ = saved
+    var = str(root / "karlo-v1-alpha-image-variations")
+    a, b = _png(tmp_path, "a.png"), _png(tmp_path, "b.png", 1)
+    assert main(["generate", "--model", "unclip", "--karlo", var, "--image", a, "--num-images", "2",
+                 "--output", str(tmp_path / "v.png"), *CLI_STEPS]) == 0
+    assert (tmp_path / "v-0.png").is_file() and (tmp_path / "v-1.png").is_file()
+    assert main(["generate", "--karlo", var, "--interpolate", a, b, "--steps-between", "1",
+                 "--output", str(tmp_path / "i.png"), *CLI_STEPS]) == 0
+    assert sorted(p.name for p in tmp_path.glob("i-*.png")) == ["i-0.png", "i-1.png", "i-2.png"]
+    assert main(["generate", "--karlo", var, "--image", a, "--text-diff", "a cat", "a dog", "--thetas", "0,0.5",
+                 "--output", str(tmp_path / "t.png"), *CLI_STEPS]) == 0
+    assert (tmp_path / "t-1.png").is_file()
+
+
+def test_cli_errors(saved, tmp_path, capsys):
+    from diffkern.cli import main
+
+    root, _, _ = saved
+    assert main(["generate", "--model", "unclip", "--prompt", "a cat"]) == 2
+    err = capsys.readouterr().err
+    assert "karlo-v1-alpha" in err and "prior-ckpt-step=01000000-of-01000000.ckpt" in err
+    assert main(["generate", "--karlo", str(tmp_path), "--prompt", "a cat"]) == 2
+    assert "improved-sr-ckpt-step=1.2M.ckpt" in capsys.readouterr().err
+    assert main(["generate", "--karlo", str(root / "karlo-v1-alpha"), "--image", _png(tmp_path, "a.png"),
+                 *CLI_STEPS]) == 2
+    assert "karlo-v1-alpha-image-variations" in capsys.readouterr().err
+    assert main(["generate", "--karlo", str(root / "karlo-v1-alpha-image-variations"), "--image",
+                 _png(tmp_path, "a.png"), "--text-diff", "a", "b", "--thetas", "0,2", *CLI_STEPS]) == 2
+    assert "thetas" in capsys.readouterr().err
+    assert main(["generate", "--karlo", str(root / "karlo-v1-alpha"), "--prompt", "x", "--steps", "3"]) == 2
