@@ -2,7 +2,10 @@
 
 AutoencoderKL(**config) takes diffusers' AutoencoderKL config and has exactly its state_dict keys and
 shapes (DownEncoderBlock2D / UpDecoderBlock2D blocks, SiLU), so a checkpoint's `vae` folder loads with
-load_state_dict. encode(x) returns the diagonal Gaussian posterior; decode(z) the image.
+load_state_dict. encode / decode / forward return diffusers' output objects (AutoencoderKLOutput with
+`.latent_dist`, DecoderOutput with `.sample`; return_dict=False gives tuples), and enable_tiling /
+enable_slicing give diffusers' tiled and sliced results, so the model drops into diffusers pipelines.
+`force_upcast` is carried in the config for the pipelines that read it (as diffusers' model does).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 from torch import nn
 
 from diffkern.models._config import ConfiguredModel, resolve_config
+from diffkern.models.outputs import AutoencoderKLOutput, DecoderOutput
 from diffkern.nn.group_norm import GroupNorm
 from diffkern.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffkern.nn.transformer import SpatialSelfAttention
@@ -174,14 +178,15 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(ConfiguredModel):
-    """KL autoencoder: encode(x) -> DiagonalGaussianDistribution, decode(z) -> image.
+    """KL autoencoder: encode(x).latent_dist -> DiagonalGaussianDistribution, decode(z).sample -> image.
 
     AutoencoderKL(**config) with diffusers' config keys (see DEFAULTS); keys starting with "_" are
     ignored, unknown keys and unsupported values raise ValueError naming the key. config.scaling_factor
     (0.18215 for SD1/LDM) is what latents are multiplied by before the UNet; this module does not
     apply it (as diffusers' does not).
 
-    forward(x, sample_posterior=False, generator=None) = decode(posterior.sample(generator) or mode()).
+    forward(sample, sample_posterior=False, return_dict=True, generator=None) =
+    decode(posterior.sample(generator) or mode()).
     """
 
     def __init__(self, **config):
@@ -205,26 +210,117 @@ class AutoencoderKL(ConfiguredModel):
         latent = cfg.latent_channels
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, kernel_size=1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, kernel_size=1) if cfg.use_post_quant_conv else None
+        self.use_slicing = self.use_tiling = False
+        self.tile_overlap_factor = 0.25
 
-    def encode(self, x):
-        """Image (B, in_channels, H, W), roughly in [-1, 1] -> posterior over (B, latent, H/f, W/f)."""
+    # ------------------------------------------------------------------------------------------
+    # diffusers' memory savers: slicing (one image at a time) and tiling (overlapping tiles, blended)
+
+    def enable_tiling(self):
+        """Encode / decode large inputs as overlapping tiles of config.sample_size pixels, blended
+        linearly over a quarter of a tile (diffusers' tiling: same tiles, same blend, same results)."""
+        self.use_tiling = True
+
+    def disable_tiling(self):
+        self.use_tiling = False
+
+    def enable_slicing(self):
+        """Encode / decode a batch one image at a time (less peak memory, the same results)."""
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
+
+    @property
+    def tile_sample_min_size(self):
+        size = self.config.sample_size
+        return size[0] if isinstance(size, (list, tuple)) else size
+
+    @property
+    def tile_latent_min_size(self):
+        return int(self.tile_sample_min_size / (2 ** (len(self.config.block_out_channels) - 1)))
+
+    def _moments(self, x):
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            return self._tiled(x, self.tile_sample_min_size, self.tile_latent_min_size, self._encode_tile)
+        return self._encode_tile(x)
+
+    def _encode_tile(self, x):
+        moments = self.encoder(x)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
+    def _image(self, z):
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
+            return self._tiled(z, self.tile_latent_min_size, self.tile_sample_min_size, self._decode_tile)
+        return self._decode_tile(z)
+
+    def _decode_tile(self, z):
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+
+    def _tiled(self, x, tile_in, tile_out, fn):
+        """diffusers' tiled_encode / tiled_decode: tiles of `tile_in` every 3/4 tile, each blended with
+        its (already blended) upper and left neighbours over `tile_out / 4` rows / columns, then cropped."""
+        step = int(tile_in * (1 - self.tile_overlap_factor))
+        blend = int(tile_out * self.tile_overlap_factor)
+        keep = tile_out - blend
+        rows = [[fn(x[:, :, i:i + tile_in, j:j + tile_in]) for j in range(0, x.shape[3], step)]
+                for i in range(0, x.shape[2], step)]
+        out = []
+        for i, row in enumerate(rows):
+            for j in range(len(row)):
+                tile = row[j]
+                if i > 0:
+                    tile = _blend(rows[i - 1][j], tile, blend, dim=2)
+                if j > 0:
+                    tile = _blend(row[j - 1], tile, blend, dim=3)
+                row[j] = tile  # later neighbours blend with the blended tile, as in diffusers
+            out.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))
+        return torch.cat(out, dim=2)
+
+    # ------------------------------------------------------------------------------------------
+
+    def encode(self, x, return_dict=True):
+        """Image (B, in_channels, H, W), roughly in [-1, 1] -> AutoencoderKLOutput(latent_dist=posterior
+        over (B, latent, H/f, W/f)), or (posterior,) with return_dict=False (diffusers' contract)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"{_NAME}.encode: x must be (B, {self.config.in_channels}, H, W), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussianDistribution(moments)
+        if self.use_slicing and x.shape[0] > 1:
+            moments = torch.cat([self._moments(one) for one in x.split(1)])
+        else:
+            moments = self._moments(x)
+        posterior = DiagonalGaussianDistribution(moments)
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
-    def decode(self, z):
-        """Latent (B, latent_channels, h, w) (unscaled: divide by scaling_factor first) -> image."""
+    def decode(self, z, return_dict=True, generator=None):
+        """Latent (B, latent_channels, h, w) (unscaled: divide by scaling_factor first) ->
+        DecoderOutput(sample=image), or (image,) with return_dict=False. `generator` is accepted for
+        diffusers' signature and unused (the KL decoder draws no noise)."""
         if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[1] != self.config.latent_channels:
             raise ValueError(f"{_NAME}.decode: z must be (B, {self.config.latent_channels}, h, w), got "
                              f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        if self.use_slicing and z.shape[0] > 1:
+            image = torch.cat([self._image(one) for one in z.split(1)])
+        else:
+            image = self._image(z)
+        return DecoderOutput(sample=image) if return_dict else (image,)
 
-    def forward(self, x, sample_posterior=False, generator=None):
-        posterior = self.encode(x)
-        return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
+    def forward(self, sample, sample_posterior=False, return_dict=True, generator=None):
+        """decode(posterior.sample(generator) if sample_posterior else posterior.mode()), as diffusers."""
+        posterior = self.encode(sample).latent_dist
+        image = self.decode(posterior.sample(generator) if sample_posterior else posterior.mode()).sample
+        return DecoderOutput(sample=image) if return_dict else (image,)
+
+
+def _blend(a, b, extent, dim):
+    """b's first `extent` rows (dim=2) / columns (dim=3) faded in from a's last ones (diffusers' blend_v / blend_h)."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent == 0:
+        return b
+    shape = [1, 1, 1, 1]
+    shape[dim] = extent
+    # Weights in float64 then rounded to the tensor's dtype, as Python-scalar weights are.
+    w = (torch.arange(extent, dtype=torch.float64) / extent).view(shape)
+    head = a.narrow(dim, a.shape[dim] - extent, extent) * (1 - w).to(b.dtype).to(b.device) \
+        + b.narrow(dim, 0, extent) * w.to(b.dtype).to(b.device)
+    return torch.cat([head, b.narrow(dim, extent, b.shape[dim] - extent)], dim=dim)

@@ -51,7 +51,7 @@ def test_encode_matches_diffusers(name, size, backend, used_backends):
     with torch.no_grad():
         want = theirs.encode(x).latent_dist
         with backend_context(backend):
-            got = ours.encode(x)
+            got = ours.encode(x).latent_dist
     assert got.mean.shape == want.mean.shape
     for attr in ("mean", "logvar", "std", "var"):
         assert _close(getattr(got, attr), getattr(want, attr)), attr
@@ -72,7 +72,7 @@ def test_decode_matches_diffusers(name, size, backend, used_backends):
     with torch.no_grad():
         want = theirs.decode(z).sample
         with backend_context(backend):
-            got = ours.decode(z)
+            got = ours.decode(z).sample
     assert got.shape == want.shape
     assert _close(got, want)
     check_backends(used_backends, backend, _ops_used(name))
@@ -82,10 +82,11 @@ def test_forward_and_generator_list_match_diffusers():
     theirs, ours = _pair("sd")
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        assert _close(ours(x), theirs(x).sample)
+        assert _close(ours(x).sample, theirs(x).sample)
         gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
         want = theirs(x, sample_posterior=True, generator=gens()).sample
-        assert _close(ours(x, sample_posterior=True, generator=gens()), want)
+        assert _close(ours(x, sample_posterior=True, generator=gens()).sample, want)
+        assert _close(ours(x, return_dict=False)[0], theirs(x).sample)
 
 
 def test_posterior_clamps_logvar_like_diffusers():
@@ -152,3 +153,54 @@ def test_bad_inputs_and_types_raise_clearly():
         ours.decode(torch.randn(1, 4, 8, 8))
     with pytest.raises(TypeError, match="AutoencoderKL"):
         from_diffusers(diffusers.VQModel(block_out_channels=(32,), norm_num_groups=8))
+
+
+def test_outputs_are_diffusers_shaped():
+    ours = AutoencoderKL(**CONFIGS["plain"]).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        enc, enc_tuple = ours.encode(x), ours.encode(x, return_dict=False)
+        dec = ours.decode(enc.latent_dist.mode())
+        dec_tuple = ours.decode(enc.latent_dist.mode(), return_dict=False)
+    assert type(enc).__name__ == "AutoencoderKLOutput" and enc[0] is enc["latent_dist"] is enc.latent_dist
+    assert isinstance(enc_tuple, tuple) and isinstance(enc_tuple[0], DiagonalGaussianDistribution)
+    assert type(dec).__name__ == "DecoderOutput" and dec[0] is dec.sample and torch.equal(dec_tuple[0], dec.sample)
+    assert ours.config.force_upcast is True  # carried for the pipelines that read it
+
+
+# Tiles of sample_size 16 pixels (4 latents at f=4) over 40x28 images: several rows and columns of
+# overlapping tiles, blended, with ragged last tiles.
+TILED = dict(CONFIGS["sd"], block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+             up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, sample_size=16)
+
+
+@pytest.mark.parametrize("slicing", [False, True])
+def test_tiling_and_slicing_match_diffusers(slicing):
+    torch.manual_seed(0)
+    theirs = randomise(diffusers.AutoencoderKL(**TILED), 0)
+    ours = from_diffusers(theirs)
+    for m in (theirs, ours):
+        m.enable_tiling()
+        if slicing:
+            m.enable_slicing()
+    g = torch.Generator().manual_seed(1)
+    x, z = torch.randn(2, 3, 40, 28, generator=g), torch.randn(2, 4, 10, 7, generator=g)
+    with torch.no_grad():
+        want_enc, got_enc = theirs.encode(x).latent_dist, ours.encode(x).latent_dist
+        want_dec, got_dec = theirs.decode(z).sample, ours.decode(z).sample
+        ours.disable_tiling()
+        ours.disable_slicing()
+        untiled = ours.decode(z).sample
+    assert _close(got_enc.mean, want_enc.mean) and _close(got_enc.logvar, want_enc.logvar)
+    assert got_dec.shape == want_dec.shape == (2, 3, 40, 28) and _close(got_dec, want_dec)
+    assert max_diff(untiled, got_dec) > 1e-3  # tiling really ran (its seams differ from one pass)
+
+
+def test_slicing_alone_changes_nothing():
+    theirs, ours = _pair("sd")
+    z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = ours.decode(z).sample
+        ours.enable_slicing()
+        sliced = ours.decode(z).sample
+    assert _close(sliced, whole)
