@@ -40,9 +40,9 @@ def attention(q, k, v, *, attn_bias=None, causal=False, scale=None, kv_prefix=No
 
     Masks, NaN and Inf (every backend; tests/ops/test_attention_nonfinite.py):
         - A key is masked for a query by causal, a False in a bool attn_bias, or a -inf float
-          attn_bias entry (a -inf entry masks its key even where q k^T is NaN).
+          attn_bias entry.
         - A query row whose keys are all masked returns exactly 0 and passes no gradient, whatever
-          its masked keys, values and bias entries hold.
+          its query and its masked keys, values and bias entries hold.
         - A NaN reaches every output element it feeds, never turned into 0: a NaN in q row i makes
           output row i NaN; in key j (k or kv_prefix[0]), every row that sees key j; in value
           (j, d), column d of every row that sees key j; in a visible attn_bias entry (i, j), row i.
@@ -53,6 +53,8 @@ def attention(q, k, v, *, attn_bias=None, causal=False, scale=None, kv_prefix=No
         - Everything else stays finite. One exception, as in every fused kernel: a non-finite k or
           v of a key that a row masks may still reach that row (0 * NaN in the probabilities x
           values product, or NaN + -inf in a peer's scores), so masking is no NaN filter.
+        - Gradients follow this only for fully masked rows (zero); with non-finite inputs they are
+          otherwise unspecified (a backend may return NaN or 0 where the forward is NaN).
 
     Equivalent PyTorch (no prefix, no fully masked rows)::
 

@@ -161,3 +161,18 @@ def test_every_key_non_finite_in_a_causal_row(backend_device):
     out = diffkern.ops.attention(q, k, v, causal=True, backend=backend).cpu()
     assert torch.isnan(out[0, HEAD]).all(1).all(), "every row sees key 0"
     assert torch.isfinite(out[0, 0]).all()
+
+
+def test_sdpa_nan_rows_under_compile():
+    """Compiled, the sdpa backend's NaN row fix is traced without a data-dependent branch: one graph, and
+    a NaN query row still comes out NaN (torch's CPU SDPA alone returns 0 at this shape)."""
+    q, k, v = (torch.randn(B, H, S, D) for S in (SQ, SK, SK))
+    q[0, HEAD, 2, COL] = float("nan")
+
+    def f(q, k, v):
+        return diffkern.ops.attention(q, k, v, backend="sdpa")
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert torch.isnan(out[0, HEAD, 2]).all()
+    assert torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, HEAD, :2]).all()
