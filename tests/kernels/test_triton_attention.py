@@ -210,3 +210,28 @@ def test_no_bias_gradient_unless_asked():
     out, lse = tat.attention_forward(q, k, v, None, None, bias, False, 0.25)
     grads = tat.attention_backward(torch.ones_like(out), q, k, v, None, None, bias, False, 0.25, out, lse)
     assert grads[3] is None and grads[4] is None and grads[5] is None
+
+
+def test_nan_rows_and_masked_nan_values():
+    """lse carries the NaN rule of diffkern.ops.attention: a NaN query row gives NaN out and lse (so the
+    backward does not mistake it for a fully masked row, lse = -inf); a fully masked row stays 0 / -inf
+    even when a value it masks is NaN (acc catches 0 * NaN there); a -inf bias entry masks a NaN score."""
+    from diffkern.kernels.triton import attention as tat
+
+    device = backend_device("triton")
+    q, k, v, _, _ = make_inputs(1, 1, 6, 7, 0, 16, torch.float32, "contiguous", device)
+    bias = torch.zeros(1, 1, 6, 7, device=device)
+    bias[..., 4, :] = float("-inf")          # row 4: fully masked
+    bias[..., :2, 3] = float("-inf")         # key 3 hidden from rows 0, 1
+    q[..., 2, 0] = float("nan")
+    q[..., 4, 0] = float("nan")              # a NaN query in the fully masked row
+    v[..., 3, 1] = float("nan")
+    k[..., 5, 2] = float("nan")
+    bias[..., 0, 5] = float("-inf")          # key 5 (NaN) hidden from row 0 by the bias
+    bias[..., 1, 5] = float("-inf")
+    out, lse = tat.attention_forward(q, k, v, None, None, bias, False, 0.25)
+    out, lse = out[0, 0].cpu(), lse[0, 0].cpu()
+    assert torch.isnan(out[2]).all() and torch.isnan(lse[2])
+    assert (out[4] == 0).all() and torch.isneginf(lse[4])
+    assert torch.isnan(out[3]).all() and torch.isnan(out[5]).all()    # they see NaN key 5
+    assert torch.isfinite(out[:2, [0] + list(range(2, 16))]).all() and torch.isfinite(lse[:2]).all()
