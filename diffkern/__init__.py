@@ -16,7 +16,8 @@ from diffkern import models, nn, ops, schedulers
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "models", "schedulers", "use_backend", "patch", "unpatch", "PatchReport", "__version__"]
+__all__ = ["ops", "nn", "models", "schedulers", "use_backend", "patch", "unpatch", "PatchReport",
+           "__version__"]
 
 _INTEGRATION = ("patch", "unpatch", "PatchReport")
 

@@ -10,12 +10,17 @@ import diffusers (each function does, when called).
     diffkern.unpatch(pipe)             # back to diffusers' own, the very same objects
 """
 
-from diffkern.integrations.diffusers.dispatcher import attention_backend, diffkern_attention, dispatcher_unavailable
+from diffkern.integrations.diffusers.dispatcher import (
+    attention_backend,
+    diffkern_attention,
+    dispatcher_unavailable,
+)
 from diffkern.integrations.diffusers.norms import GroupNormSiLU, SiLUFusedIntoNorm
 from diffkern.integrations.diffusers.patch import PatchReport, patch, unpatch
 from diffkern.integrations.diffusers.processors import DiffkernAttnAddedKVProcessor, DiffkernAttnProcessor
 
 __all__ = [
-    "DiffkernAttnAddedKVProcessor", "DiffkernAttnProcessor", "GroupNormSiLU", "PatchReport", "SiLUFusedIntoNorm",
+    "DiffkernAttnAddedKVProcessor", "DiffkernAttnProcessor", "GroupNormSiLU", "PatchReport",
+    "SiLUFusedIntoNorm",
     "attention_backend", "diffkern_attention", "dispatcher_unavailable", "patch", "unpatch",
 ]

@@ -55,7 +55,8 @@ def diffkern_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0
     if return_lse:
         raise ValueError("diffkern attention backend: return_lse=True is not supported")
     if _parallel_config is not None:
-        raise ValueError("diffkern attention backend: context parallelism (_parallel_config) is not supported")
+        raise ValueError("diffkern attention backend: context parallelism (_parallel_config) is not "
+                         "supported")
     if key.shape[2] != query.shape[2]:
         raise ValueError(f"diffkern attention backend: key has {key.shape[2]} heads, query {query.shape[2]} "
                          "(grouped-query attention, enable_gqa, is not supported)")

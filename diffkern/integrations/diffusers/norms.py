@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffkern import ops
+from diffkern.integrations.diffusers.processors import warn_deprecated_scale
 
 _HOOK_ATTRS = ("_hf_hook", "_diffusers_hook")
 
@@ -55,7 +56,8 @@ class GroupNormSiLU(nn.Module):
         """A GroupNormSiLU sharing `norm`'s weight and bias Parameters (same objects)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.num_groups, new.num_channels, new.eps, new.affine = norm.num_groups, norm.num_channels, norm.eps, norm.affine
+        new.num_groups, new.num_channels = norm.num_groups, norm.num_channels
+        new.eps, new.affine = norm.eps, norm.affine
         new.register_parameter("weight", norm.weight)
         new.register_parameter("bias", norm.bias)
         new.train(norm.training)
@@ -78,7 +80,8 @@ class GroupNormSiLU(nn.Module):
                               activation="silu")
 
     def extra_repr(self):
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, activation=silu"
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                "activation=silu")
 
 
 class SiLUFusedIntoNorm(nn.Identity):
@@ -121,20 +124,16 @@ def resnet_reasons(block) -> list:
         elif has_hooks(m):
             why.append(f"{name} carries hooks (patch before enabling offloading / caching)")
     if has_hooks(block):
-        why.append("the block carries hooks or an instance forward (patch before enabling offloading / caching)")
+        why.append("the block carries hooks or an instance forward "
+                   "(patch before enabling offloading / caching)")
     return why
 
 
-def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs):
     """diffusers' ResnetBlock2D.forward with norm1->SiLU and norm2(->scale-shift)->SiLU fused."""
     if not (isinstance(self.norm1, GroupNormSiLU) and isinstance(self.norm2, GroupNormSiLU)):
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
-    if len(args) > 0 or kwargs.get("scale", None) is not None:
-        from diffusers.utils import deprecate
-
-        deprecate("scale", "1.0.0", "The `scale` argument is deprecated and will be ignored. Please remove it, as "
-                  "passing it will raise an error in the future. `scale` should directly be passed while calling "
-                  "the underlying pipeline component i.e., via `cross_attention_kwargs`.")
+    warn_deprecated_scale(args, kwargs)
 
     hidden_states = self.norm1(input_tensor)  # GroupNorm + SiLU
     if self.upsample is not None:
@@ -155,7 +154,8 @@ def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, 
 
     if self.time_embedding_norm == "scale_shift":
         if temb is None:
-            raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
+            raise ValueError(f" `temb` should not be None when `time_embedding_norm` is "
+                             f"{self.time_embedding_norm}")
         time_scale, time_shift = torch.chunk(temb, 2, dim=1)
         hidden_states = self.norm2(hidden_states, scale=time_scale, shift=time_shift)  # GN, scale-shift, SiLU
     elif self.time_embedding_norm == "default":

@@ -87,8 +87,8 @@ def _components(obj):
         return modules, schedulers, True
     if isinstance(obj, nn.Module):
         return [("", obj)], [], False
-    raise TypeError("patch: obj must be a diffusers pipeline (DiffusionPipeline) or a torch.nn.Module holding "
-                    f"diffusers modules, got {type(obj).__name__}")
+    raise TypeError("patch: obj must be a diffusers pipeline (DiffusionPipeline) or a torch.nn.Module "
+                    f"holding diffusers modules, got {type(obj).__name__}")
 
 
 def _is_diffusers(m) -> bool:
@@ -132,7 +132,8 @@ def _patch_attention(attn, where, report, kinds):
         attn.set_processor(new)
         report.replaced[kind] += 1
     else:
-        report.left.append(("attention", where, f"processor {type(proc).__name__} has no diffkern equivalent"))
+        why = f"processor {type(proc).__name__} has no diffkern equivalent"
+        report.left.append(("attention", where, why))
 
 
 def _patch_norms(m, where, report):
@@ -171,8 +172,9 @@ def _dispatcher_note(m, where, report):
     from diffusers.models.attention_processor import Attention
 
     if isinstance(m, AttentionModuleMixin) and not isinstance(m, Attention):
-        report.left.append(("attention", where, f"{type(m).__name__} calls diffusers' attention dispatcher: run it "
-                            "under diffkern.integrations.diffusers.attention_backend()"))
+        why = (f"{type(m).__name__} calls diffusers' attention dispatcher: run it under "
+               "diffkern.integrations.diffusers.attention_backend()")
+        report.left.append(("attention", where, why))
 
 
 def patch(obj, *, attention: bool = True, norm: bool = True, scheduler: bool = True) -> PatchReport:
@@ -196,8 +198,8 @@ def patch(obj, *, attention: bool = True, norm: bool = True, scheduler: bool = T
     modules, schedulers, is_pipeline = _components(obj)
     walked = list(_walk(modules))
     if not is_pipeline and not any(_is_diffusers(m) for _, m in walked):
-        raise TypeError(f"patch: expected a diffusers pipeline or a torch.nn.Module holding diffusers modules "
-                        f"(Attention, ResnetBlock2D, UNet2DConditionModel, AutoencoderKL, ...); "
+        raise TypeError("patch: expected a diffusers pipeline or a torch.nn.Module holding diffusers "
+                        "modules (Attention, ResnetBlock2D, UNet2DConditionModel, AutoencoderKL, ...); "
                         f"{type(obj).__name__} holds none")
     if is_pipeline and not walked and not schedulers:
         raise TypeError(f"patch: the pipeline {type(obj).__name__} has no module or scheduler components")
@@ -220,8 +222,8 @@ def patch(obj, *, attention: bool = True, norm: bool = True, scheduler: bool = T
     return report
 
 
-DISPATCHER_NOTE = ("diffusers' attention dispatcher names its backends in a closed Enum (AttentionBackendName), so "
-                   "diffkern cannot be registered as a backend of its own name; "
+DISPATCHER_NOTE = ("diffusers' attention dispatcher names its backends in a closed Enum "
+                   "(AttentionBackendName), so diffkern cannot be registered as a backend of its own name; "
                    "diffkern.integrations.diffusers.attention_backend() routes the 'native' backend through "
                    "diffkern for the duration of a with-block instead")
 

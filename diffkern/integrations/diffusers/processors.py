@@ -22,13 +22,14 @@ from diffkern import ops
 from diffkern.ops.attention import MAX_HEAD_DIM_TRITON
 
 _SCALE_DEPRECATION = (
-    "The `scale` argument is deprecated and will be ignored. Please remove it, as passing it will raise an error "
-    "in the future. `scale` should directly be passed while calling the underlying pipeline component i.e., via "
-    "`cross_attention_kwargs`."
+    "The `scale` argument is deprecated and will be ignored. Please remove it, as passing it will raise "
+    "an error in the future. `scale` should directly be passed while calling the underlying pipeline "
+    "component i.e., via `cross_attention_kwargs`."
 )
 
 
-def _warn_deprecated_scale(args, kwargs):
+def warn_deprecated_scale(args, kwargs):
+    """diffusers' deprecation warning for a positional argument or a `scale` keyword."""
     if len(args) > 0 or kwargs.get("scale", None) is not None:
         from diffusers.utils import deprecate
 
@@ -66,7 +67,7 @@ class DiffkernAttnProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  *args, **kwargs) -> torch.Tensor:
-        _warn_deprecated_scale(args, kwargs)
+        warn_deprecated_scale(args, kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -128,7 +129,7 @@ class DiffkernAttnAddedKVProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
-        _warn_deprecated_scale(args, kwargs)
+        warn_deprecated_scale(args, kwargs)
         residual = hidden_states
         hidden_states = hidden_states.view(hidden_states.shape[0], hidden_states.shape[1], -1).transpose(1, 2)
         batch_size, sequence_length, _ = hidden_states.shape
