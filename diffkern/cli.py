@@ -44,6 +44,7 @@ FAMILIES = {
     "sd": "diffkern.cli_sd",  # Stable Diffusion 1.x / 2.x, LDM text2im (--checkpoint)
     "glide": "diffkern.cli_glide",  # GLIDE 64 -> 256, CLIP guidance, inpainting (--base)
     "unclip": "diffkern.cli_unclip",  # DALL-E 2 / Karlo, variations, interpolations, text diffs (--karlo)
+    "if": "diffkern.cli_if",  # DeepFloyd IF / Imagen cascade 64 -> 256 -> 1024, --stages 1|2|3 (--if-stage1)
 }
 
 
