@@ -32,10 +32,11 @@ def _our_class(module):
 
 
 def from_diffusers(module):
-    """diffkern's equivalent of a diffusers UNet2DConditionModel or AutoencoderKL.
+    """diffkern's equivalent of a diffusers model named in _CONVERTIBLE (UNet2DConditionModel,
+    AutoencoderKL, ...).
 
     Same config, the same weights (copied: the two models share no storage), the same dtype and
-    device per tensor, the same train/eval mode.
+    device per tensor, the same train/eval mode and VAE tiling / slicing switches.
 
     Raises:
         TypeError: `module` is not one of the supported diffusers models.
@@ -54,4 +55,8 @@ def from_diffusers(module):
     left = [name for name, t in list(ours.named_parameters()) + list(ours.named_buffers()) if t.is_meta]
     if left:  # only a non-persistent buffer could be missed by a strict load
         raise RuntimeError(f"from_diffusers: tensors not set by the state dict: {left}")
+    # Run-time switches a user may have set on the diffusers model (VAE tiling / slicing) carry over.
+    for flag in ("use_tiling", "use_slicing", "tile_overlap_factor"):
+        if flag in vars(ours) and hasattr(module, flag):
+            setattr(ours, flag, getattr(module, flag))
     return ours.train(module.training)

@@ -147,3 +147,17 @@ def test_stage_two_unet_is_one_graph():
     with torch.no_grad():
         ex = torch._dynamo.explain(ours)(x, torch.tensor([3, 5]), ctx, class_labels=torch.tensor([3, 4]))
     assert (ex.graph_count, [str(r.reason)[:200] for r in ex.break_reasons]) == (1, [])
+
+
+def test_in_a_diffusers_if_pipeline_gives_the_same_images():
+    from tests.pipelines._if_helpers import IF_I_SCHEDULER, t5_tokenizer, tiny_if_unet, tiny_t5
+
+    pipe = diffusers.IFPipeline(tokenizer=t5_tokenizer(), text_encoder=tiny_t5(), unet=tiny_if_unet(),
+                                scheduler=diffusers.DDPMScheduler(**IF_I_SCHEDULER), safety_checker=None,
+                                feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt="a photo of a cat", num_inference_steps=3, height=16, width=16, output_type="pt")
+    want = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    pipe.unet = from_diffusers(pipe.unet)
+    got = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    assert max_diff(got, want) < 1e-4

@@ -204,3 +204,25 @@ def test_slicing_alone_changes_nothing():
         ours.enable_slicing()
         sliced = ours.decode(z).sample
     assert _close(sliced, whole)
+
+
+@pytest.mark.parametrize("tiling", [False, True])
+def test_in_a_diffusers_img2img_pipeline_gives_the_same_images(tmp_path, tiling):
+    """encode(...).latent_dist.sample(generator) and decode(..., return_dict=False) as diffusers calls them."""
+    from tests.pipelines import SD_SCHEDULER_CONFIG, clip_tokenizer, tiny_clip, tiny_unet, tiny_vae
+
+    tok = clip_tokenizer(tmp_path / "tok")
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(
+        vae=randomise(tiny_vae(), 3), text_encoder=tiny_clip(len(tok)), tokenizer=tok, unet=tiny_unet(),
+        scheduler=diffusers.DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if tiling:  # 48x48 pixels over 32-pixel tiles
+        pipe.vae.enable_tiling()
+    image = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    args = dict(prompt="a photo of a cat", image=image, strength=0.6, num_inference_steps=4, output_type="pt")
+    want = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    pipe.vae = from_diffusers(pipe.vae)
+    assert pipe.vae.use_tiling == tiling  # the switch carries over
+    got = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    assert max_diff(got, want) < 1e-4
