@@ -45,6 +45,13 @@ constexpr int kBlocksPerSmTarget = 4;    // split path: aim for ~4 blocks per SM
 // ------------------------------------------------------------------------------------------------
 // dtype helpers
 
+// A group's biased variance, >= 0, but NaN when the group holds a NaN or +-inf (NaN variance or
+// infinite mean): fmaxf(NaN, 0) = 0 would hide it behind rstd = 1/sqrt(eps) (NaN semantics of
+// diffkern.ops.group_norm).
+__device__ __forceinline__ float group_var(float var, float mean_shifted) {
+  return (var != var || isinf(mean_shifted)) ? __int_as_float(0x7fc00000) : fmaxf(var, 0.f);
+}
+
 template <typename T> __device__ __forceinline__ float to_f(T v);
 template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
@@ -412,7 +419,7 @@ gn_resident_kernel(Params p) {
     }
     block_sum2(s1, s2, red);
     const float ms = ms0 + s1 * inv_D;
-    const float var = fmaxf((s2 - s1 * s1 * inv_D) * inv_D, 0.f);
+    const float var = group_var((s2 - s1 * s1 * inv_D) * inv_D, ms);
     const float rstd = rsqrtf(var + p.eps);
     if (tid == 0) {
       p.mean[ng] = K + ms;
@@ -548,7 +555,7 @@ gn_apply_kernel(Params p) {
     }
     block_chan(cnt, m, M2, red);
     const float ms = m;  // mean of x - K
-    const float var = cnt > 0.f ? fmaxf(M2 / cnt, 0.f) : 0.f;
+    const float var = cnt > 0.f ? group_var(M2 / cnt, ms) : 0.f;
     const float rstd = rsqrtf(var + p.eps);
     if (sp == 0 && tid == 0) {
       p.mean[ng] = K + ms;
@@ -774,7 +781,7 @@ gn_rows_kernel(Params p) {
         }
         warp_chan(c, mm, MM);
         if (lane == 0) {
-          const float var = c > 0.f ? fmaxf(MM / c, 0.f) : 0.f;
+          const float var = c > 0.f ? group_var(MM / c, mm) : 0.f;
           const float rstd = rsqrtf(var + p.eps);
           s_stat[2 * g] = mm;
           s_stat[2 * g + 1] = rstd;

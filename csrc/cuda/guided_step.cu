@@ -23,6 +23,12 @@ constexpr int kThreads = 256;
 constexpr int64_t kChunk = 4096;  // elements per block: 16 per thread
 constexpr int64_t kMaxGridY = 65535;
 
+// clamp(v, lo, hi) that keeps a NaN v (fminf / fmaxf return the other operand): a NaN prediction
+// stays NaN, as on every other backend (tests/ops/test_nonfinite.py)
+__device__ __forceinline__ float clamp_keep_nan(float v, float lo, float hi) {
+  return v != v ? v : fminf(fmaxf(v, lo), hi);
+}
+
 template <typename T, bool STATS>
 __global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepArgs a) {
   const int64_t b = blockIdx.y;
@@ -52,9 +58,9 @@ __global__ void __launch_bounds__(kThreads) guided_step_kernel(GuidedStepArgs a)
       continue;
     }
     if (a.clip == 1) {
-      x0 = fminf(fmaxf(x0, -a.clip_range), a.clip_range);
+      x0 = clamp_keep_nan(x0, -a.clip_range, a.clip_range);
     } else if (a.clip == 2) {
-      x0 = fminf(fmaxf(x0, -thr), thr) / thr;
+      x0 = clamp_keep_nan(x0, -thr, thr) / thr;  // a NaN thr: fminf/fmaxf pass x0, / thr gives NaN
     }
     float out = c_x0 * x0 + c_xt * x;
     if (c_eps != 0.0f) {  // a zero c_eps drops the term (eps may be inf where s1m == 0)

@@ -117,6 +117,22 @@ def seeded_noise(shape, seed, offset=0, device=None, dtype=torch.float32):
     return philox_normal(seed, index, dtype).reshape(shape)
 
 
+def row_quantile(mag, q):
+    """Per row, torch.quantile(mag, q, dim=1)'s 'linear' interpolation between the two order
+    statistics around position q * (n - 1) (in mag's dtype, as torch.quantile computes it), with two
+    differences that make it the semantics every backend follows: no interpolation when both order
+    statistics are equal (torch's lerp makes quantile 1.0 of a row holding +inf NaN, 0 * inf), and
+    any n (torch.quantile stops at 2^24). A row holding a NaN gives NaN, as torch.quantile does."""
+    n = mag.shape[1]
+    pos = float(torch.tensor(q, dtype=mag.dtype) * (n - 1))
+    lo = min(int(math.floor(pos)), n - 1)
+    hi = min(lo + 1, n - 1)
+    v_lo = mag.kthvalue(lo + 1, dim=1).values
+    v_hi = mag.kthvalue(hi + 1, dim=1).values
+    s = torch.where(v_lo == v_hi, v_lo, torch.lerp(v_lo, v_hi, pos - lo))
+    return torch.where(torch.isnan(mag).any(1), torch.full_like(s, float("nan")), s)
+
+
 def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_scale=1.0,
                 prediction_type="epsilon", clip="none", clip_range=1.0, dynamic_percentile=0.995,
                 dynamic_max_value=1.0, variance="fixed", noise=None, noise_seed=None, noise_offset=0,
@@ -145,7 +161,7 @@ def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_sc
     if clip == "static":
         x0 = x0.clamp(-clip_range, clip_range)
     elif clip == "dynamic":  # diffusers' _threshold_sample
-        s = torch.quantile(x0.abs().reshape(x0.shape[0], -1), dynamic_percentile, dim=1)
+        s = row_quantile(x0.abs().reshape(x0.shape[0], -1), dynamic_percentile)
         s = torch.clamp(s, min=1, max=dynamic_max_value).reshape((-1,) + (1,) * (x.dim() - 1))
         x0 = torch.clamp(x0, -s, s) / s
     if prediction_type == "sample" or (clip != "none" and eps_from_clipped):
@@ -174,17 +190,7 @@ def dynamic_threshold(x, percentile=0.995, max_value=None, *, upcast=False):
     (torch.quantile's 2^24 limit is lifted by kthvalue); a sample with a NaN comes out all NaN."""
     B = x.shape[0]
     a = x.reshape(B, -1).double()
-    mag = a.abs()
-    n = mag.shape[1]
-    if n <= 1 << 24:
-        s = torch.quantile(mag, percentile, dim=1)
-    else:  # torch.quantile refuses > 2^24 elements: the same two order statistics by kthvalue
-        pos = percentile * (n - 1)
-        lo, hi = int(pos // 1), min(int(-(-pos // 1)), n - 1)
-        v_lo = mag.kthvalue(lo + 1, dim=1).values
-        v_hi = mag.kthvalue(hi + 1, dim=1).values
-        s = torch.where(v_lo == v_hi, v_lo, v_lo + (pos - lo) * (v_hi - v_lo))
-    s = torch.where(torch.isnan(mag).any(1), torch.full_like(s, float("nan")), s)
+    s = row_quantile(a.abs(), percentile)
     s = s.clamp(min=1.0)
     if max_value is not None:
         s = s.clamp(max=max_value)

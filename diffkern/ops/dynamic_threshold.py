@@ -37,9 +37,12 @@ def dynamic_threshold(x, percentile=0.995, max_value=None, *, backend=None):
             and `dynamic_threshold_backend`).
 
     Returns:
-        Tensor of x's shape and dtype (contiguous). x is never modified. NaN: a sample holding any
-        NaN gets s_b = NaN and an all-NaN output (as torch.quantile returns NaN). +-inf are ordered
-        like any value (s_b = inf gives 0 for finite elements, as the formula does). s_b and the
+        Tensor of x's shape and dtype (contiguous). x is never modified. NaN / Inf (every backend
+        alike; tests/ops/test_nonfinite.py): a sample holding any NaN gets s_b = NaN and an
+        all-NaN output (as torch.quantile returns NaN). +-inf are ordered like any value: s_b =
+        inf (only without max_value) gives 0 for finite elements and NaN (inf / inf) for infinite
+        ones, as the formula does; where both order statistics are inf, s_b = inf (torch.quantile
+        itself returns NaN there, 0 * inf in its interpolation). s_b and the
         division are computed in float32 (float64 on the reference backend); the interpolation
         weight in float64. Not differentiable on the kernel backends (a sampler step needs no grad).
 
@@ -137,7 +140,7 @@ _fam = _dispatch.op_family(OP)
 _fam.register(_dispatch.Backend(
     "reference", _run_reference, lambda: "",
     _backends.takes("x", None, KERNEL_DTYPES + (torch.float64,)),
-    "eager PyTorch in float64: torch.quantile (kthvalue beyond 2^24 elements), clamp, divide"))
+    "eager PyTorch in float64: the two order statistics by kthvalue, lerp, clamp, divide"))
 _fam.register(_dispatch.Backend(
     "cpu", _kernel_runner(_run_compiled), _cpu_unavailable,
     _backends.takes("x", ("cpu",), KERNEL_DTYPES),

@@ -43,6 +43,12 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, s
         result. Differentiable in x, weight, bias, scale and shift on every backend (the kernel
         backends save per-group mean/rstd and compute the backward with PyTorch ops).
 
+    NaN / Inf (every backend alike; tests/ops/test_nonfinite.py): a NaN, +inf or -inf anywhere in
+    x[n, group g] makes that group's mean and variance NaN, so every output of (n, g) is NaN and
+    the other groups are untouched. A NaN in weight[c] or bias[c] makes channel c NaN in every
+    sample; a NaN in scale[n, c] or shift[n, c] makes y[n, c] NaN. Infinite weight, bias, scale or
+    shift follow IEEE arithmetic of the formula.
+
     Equivalent PyTorch::
 
         y = F.group_norm(x, num_groups, weight, bias, eps)

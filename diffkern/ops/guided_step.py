@@ -67,6 +67,17 @@ def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_sc
         c_x0 x0 + c_xt x + c_eps eps_hat + std noise, pred_original_sample = x0 after clipping.
         Math in float32 (float64 for float64). Inputs are never modified. Not differentiable.
 
+    NaN / Inf (every backend alike; tests/ops/test_nonfinite.py): element-wise, a NaN in sample,
+    model_output or uncond_output (first C channels) at (b, c, s) makes pred_original_sample and
+    prev_sample NaN there (for "sample" prediction x0 reads no sample, so only prev_sample);
+    clipping never turns a NaN into a bound. A NaN in noise or in a learned-range variance channel
+    makes prev_sample NaN there; uncond_output's variance channels are never read. With
+    clip="dynamic" the threshold of sample b is computed from all of its x0, so a NaN x0 anywhere
+    in sample b makes all of sample b's outputs NaN. A zero c_eps drops the eps term (also when it
+    is NaN or inf); other coefficients follow IEEE arithmetic (0 * NaN = NaN). +-inf predictions
+    follow the formula: clamps bound them, and the dynamic threshold orders inf like any value
+    (as `dynamic_threshold`).
+
     Equivalent PyTorch: `diffkern.kernels.reference.guided_step`.
     """
     call = _check(sample, model_output, coeffs, uncond_output, guidance_scale, prediction_type, clip,
@@ -281,7 +292,7 @@ _fam = _dispatch.op_family(OP)
 _fam.register(_dispatch.Backend(
     "reference", _run_reference, lambda: "",
     _backends.takes("sample", None, KERNEL_DTYPES + (torch.float64,)),
-    "eager PyTorch, about ten elementwise passes (torch.quantile for dynamic thresholding)"))
+    "eager PyTorch, about ten elementwise passes (kthvalue quantile for dynamic thresholding)"))
 _fam.register(_dispatch.Backend(
     "cpu", _kernel_runner(_launch_compiled), _ext_unavailable,
     _backends.takes("sample", ("cpu",), KERNEL_DTYPES),

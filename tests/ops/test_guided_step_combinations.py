@@ -60,6 +60,8 @@ def sort_quantile(v, q):
     pos = q * (s.numel() - 1)
     lo = math.floor(pos)
     hi = min(lo + 1, s.numel() - 1)
+    if hi == lo or pos == lo:  # no interpolation (and no 0 * inf when the top value is inf)
+        return s[lo]
     return s[lo] + (pos - lo) * (s[hi] - s[lo])
 
 

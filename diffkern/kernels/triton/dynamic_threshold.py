@@ -14,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+# clamps keep NaN (tl.minimum / tl.maximum drop it by default)
+_NAN: tl.constexpr = tl.PropagateNan.ALL
+
 # (shift, bits) of the three digits; bit 31 of |x|'s pattern is always 0
 LEVELS = ((20, 11), (10, 10), (0, 10))
 MAX_BINS = 2048
@@ -64,7 +67,7 @@ def _apply_kernel(x_ptr, y_ptr, s_ptr, n, BLOCK: tl.constexpr):
     m = offs < n
     s = tl.load(s_ptr + b)
     v = tl.load(x_ptr + b * n + offs, mask=m, other=0.0).to(tl.float32)
-    y = tl.minimum(tl.maximum(v, -s), s) / s
+    y = tl.minimum(tl.maximum(v, -s, propagate_nan=_NAN), s, propagate_nan=_NAN) / s
     y = tl.where(s != s, float("nan"), y)
     tl.store(y_ptr + b * n + offs, y.to(y_ptr.dtype.element_ty), mask=m)
 

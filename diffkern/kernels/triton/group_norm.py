@@ -21,6 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+# A NaN variance (a NaN or +-inf in the group) must reach the output: tl.maximum's default drops NaN
+# (max(NaN, 0) = 0 on GPUs and in the interpreter), which would hide it behind rstd = 1/sqrt(eps).
+_NAN: tl.constexpr = tl.PropagateNan.ALL
+
 
 @triton.jit
 def _chunk_stats(x_ptr, base, shift, s_begin, s_end, CPG, stride_c, stride_s,
@@ -107,7 +111,7 @@ def _fused_kernel(
     base = n * stride_n + c0 * stride_c
     shift = tl.load(x_ptr + base).to(tl.float32)
     total, m, m2 = _chunk_stats(x_ptr, base, shift, 0, S, CPG, stride_c, stride_s, BLOCK_C, BLOCK_S)
-    rstd = 1.0 / tl.sqrt(tl.maximum(m2 / total, 0.0) + eps)
+    rstd = 1.0 / tl.sqrt(tl.maximum(m2 / total, 0.0, propagate_nan=_NAN) + eps)
     tl.store(mean_ptr + ng, m + shift)
     tl.store(rstd_ptr + ng, rstd)
     _chunk_apply(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, n, c0, C, CPG, stride_c, stride_s,
@@ -163,7 +167,7 @@ def _apply_kernel(
     g_mean = tl.sum(p_cnt * p_mean) / total
     dev = p_mean - g_mean
     g_m2 = tl.sum(p_m2 + p_cnt * dev * dev)
-    rstd = 1.0 / tl.sqrt(tl.maximum(g_m2 / total, 0.0) + eps)
+    rstd = 1.0 / tl.sqrt(tl.maximum(g_m2 / total, 0.0, propagate_nan=_NAN) + eps)
     if split == 0:
         tl.store(mean_ptr + ng, g_mean + shift)
         tl.store(rstd_ptr + ng, rstd)
@@ -248,7 +252,7 @@ def _rows_finalize_kernel(
         cnt = tot
     tl.store(mean_ptr + ng, mean + k_group)
     tl.store(shifted_mean_ptr + ng, mean)
-    tl.store(rstd_ptr + ng, 1.0 / tl.sqrt(tl.maximum(m2 / cnt, 0.0) + eps))
+    tl.store(rstd_ptr + ng, 1.0 / tl.sqrt(tl.maximum(m2 / cnt, 0.0, propagate_nan=_NAN) + eps))
 
 
 @triton.jit

@@ -11,6 +11,9 @@ exactly as csrc/philox.h and diffkern.kernels.reference.philox_normal.
 import triton
 import triton.language as tl
 
+# clamps keep NaN (tl.minimum / tl.maximum drop it by default): a NaN prediction stays NaN
+_NAN: tl.constexpr = tl.PropagateNan.ALL
+
 
 @triton.jit
 def _philox_normal(seed, index):
@@ -60,10 +63,10 @@ def _guided_step_kernel(
         tl.store(abs_ptr + b * N + offs, tl.abs(x0), mask=mask)
     else:
         if CLIP == 1:
-            x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+            x0 = tl.minimum(tl.maximum(x0, -clip_range, propagate_nan=_NAN), clip_range, propagate_nan=_NAN)
         elif CLIP == 2:
             s = tl.load(thr_ptr + b)
-            x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+            x0 = tl.minimum(tl.maximum(x0, -s, propagate_nan=_NAN), s, propagate_nan=_NAN) / s
         c_x0 = tl.load(cp + 2)
         c_xt = tl.load(cp + 3)
         c_eps = tl.load(cp + 4)
