@@ -241,7 +241,9 @@ def _run_xformers(c):
         full = (c.q.shape[0], c.q.shape[1], c.q.shape[2], c.total_keys)
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, device=c.q.device, dtype=c.q.dtype).masked_fill(~mask, float("-inf"))
-        bias = mask.to(c.q.dtype).expand(full).contiguous()  # xformers wants a dense bias
+        # xformers wants a dense bias whose rows start 8-element aligned: pad the key dim, then slice
+        pad = -c.total_keys % 8
+        bias = F.pad(mask.to(c.q.dtype).expand(full), (0, pad))[..., :c.total_keys]
     t = (lambda x: x.transpose(1, 2))  # xformers wants (B, S, H, D)
     out = xops.memory_efficient_attention(t(c.q), t(k), t(v), attn_bias=bias, scale=c.scale).transpose(1, 2)
     return out if dead is None else out.masked_fill(dead, 0.0)
