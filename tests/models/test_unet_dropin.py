@@ -142,3 +142,25 @@ def test_in_a_diffusers_pipeline_gives_the_same_images(tmp_path):
     assert isinstance(pipe.unet, UNet2DConditionModel)
     got = pipe(**args, generator=torch.Generator().manual_seed(0)).images
     assert max_diff(torch.from_numpy(got), torch.from_numpy(want)) < 1e-4
+
+
+def test_in_a_diffusers_controlnet_pipeline_gives_the_same_images(tmp_path):
+    from tests.pipelines import SD_SCHEDULER_CONFIG, clip_tokenizer, tiny_clip, tiny_unet, tiny_vae
+
+    tok = clip_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    controlnet = randomise(diffusers.ControlNetModel(
+        block_out_channels=(8, 16), layers_per_block=1, in_channels=4, down_block_types=("CrossAttnDownBlock2D",
+                                                                                          "DownBlock2D"),
+        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2, conditioning_embedding_out_channels=(8, 16)), 4)
+    pipe = diffusers.StableDiffusionControlNetPipeline(
+        vae=tiny_vae(), text_encoder=tiny_clip(len(tok)), tokenizer=tok, unet=randomise(tiny_unet(), 1),
+        controlnet=controlnet, scheduler=diffusers.DDIMScheduler.from_config(SD_SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    hint = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    args = dict(prompt="a photo of a cat", image=hint, num_inference_steps=3, height=32, width=32, output_type="pt")
+    want = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    pipe.unet, pipe.vae = from_diffusers(pipe.unet), from_diffusers(pipe.vae)
+    got = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    assert max_diff(got, want) < 1e-4
