@@ -147,3 +147,19 @@ def test_vae_out_norm_and_non_silu_blocks():
     mish = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=4, non_linearity="mish")
     report = diffkern.patch(mish)
     assert report.replaced["resnet_norm_silu"] == 0 and "Mish" in report.left[0][2]
+
+
+def test_layerwise_casting_enabled_after_patching():
+    """diffusers' layerwise-casting hooks (bf16 storage, fp32 compute) on a patched UNet: the output
+    of the unpatched model with the same hooks."""
+    from tests.pipelines import tiny_unet
+
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 7, 32)
+    plain, patched = tiny_unet(), tiny_unet()
+    diffkern.patch(patched)
+    for unet in (plain, patched):
+        unet.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    with torch.no_grad():
+        want, got = plain(x, t, text).sample, patched(x, t, text).sample
+    assert patched.conv_in.weight.dtype == torch.bfloat16
+    assert (got - want).abs().max() <= TOL * max(1.0, want.abs().max())

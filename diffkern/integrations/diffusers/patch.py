@@ -215,7 +215,7 @@ def patch(obj, *, attention: bool = True, norm: bool = True, scheduler: bool = T
             _dispatcher_note(m, where, report)
         if norm:
             _patch_norms(m, where, report)
-    if scheduler:
+    if scheduler and schedulers:
         _patch_schedulers(obj, schedulers, report)
     if any("dispatcher" in why for _, _, why in report.left):
         report.notes.append(DISPATCHER_NOTE)
