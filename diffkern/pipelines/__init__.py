@@ -39,7 +39,7 @@ from diffkern.pipelines._unclip_manipulations import UnCLIPManipulations
 from diffkern.models.checkpoints.karlo import load_karlo
 
 
-def load_pipeline(path, *, dtype=None, device="cpu", scheduler="ddim", img2img=False, inpaint=False,
+def load_pipeline(path, *, dtype=None, device="cpu", scheduler=None, img2img=False, inpaint=False,
                   **load_kwargs):
     """Load a checkpoint and wrap it in the matching pipeline: LDMTextToImagePipeline when its text
     encoder is an LDMBertModel, else StableDiffusionPipeline; with img2img=True the image-to-image
@@ -47,7 +47,12 @@ def load_pipeline(path, *, dtype=None, device="cpu", scheduler="ddim", img2img=F
     (an inpainting checkpoint, whose UNet takes 9 channels). A Karlo diffusers folder (model_index.json
     _class_name UnCLIPPipeline / UnCLIPImageVariationPipeline) gives that unCLIP pipeline (dtype,
     device and variant= apply; scheduler= does not: unCLIP runs its own UnCLIPSchedulers). load_kwargs go to
-    diffkern.models.loading.load (tokenizer= for single files, prediction_type=, variant=)."""
+    diffkern.models.loading.load (tokenizer= for single files, prediction_type=, variant=).
+
+    scheduler: None (default) runs the scheduler the checkpoint names (scheduler_config.json's
+    `_class_name`: PNDMScheduler for SD 1.5, DDIM for a single file without one), with its config; a
+    name ("ddim", "euler_a", "dpm++2m_karras", "UniPCMultistepScheduler", ... see
+    diffkern.schedulers.ALIASES / SCHEDULERS) picks another on the same config; an instance is used."""
     from diffkern.models.loading import load
     from diffkern.models.text_encoders import LDMBertModel
     from diffkern.models.unclip.folders import unclip_pipeline_class

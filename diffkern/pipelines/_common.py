@@ -28,23 +28,35 @@ class ImagePipelineOutput:
 
 
 def make_scheduler(scheduler, config):
-    """A diffkern scheduler: "ddim" / "ddpm" built from the checkpoint's scheduler `config`
-    (diffusers' from_config semantics: keys of other schedulers are ignored), or an instance as it is.
+    """A diffkern scheduler built from the checkpoint's scheduler `config` (diffusers' from_config
+    semantics: keys of other schedulers are ignored): None means the class the config names
+    (`_class_name`, e.g. PNDMScheduler for SD 1.5; DDIM when it names none diffkern has); a string is a
+    diffusers class name or a short name of diffkern.schedulers.ALIASES ("ddim", "ddpm", "euler",
+    "dpm++2m_karras", ...); an instance is used as it is.
 
     Instances must take `uncond_output` / `guidance_scale` in `step` (every diffkern scheduler does):
     the pipelines fuse the guidance combine into the step. Convert a diffusers scheduler with
-    diffkern.schedulers.DDIMScheduler.from_config(scheduler.config).
+    diffkern.schedulers.scheduler_class(type(s).__name__).from_config(s.config).
     """
+    if scheduler is None:
+        name = (config or {}).get("_class_name")
+        cls = schedulers.SCHEDULERS.get(name, schedulers.DDIMScheduler) if isinstance(name, str) else \
+            schedulers.DDIMScheduler
+        return cls.from_config(config or {})
     if isinstance(scheduler, str):
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler: expected one of {sorted(SCHEDULERS)} or a scheduler, "
-                             f"got {scheduler!r}")
-        return SCHEDULERS[scheduler].from_config(config or {})
+        if scheduler in SCHEDULERS:
+            return SCHEDULERS[scheduler].from_config(config or {})
+        try:
+            return schedulers.from_name(scheduler, config)
+        except ValueError:
+            raise ValueError(f"scheduler: expected one of {sorted(schedulers.ALIASES)}, a diffusers scheduler "
+                             f"class name ({', '.join(sorted(schedulers.SCHEDULERS))}) or a scheduler, "
+                             f"got {scheduler!r}") from None
     step = getattr(scheduler, "step", None)
     if step is None or "uncond_output" not in inspect.signature(step).parameters:
-        raise TypeError(f"scheduler: expected 'ddim', 'ddpm' or a diffkern scheduler (its step fuses the "
+        raise TypeError(f"scheduler: expected a name or a diffkern scheduler (its step fuses the "
                         f"guidance), got {type(scheduler).__module__}.{type(scheduler).__name__}; convert a "
-                        "diffusers one with diffkern.schedulers.DDIMScheduler.from_config(s.config)")
+                        "diffusers one with diffkern.schedulers.scheduler_class(name).from_config(s.config)")
     return scheduler
 
 

@@ -45,6 +45,43 @@ SCHEDULERS = {
 }
 
 
+# short names (the sampler names UIs use) -> (class name, config overrides on top of a checkpoint's config)
+ALIASES = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++2m_karras": ("DPMSolverMultistepScheduler",
+                       {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "dpm++2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpm++2m_sde_karras": ("DPMSolverMultistepScheduler",
+                           {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "dpm++3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "unclip": ("UnCLIPScheduler", {}),
+}
+
+
+def from_name(name, config=None, **overrides):
+    """A scheduler from a diffusers class name ("EulerDiscreteScheduler") or a short name of ALIASES
+    ("dpm++2m_karras"), built with from_config on `config` (e.g. a checkpoint's scheduler config: its
+    betas carry over, other schedulers' keys are ignored) plus the alias's and the caller's overrides."""
+    if name in SCHEDULERS:
+        cls, extra = SCHEDULERS[name], {}
+    elif isinstance(name, str) and name.lower() in ALIASES:
+        cls_name, extra = ALIASES[name.lower()]
+        cls = SCHEDULERS[cls_name]
+    else:
+        raise ValueError(f"no diffkern scheduler named {name!r}; available: {sorted(SCHEDULERS)} or the "
+                         f"short names {sorted(ALIASES)}")
+    return cls.from_config(config or {}, **{**extra, **overrides})
+
+
 def scheduler_class(name):
     """The diffkern scheduler class for a diffusers class name (e.g. "EulerDiscreteScheduler")."""
     try:
@@ -54,6 +91,7 @@ def scheduler_class(name):
 
 
 __all__ = [
+    "ALIASES",
     "SCHEDULERS",
     "BaseOutput",
     "DDIMInverseScheduler",
@@ -74,6 +112,7 @@ __all__ = [
     "rescale_zero_terminal_snr",
     "respaced_betas",
     "denoise_loop",
+    "from_name",
     "sample_loop",
     "scheduler_class",
     "space_timesteps",

@@ -66,7 +66,31 @@ def convert_sigmas(cfg, sigmas, n, log_sigmas):
     return out, np.array([sigma_to_t(s, log_sigmas) for s in out])
 
 
-class _StepIndexed(_Scheduler):
+class _FusedStep:
+    """The one sampler_update call of a step, from a coefficient row of python floats."""
+
+    def _fused(self, sample, model_output, row, history=(), *, uncond_output=None, guidance_scale=1.0,
+               noise=None, aux=False, clip="none", clip_range=1.0):
+        """One sampler_update call with a per-batch coefficient row (python floats)."""
+        B = sample.shape[0]
+        coeffs = torch.tensor([row], dtype=torch.float64).to(torch.float32).expand(B, len(row))
+        if coeffs.device != sample.device:
+            coeffs = coeffs.to(sample.device)
+        cfg = self.config
+        return ops.sampler_update(
+            sample, model_output, coeffs.contiguous(), list(history), uncond_output=uncond_output,
+            guidance_scale=guidance_scale, clip=clip, clip_range=clip_range,
+            dynamic_percentile=cfg.get("dynamic_thresholding_ratio", 0.995),
+            dynamic_max_value=cfg.get("sample_max_value", 1.0), noise=noise, aux=aux)
+
+    @staticmethod
+    def _output(prev, x0, return_dict):
+        if not return_dict:
+            return (prev, x0) if x0 is not None else (prev,)
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+class _StepIndexed(_FusedStep, _Scheduler):
     """Samplers that walk a sigma table by a step index (diffusers' _step_index / _begin_index)."""
 
     _spacings = ("linspace", "leading", "trailing")
@@ -134,26 +158,6 @@ class _StepIndexed(_Scheduler):
             self._init_step_index(timestep)
 
     _rejects_int_timesteps = False
-
-    def _fused(self, sample, model_output, row, history=(), *, uncond_output=None, guidance_scale=1.0,
-               noise=None, aux=False, clip="none", clip_range=1.0):
-        """One sampler_update call with a per-batch coefficient row (python floats)."""
-        B = sample.shape[0]
-        coeffs = torch.tensor([row], dtype=torch.float64).to(torch.float32).expand(B, len(row))
-        if coeffs.device != sample.device:
-            coeffs = coeffs.to(sample.device)
-        cfg = self.config
-        return ops.sampler_update(
-            sample, model_output, coeffs.contiguous(), list(history), uncond_output=uncond_output,
-            guidance_scale=guidance_scale, clip=clip, clip_range=clip_range,
-            dynamic_percentile=cfg.get("dynamic_thresholding_ratio", 0.995),
-            dynamic_max_value=cfg.get("sample_max_value", 1.0), noise=noise, aux=aux)
-
-    @staticmethod
-    def _output(prev, x0, return_dict):
-        if not return_dict:
-            return (prev, x0) if x0 is not None else (prev,)
-        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
 class _KarrasSigmaScheduler(_StepIndexed):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from diffkern.schedulers._base import randn_like_diffusers
@@ -64,14 +66,21 @@ def denoise_loop(model_fn, scheduler, x, timesteps, *, guidance_scale=None, gene
     starts mid-schedule) from the sample x; model_fn, guidance_scale, generator, step_kwargs and
     callback as in `sample_loop`, which is set_timesteps + x_T + this."""
     step_kwargs = dict(step_kwargs or {})
+    begin = len(scheduler.timesteps) - len(timesteps)
+    if hasattr(scheduler, "set_begin_index") and begin >= 0 and torch.equal(
+            torch.as_tensor(scheduler.timesteps[begin:]).cpu(), torch.as_tensor(timesteps).cpu()):
+        # a suffix of the schedule (image-to-image): say where it starts, as diffusers' pipelines do, so
+        # step-indexed samplers need no lookup (ambiguous where a timestep repeats, e.g. Heun)
+        scheduler.set_begin_index(begin)
+    if "generator" in inspect.signature(scheduler.step).parameters:  # deterministic samplers take none
+        step_kwargs["generator"] = generator
     for i, t in enumerate(_progress(timesteps, progress, len(timesteps))):
         x_in = scheduler.scale_model_input(x, t)
         if guidance_scale is None:
-            out = scheduler.step(model_fn(x_in, t), t, x, generator=generator, **step_kwargs)
+            out = scheduler.step(model_fn(x_in, t), t, x, **step_kwargs)
         else:
             cond, uncond = model_fn(x_in, t)
-            out = scheduler.step(cond, t, x, generator=generator, uncond_output=uncond,
-                                 guidance_scale=guidance_scale, **step_kwargs)
+            out = scheduler.step(cond, t, x, uncond_output=uncond, guidance_scale=guidance_scale, **step_kwargs)
         x = out.prev_sample
         if callback is not None:
             callback(i, t, out)
