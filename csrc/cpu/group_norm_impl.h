@@ -136,6 +136,14 @@ inline int64_t stream_peel(const T* y, int64_t len) {
   return mis == 0 ? 0 : std::min<int64_t>(len, static_cast<int64_t>((kAlign - mis) / sizeof(T)));
 }
 
+inline void prefetch_l2(const char* p) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  _mm_prefetch(p, _MM_HINT_T1);
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
 inline float hsum(const fVec& v) {
   alignas(64) float t[kVF];
   v.store(t);
@@ -232,61 +240,82 @@ inline void merge(Moments& a, double nb, double mb, double m2b) {
 }
 inline void merge(Moments& a, const Moments& b) { merge(a, b.n, b.mean, b.m2); }
 
-// Statistics of one contiguous run, merged into acc. Chunks of kChunk elements (L1 resident) are
-// read twice: the float sum gives an approximate mean mf, then sum(x - mf) and sum((x - mf)^2)
-// give the chunk's exact-ish mean and M2 (shift by mf, corrected for the residual offset).
+// Statistics of one contiguous run, merged into acc, over chunks of kChunk elements (L1 resident).
+// Each chunk's float sums are taken around a shift K and merged in double (Chan's formula), which
+// is exact-ish as long as |chunk mean - K| is not >> the spread: the first chunk of a run (acc
+// empty) is read twice, the float sum giving K = its approximate mean; every later chunk is read
+// once, shifted by the running mean of the chunks before it (a poor shift costs float rounding of
+// order (chunk mean - K)^2 in that chunk's M2, small next to the run's M2, which contains that
+// spread itself). One read per chunk matters on CPUs with little memory bandwidth per core: the
+// stats then keep pace with the stream of x (benchmarks/results/NOTES-group_norm.md, entry 8).
+template <typename T>
+inline void chunk_moments(const T* q, int64_t L, float K, Moments& acc) {
+  const int64_t Lv = L - L % (2 * kK);
+  const fVec vK(K);
+  fVec d0(0.f), d1(0.f), d2(0.f), d3(0.f), q0(0.f), q1(0.f), q2(0.f), q3(0.f);
+  for (int64_t i = 0; i < Lv; i += 2 * kK) {
+    fVec a, b, c, d;
+    load2(q + i, a, b);
+    load2(q + i + kK, c, d);
+    a = a - vK;
+    b = b - vK;
+    c = c - vK;
+    d = d - vK;
+    d0 = d0 + a;
+    d1 = d1 + b;
+    d2 = d2 + c;
+    d3 = d3 + d;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
+    q2 = at::vec::fmadd(c, c, q2);
+    q3 = at::vec::fmadd(d, d, q3);
+  }
+  double D = hsum((d0 + d1) + (d2 + d3)), Q = hsum((q0 + q1) + (q2 + q3));
+  for (int64_t i = Lv; i < L; ++i) {
+    const double v = static_cast<double>(to_f(q[i]) - K);
+    D += v;
+    Q += v * v;
+  }
+  const double dl = static_cast<double>(L);
+  merge(acc, dl, static_cast<double>(K) + D / dl, std::max(0.0, Q - D * D / dl));
+}
+
+template <typename T>
+inline float chunk_sum(const T* q, int64_t L) {
+  const int64_t Lv = L - L % (2 * kK);
+  fVec s0(0.f), s1(0.f), s2(0.f), s3(0.f);
+  for (int64_t i = 0; i < Lv; i += 2 * kK) {
+    fVec a, b, c, d;
+    load2(q + i, a, b);
+    load2(q + i + kK, c, d);
+    s0 = s0 + a;
+    s1 = s1 + b;
+    s2 = s2 + c;
+    s3 = s3 + d;
+  }
+  float sum = hsum((s0 + s1) + (s2 + s3));
+  for (int64_t i = Lv; i < L; ++i) sum += to_f(q[i]);
+  return sum;
+}
+
 template <typename T>
 inline void run_moments(const T* p, int64_t len, Moments& acc) {
   constexpr int64_t kChunk = 2048;  // multiple of 2 * kK
   for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
     const int64_t L = std::min(kChunk, len - c0);
-    const T* q = p + c0;
-    const int64_t Lv = L - L % (2 * kK);
-    fVec s0(0.f), s1(0.f), s2(0.f), s3(0.f);
-    for (int64_t i = 0; i < Lv; i += 2 * kK) {
-      fVec a, b, c, d;
-      load2(q + i, a, b);
-      load2(q + i + kK, c, d);
-      s0 = s0 + a;
-      s1 = s1 + b;
-      s2 = s2 + c;
-      s3 = s3 + d;
-    }
-    float sum = hsum((s0 + s1) + (s2 + s3));
-    for (int64_t i = Lv; i < L; ++i) sum += to_f(q[i]);
-    const float mf = sum / static_cast<float>(L);
-
-    const fVec vm(mf);
-    fVec d0(0.f), d1(0.f), q0(0.f), q1(0.f);
-    for (int64_t i = 0; i < Lv; i += 2 * kK) {
-      fVec a, b, c, d;
-      load2(q + i, a, b);
-      load2(q + i + kK, c, d);
-      a = a - vm;
-      b = b - vm;
-      c = c - vm;
-      d = d - vm;
-      d0 = d0 + (a + b);
-      d1 = d1 + (c + d);
-      q0 = at::vec::fmadd(a, a, q0);
-      q1 = at::vec::fmadd(b, b, q1);
-      q0 = at::vec::fmadd(c, c, q0);
-      q1 = at::vec::fmadd(d, d, q1);
-    }
-    double D = hsum(d0 + d1), Q = hsum(q0 + q1);
-    for (int64_t i = Lv; i < L; ++i) {
-      const double v = static_cast<double>(to_f(q[i]) - mf);
-      D += v;
-      Q += v * v;
-    }
-    const double dl = static_cast<double>(L);
-    merge(acc, dl, static_cast<double>(mf) + D / dl, std::max(0.0, Q - D * D / dl));
+    // a NaN/inf running mean would poison the shift of every later chunk; the result is NaN then
+    // anyway, but keep the shift finite so that only the statistics that hold it turn NaN
+    const bool fresh = acc.n <= 0 || !std::isfinite(acc.mean);
+    const float K = fresh ? chunk_sum(p + c0, L) / static_cast<float>(L) : static_cast<float>(acc.mean);
+    chunk_moments(p + c0, L, std::isfinite(K) ? K : 0.f, acc);
   }
 }
 
 // Per-group result: writes the float mean / rstd outputs, returns them in double.
 inline void finish_group(const GroupNormArgs& a, int64_t ng, const Moments& m, double& mean, double& rstd) {
-  const double var = m.n > 0 ? std::max(0.0, m.m2 / m.n) : 0.0;
+  // a NaN or +-inf in the group makes its statistics NaN (std::max(0, NaN) would give 0)
+  const bool finite = std::isfinite(m.mean) && !std::isnan(m.m2);
+  const double var = !finite ? std::nan("") : m.n > 0 ? std::max(0.0, m.m2 / m.n) : 0.0;
   mean = m.mean;
   rstd = 1.0 / std::sqrt(var + static_cast<double>(a.eps));
   a.mean[ng] = static_cast<float>(mean);
@@ -322,8 +351,10 @@ inline void coeffs(const GroupNormArgs& a, int64_t n, int64_t c, double mean, do
 
 // y[i] = act((x[i] - M) * A + B) over a contiguous run (kSub == false: M == 0, no subtraction;
 // kNT: streaming stores, after a scalar prologue up to the first aligned y).
+// pf (or null): where the thread reads next (the next group's matching element): prefetched into L2
+// here, so that the DRAM reads of the next group's statistics overlap this compute-bound loop.
 template <typename T, bool kSilu, bool kSub, bool kNT>
-inline void apply_run_impl(const T* x, T* y, int64_t len, float M, float A, float B) {
+inline void apply_run_impl(const T* x, T* y, int64_t len, float M, float A, float B, const T* pf) {
   const fVec vM(M), vA(A), vB(B);
   auto sub = [&](const fVec& u) { return kSub ? u - vM : u; };
   int64_t i = 0;
@@ -333,6 +364,9 @@ inline void apply_run_impl(const T* x, T* y, int64_t len, float M, float A, floa
   }
   for (; i + 2 * kK <= len; i += 2 * kK) {
     fVec u0, u1, u2, u3;
+    if (pf) {
+      for (int64_t o = 0; o < 2 * kK * int64_t(sizeof(T)); o += 64) prefetch_l2(reinterpret_cast<const char*>(pf + i) + o);
+    }
     load2(x + i, u0, u1);
     load2(x + i + kK, u2, u3);
     u0 = at::vec::fmadd(sub(u0), vA, vB);
@@ -353,17 +387,18 @@ inline void apply_run_impl(const T* x, T* y, int64_t len, float M, float A, floa
 }
 
 template <typename T, bool kSilu>
-inline void apply_run(const T* x, T* y, int64_t len, float M, float A, float B, bool stream) {
+inline void apply_run(const T* x, T* y, int64_t len, float M, float A, float B, bool stream,
+                      const T* pf = nullptr) {
   if (stream) {
     if (M == 0.f) {
-      apply_run_impl<T, kSilu, false, kHasStream>(x, y, len, M, A, B);
+      apply_run_impl<T, kSilu, false, kHasStream>(x, y, len, M, A, B, pf);
     } else {
-      apply_run_impl<T, kSilu, true, kHasStream>(x, y, len, M, A, B);
+      apply_run_impl<T, kSilu, true, kHasStream>(x, y, len, M, A, B, pf);
     }
   } else if (M == 0.f) {
-    apply_run_impl<T, kSilu, false, false>(x, y, len, M, A, B);
+    apply_run_impl<T, kSilu, false, false>(x, y, len, M, A, B, pf);
   } else {
-    apply_run_impl<T, kSilu, true, false>(x, y, len, M, A, B);
+    apply_run_impl<T, kSilu, true, false>(x, y, len, M, A, B, pf);
   }
 }
 
@@ -403,7 +438,9 @@ void contiguous_fused(const GroupNormArgs& a) {
         float M, A, B;
         coeffs<T>(a, n, c, mean, rstd, M, A, B);
         const int64_t off = (n * C + c) * S;
-        apply_run<T, kSilu>(X + off, Y + off, S, M, A, B, stream);
+        // large x: pull the thread's next group into L2 while this one is written
+        const T* pf = (stream && ng + 1 < end) ? X + off + D : nullptr;
+        apply_run<T, kSilu>(X + off, Y + off, S, M, A, B, stream, pf);
       }
     }
     if (stream) stream_fence();
