@@ -39,6 +39,8 @@ _NOT_LOADED = ("StableDiffusionSafetyChecker", "CLIPImageProcessor", "CLIPFeatur
                "IFWatermarker")
 # DeepFloyd IF folders (IF-I-*, IF-II-*): T5 text encoder and tokenizer (diffkern.models.t5).
 _T5_PARTS = ("T5EncoderModel", "T5Tokenizer", "T5TokenizerFast")
+# Karlo (unCLIP) folders: CLIP towers with projection, through transformers (diffkern.models.unclip.folders).
+_CLIP_TOWERS = ("CLIPTextModelWithProjection", "CLIPVisionModelWithProjection")
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 @dataclass
@@ -167,6 +169,10 @@ def _load_part(name, cls, folder, *, dtype, device, variant, notes):
         return load_component_folder(folder, dtype=dtype, device=device, variant=variant)
     if cls in _TEXT_ENCODERS:
         return _load_text_encoder(folder, dtype=dtype, device=device, variant=variant)
+    if cls in _CLIP_TOWERS:
+        from diffkern.models.unclip.folders import load_clip_tower
+
+        return load_clip_tower(cls, folder, dtype, device)
     if cls in _T5_PARTS:
         from diffkern.models import t5
 
@@ -182,7 +188,7 @@ def _load_part(name, cls, folder, *, dtype, device, variant, notes):
     if cls in _NOT_LOADED:
         notes.append(f"{name} ({cls}) not loaded: diffkern pipelines do not run it")
         return None
-    supported = ", ".join((*MODEL_CLASSES, *_TEXT_ENCODERS, *_TOKENIZERS, *_T5_PARTS, "schedulers"))
+    supported = ", ".join((*MODEL_CLASSES, *_TEXT_ENCODERS, *_TOKENIZERS, *_T5_PARTS, *_CLIP_TOWERS, "schedulers"))
     raise NotImplementedError(f"{name}: class {cls!r} is not loadable by diffkern (supported: {supported})")
 
 

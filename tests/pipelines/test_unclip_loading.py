@@ -41,6 +41,10 @@ def test_text_folder(saved):
     got = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
     assert max_diff(got, want) < 1e-3
     assert isinstance(load(root / "karlo-v1-alpha" / "prior"), PriorTransformer)  # one component folder
+    loaded = load(root / "karlo-v1-alpha")  # the generic loader reads the whole folder too
+    assert isinstance(loaded.components["super_res_first"], UNet2DModel)
+    assert type(loaded.text_encoder).__name__ == "CLIPTextModelWithProjection"
+    assert loaded.components["prior_scheduler"]["prediction_type"] == "sample"
 
 
 def test_variation_folder(saved):

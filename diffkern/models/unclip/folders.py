@@ -25,7 +25,8 @@ def unclip_pipeline_class(folder):
     return name if name in UNCLIP_PIPELINES else None
 
 
-def _clip_tower(cls, folder, dtype, device):
+def load_clip_tower(cls, folder, dtype=None, device="cpu"):
+    """A transformers CLIPTextModelWithProjection / CLIPVisionModelWithProjection folder, frozen, in eval mode."""
     import transformers
 
     model = getattr(transformers, cls).from_pretrained(str(folder), local_files_only=True, dtype=dtype or "auto")
@@ -58,7 +59,7 @@ def load_unclip_folder(folder, *, dtype=None, device="cpu", variant=None):
         if cls in MODEL_CLASSES:
             out[name] = load_component_folder(sub, dtype=dtype, device=device, variant=variant)
         elif cls in _CLIP_TOWERS:
-            out[name] = _clip_tower(cls, sub, dtype, device)
+            out[name] = load_clip_tower(cls, sub, dtype, device)
         elif cls in ("CLIPTokenizer", "CLIPTokenizerFast"):
             out[name] = load_tokenizer(str(sub))
         elif cls.startswith("CLIPImageProcessor") or cls == "CLIPFeatureExtractor":
