@@ -84,6 +84,7 @@ def test_weights_are_shared_not_copied():
     with torch.no_grad():
         got = block(x, None)
         diffkern.unpatch(block)
+        assert type(block) is ResnetBlock2D and type(block.norm1) is torch.nn.GroupNorm
         assert block.norm1.weight is w1 and torch.equal(w1, state["norm1.weight"])
         want = block(x, None)
     assert (got - want).abs().max() <= TOL * want.abs().max()
@@ -163,3 +164,25 @@ def test_layerwise_casting_enabled_after_patching():
         want, got = plain(x, t, text).sample, patched(x, t, text).sample
     assert patched.conv_in.weight.dtype == torch.bfloat16
     assert (got - want).abs().max() <= TOL * max(1.0, want.abs().max())
+
+
+def test_patched_model_survives_pickle_and_deepcopy(tmp_path):
+    """torch.save of a whole patched model (not just its state dict) loads back fused and equal."""
+    import copy
+
+    block = _randomise(ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=12, groups=4,
+                                     time_embedding_norm="scale_shift"))
+    x, temb = torch.randn(1, 8, 4, 4), torch.randn(1, 12)
+    diffkern.patch(block)
+    torch.save(block, tmp_path / "block.pt")
+    loaded = torch.load(tmp_path / "block.pt", weights_only=False)
+    twin = copy.deepcopy(block)
+    with torch.no_grad():
+        want = block(x, temb)
+        for other in (loaded, twin):
+            assert isinstance(other.norm2, GroupNormSiLU) and type(other) is type(block)
+            assert torch.equal(other(x, temb), want)
+    diffkern.unpatch(loaded)
+    assert type(loaded) is ResnetBlock2D and type(loaded.norm1) is torch.nn.GroupNorm
+    with torch.no_grad():
+        assert (loaded(x, temb) - want).abs().max() <= TOL * want.abs().max()

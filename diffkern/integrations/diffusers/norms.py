@@ -12,15 +12,17 @@ Design (module replacement, chosen so that state dicts, LoRA and hooks keep work
   the activation module is used nowhere else, so it becomes `SiLUFusedIntoNorm`, a pass-through.
 * `ResnetBlock2D` uses one `nonlinearity` module three times (after norm1, on the time embedding,
   after norm2) and, in the `scale_shift` mode, applies the time embedding between norm2 and the
-  SiLU; a pass-through cannot express that. So the block gets a per-instance `forward` (an
-  instance attribute, as accelerate's own hooks are): hooks attached later wrap it as they wrap
-  any forward; it calls every submodule as a module (conv1, time_emb_proj, dropout, ...), and
-  falls back to the class's forward when its norms are not the fused ones (after `unpatch`).
+  SiLU; a pass-through cannot express that. So the block's class becomes `FusedResnetBlock2D`, a
+  subclass whose forward fuses both sites (isinstance checks still see a ResnetBlock2D). A class,
+  not a per-instance bound method, because a bound method in the instance dict does not survive
+  pickling (torch.save of a whole model) or would resolve to diffusers' forward on load, while
+  the class is found by name. Hooks attached later (accelerate's `add_hook_to_module`, diffusers'
+  HookRegistry) wrap `module.forward` as for any module; blocks already carrying an instance-level
+  forward (a hook) are left. The forward calls every submodule as a module (conv1, time_emb_proj,
+  dropout, ...) and falls back to diffusers' forward when its norms are not the fused ones.
 """
 
 from __future__ import annotations
-
-import types
 
 import torch
 import torch.nn.functional as F
@@ -113,8 +115,8 @@ def resnet_reasons(block) -> list:
     from diffusers.models.resnet import ResnetBlock2D
 
     why = []
-    if type(block).forward is not ResnetBlock2D.forward:
-        why.append(f"{type(block).__name__} overrides ResnetBlock2D.forward")
+    if type(block) is not ResnetBlock2D:
+        why.append(f"{type(block).__name__} is a subclass of ResnetBlock2D")
     if not _is_silu(block.nonlinearity):
         why.append(f"activation is {type(block.nonlinearity).__name__}, not SiLU")
     for name in ("norm1", "norm2"):
@@ -129,67 +131,22 @@ def resnet_reasons(block) -> list:
     return why
 
 
-def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs):
-    """diffusers' ResnetBlock2D.forward with norm1->SiLU and norm2(->scale-shift)->SiLU fused."""
-    if not (isinstance(self.norm1, GroupNormSiLU) and isinstance(self.norm2, GroupNormSiLU)):
-        return type(self).forward(self, input_tensor, temb, *args, **kwargs)
-    warn_deprecated_scale(args, kwargs)
-
-    hidden_states = self.norm1(input_tensor)  # GroupNorm + SiLU
-    if self.upsample is not None:
-        if hidden_states.shape[0] >= 64:  # as diffusers: upsample_nearest_nhwc fails on large batches
-            input_tensor = input_tensor.contiguous()
-            hidden_states = hidden_states.contiguous()
-        input_tensor = self.upsample(input_tensor)
-        hidden_states = self.upsample(hidden_states)
-    elif self.downsample is not None:
-        input_tensor = self.downsample(input_tensor)
-        hidden_states = self.downsample(hidden_states)
-
-    hidden_states = self.conv1(hidden_states)
-    if self.time_emb_proj is not None:
-        if not self.skip_time_act:
-            temb = self.nonlinearity(temb)
-        temb = self.time_emb_proj(temb)[:, :, None, None]
-
-    if self.time_embedding_norm == "scale_shift":
-        if temb is None:
-            raise ValueError(f" `temb` should not be None when `time_embedding_norm` is "
-                             f"{self.time_embedding_norm}")
-        time_scale, time_shift = torch.chunk(temb, 2, dim=1)
-        hidden_states = self.norm2(hidden_states, scale=time_scale, shift=time_shift)  # GN, scale-shift, SiLU
-    elif self.time_embedding_norm == "default":
-        if temb is not None:
-            hidden_states = hidden_states + temb
-        hidden_states = self.norm2(hidden_states)  # GroupNorm + SiLU
-    else:  # e.g. the VAE decoder's "group" blocks, which have no time embedding
-        hidden_states = self.norm2(hidden_states)  # GroupNorm + SiLU
-
-    hidden_states = self.dropout(hidden_states)
-    hidden_states = self.conv2(hidden_states)
-    if self.conv_shortcut is not None:
-        if self.training:  # as diffusers: avoid DDP's gradient stride warning
-            input_tensor = input_tensor.contiguous()
-        input_tensor = self.conv_shortcut(input_tensor)
-    return (input_tensor + hidden_states) / self.output_scale_factor
-
-
 def patch_resnet(block) -> None:
     """Fuse a ResnetBlock2D's two norm sites (resnet_reasons(block) must be empty)."""
-    block._diffkern_saved = {"norm1": block.norm1, "norm2": block.norm2}
+    from diffkern.integrations.diffusers._fused_resnet import FusedResnetBlock2D
+
+    block._diffkern_saved = {"norm1": block.norm1, "norm2": block.norm2, "class": type(block)}
     block.norm1 = GroupNormSiLU.from_group_norm(block.norm1)
     block.norm2 = GroupNormSiLU.from_group_norm(block.norm2)
-    block.forward = types.MethodType(_fused_resnet_forward, block)
+    block.__class__ = FusedResnetBlock2D
 
 
 def unpatch_resnet(block) -> None:
     saved = block.__dict__.pop("_diffkern_saved")
     for name in ("norm1", "norm2"):
         setattr(block, name, to_group_norm(getattr(block, name), saved[name]))
-    fwd = block.__dict__.get("forward")
-    if isinstance(fwd, types.MethodType) and fwd.__func__ is _fused_resnet_forward:
-        del block.__dict__["forward"]
-    # else a hook attached after patching wraps our forward; it falls back to the class forward now
+    # a hook attached after patching still holds the fused forward: it falls back to diffusers' now
+    block.__class__ = saved["class"]
 
 
 def is_patched_resnet(block) -> bool:
