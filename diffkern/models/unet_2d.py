@@ -6,8 +6,9 @@ UNet2DModel(**config) takes diffusers' config (a `super_res_first/config.json`) 
 diffusers' state_dict keys. Supported: DownBlock2D / ResnetDownsampleBlock2D down blocks, UpBlock2D /
 ResnetUpsampleBlock2D up blocks, UNetMidBlock2D (with or without its self-attention) or none, "default"
 and "scale_shift" (ADM) time conditioning, positional time embeddings, class embeddings of type
-None / "identity" / "timestep" / num_class_embeds. Every GroupNorm + SiLU (and the scale-shift) is one
-fused diffkern GroupNorm call.
+None / "identity" / "timestep" / num_class_embeds. The down and up blocks are the UNet family's
+(diffkern.models.unet_blocks, shared with UNet2DConditionModel); every GroupNorm + SiLU (and the
+scale-shift) is one fused diffkern GroupNorm call.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffkern.models._config import ConfiguredModel, resolve_config
+from diffkern.models.unet_blocks import build_block
+from diffkern.models.unet_blocks.cross_attn import resnet
 from diffkern.nn.group_norm import GroupNorm
-from diffkern.nn.resnet import Downsample2D, TimestepEmbedding, Upsample2D, timestep_embedding
+from diffkern.nn.resnet import TimestepEmbedding, timestep_embedding
 from diffkern.nn.transformer import SpatialSelfAttention
 
 _NAME = "UNet2DModel"
@@ -38,7 +40,7 @@ DEFAULTS = dict(
     add_attention=True, class_embed_type=None, num_class_embeds=None, num_train_timesteps=None,
 )
 FIXED = dict(time_embedding_type=("positional",), mid_block_type=("UNetMidBlock2D", None),
-             downsample_type=("conv",), upsample_type=("conv",), act_fn=("silu", "swish"),
+             downsample_type=("conv",), upsample_type=("conv",), act_fn=("silu", "swish", "gelu", "mish", "relu"),
              resnet_time_scale_shift=("default", "scale_shift"), class_embed_type=(None, "identity", "timestep"))
 DOWN_TYPES = ("DownBlock2D", "ResnetDownsampleBlock2D")
 UP_TYPES = ("UpBlock2D", "ResnetUpsampleBlock2D")
@@ -54,111 +56,15 @@ class UNet2DOutput:
         return (self.sample,)[i]
 
 
-class ResnetBlock(nn.Module):
-    """diffusers' ResnetBlock2D with both time modes and optional up/down resampling (keys norm1, conv1,
-    time_emb_proj, norm2, conv2, conv_shortcut):
-
-        h = silu(norm1(x)); x, h = resample(x), resample(h)  [nearest x2 / 2x2 average pool]
-        h = conv1(h);  e = time_emb_proj(silu(temb))
-        default:      h = silu(norm2(h + e))
-        scale_shift:  h = silu(norm2(h) * (1 + scale) + shift),  (scale, shift) = e.chunk(2)
-        out = (shortcut(x) + conv2(dropout(h))) / output_scale_factor
-    """
-
-    def __init__(self, in_channels, out_channels, temb_channels, *, groups, eps, dropout=0.0,
-                 time_scale_shift="default", up=False, down=False, output_scale_factor=1.0):
-        super().__init__()
-        self.scale_shift = time_scale_shift == "scale_shift"
-        self.up, self.down, self.output_scale_factor = up, down, output_scale_factor
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps, activation="silu")
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, 2 * out_channels if self.scale_shift else out_channels)
-        self.norm2 = GroupNorm(groups, out_channels, eps=eps, activation="silu")
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-
-    def _resample(self, t):
-        if self.up:
-            return F.interpolate(t, scale_factor=2.0, mode="nearest")
-        if self.down:
-            return F.avg_pool2d(t, kernel_size=2, stride=2)
-        return t
-
-    def forward(self, x, temb):
-        h = self.norm1(x)
-        x, h = self._resample(x), self._resample(h)
-        h = self.conv1(h)
-        e = self.time_emb_proj(F.silu(temb))
-        if self.scale_shift:
-            scale, shift = e.chunk(2, dim=1)
-            h = self.norm2(h, scale=scale, shift=shift)
-        else:
-            h = self.norm2(h + e[:, :, None, None])
-        h = self.conv2(self.dropout(h))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return (x + h) / self.output_scale_factor
-
-
-class _Down(nn.Module):
-    """DownBlock2D (conv downsampler) or ResnetDownsampleBlock2D (a down-resampling resnet)."""
-
-    def __init__(self, kind, in_ch, out_ch, temb, layers, add_downsample, padding, **res):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb, **res)
-                                      for i in range(layers)])
-        self.resnet_resample = kind == "ResnetDownsampleBlock2D"
-        self.downsamplers = None
-        if add_downsample:
-            self.downsamplers = nn.ModuleList([ResnetBlock(out_ch, out_ch, temb, down=True, **res)
-                                               if self.resnet_resample else
-                                               Downsample2D(out_ch, out_ch, padding=padding)])
-
-    def forward(self, h, temb):
-        skips = []
-        for resnet in self.resnets:
-            h = resnet(h, temb)
-            skips.append(h)
-        if self.downsamplers is not None:
-            h = self.downsamplers[0](h, temb) if self.resnet_resample else self.downsamplers[0](h)
-            skips.append(h)
-        return h, skips
-
-
-class _Up(nn.Module):
-    """UpBlock2D (nearest x2 + conv) or ResnetUpsampleBlock2D (an up-resampling resnet)."""
-
-    def __init__(self, kind, in_ch, prev_ch, out_ch, temb, layers, add_upsample, **res):
-        super().__init__()
-
-        def resnet_in(i):
-            return (prev_ch if i == 0 else out_ch) + (in_ch if i == layers - 1 else out_ch)
-
-        self.resnets = nn.ModuleList([ResnetBlock(resnet_in(i), out_ch, temb, **res) for i in range(layers)])
-        self.resnet_resample = kind == "ResnetUpsampleBlock2D"
-        self.upsamplers = None
-        if add_upsample:
-            self.upsamplers = nn.ModuleList([ResnetBlock(out_ch, out_ch, temb, up=True, **res)
-                                             if self.resnet_resample else Upsample2D(out_ch, out_ch)])
-
-    def forward(self, h, skips, temb, upsample_size=None):
-        for resnet in self.resnets:
-            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
-        if self.upsamplers is not None:
-            h = self.upsamplers[0](h, temb) if self.resnet_resample else self.upsamplers[0](h, upsample_size)
-        return h
-
-
 class _Mid(nn.Module):
     """UNetMidBlock2D: resnet, (self-attention or nothing), resnet."""
 
     def __init__(self, ch, temb, *, add_attention, head_dim, attn_groups, output_scale_factor, **res):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, temb, output_scale_factor=output_scale_factor, **res)
+        self.resnets = nn.ModuleList([resnet(ch, ch, temb, output_scale_factor=output_scale_factor, **res)
                                       for _ in range(2)])
         self.attentions = nn.ModuleList([
-            SpatialSelfAttention(ch, head_dim, norm_num_groups=attn_groups, eps=res["eps"],
+            SpatialSelfAttention(ch, head_dim, norm_num_groups=attn_groups, eps=res["resnet_eps"],
                                  rescale_output_factor=output_scale_factor)]) if add_attention else None
 
     def forward(self, h, temb):
@@ -200,8 +106,9 @@ class UNet2DModel(ConfiguredModel):
             raise ValueError(f"{_NAME}: add_attention with resnet_time_scale_shift='scale_shift' (a mid "
                              "attention without GroupNorm) is not supported")
         temb = cfg.time_embedding_dim or ch[0] * 4
-        res = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout,
-                   time_scale_shift=cfg.resnet_time_scale_shift)
+        # diffusers' get_*_block argument names: the blocks are the UNet family's (diffkern.models.unet_blocks)
+        res = dict(resnet_eps=cfg.norm_eps, resnet_groups=cfg.norm_num_groups, dropout=cfg.dropout,
+                   resnet_time_scale_shift=cfg.resnet_time_scale_shift, resnet_act_fn=cfg.act_fn)
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
@@ -214,8 +121,9 @@ class UNet2DModel(ConfiguredModel):
             self.class_embedding = nn.Identity()
 
         self.down_blocks = nn.ModuleList([
-            _Down(kind, ch[max(i - 1, 0)], ch[i], temb, cfg.layers_per_block, i < levels - 1,
-                  cfg.downsample_padding, **res)
+            build_block("down", kind, num_layers=cfg.layers_per_block, in_channels=ch[max(i - 1, 0)],
+                        out_channels=ch[i], temb_channels=temb, add_downsample=i < levels - 1,
+                        downsample_padding=cfg.downsample_padding, **res)
             for i, kind in enumerate(cfg.down_block_types)])
         self.mid_block = None
         if cfg.mid_block_type is not None:
@@ -225,8 +133,9 @@ class UNet2DModel(ConfiguredModel):
                                   attn_groups=attn_groups, output_scale_factor=cfg.mid_block_scale_factor, **res)
         rev = ch[::-1]
         self.up_blocks = nn.ModuleList([
-            _Up(kind, rev[min(i + 1, levels - 1)], rev[max(i - 1, 0)], rev[i], temb, cfg.layers_per_block + 1,
-                i < levels - 1, **res)
+            build_block("up", kind, num_layers=cfg.layers_per_block + 1, in_channels=rev[min(i + 1, levels - 1)],
+                        prev_output_channel=rev[max(i - 1, 0)], out_channels=rev[i], temb_channels=temb,
+                        add_upsample=i < levels - 1, resolution_idx=i, **res)
             for i, kind in enumerate(cfg.up_block_types)])
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps, activation="silu")
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
@@ -273,7 +182,7 @@ class UNet2DModel(ConfiguredModel):
         if self.mid_block is not None:
             h = self.mid_block(h, emb)
         for i, block in enumerate(self.up_blocks):
-            level = skips[len(skips) - len(block.resnets):]
+            level = tuple(skips[len(skips) - len(block.resnets):])
             del skips[len(skips) - len(block.resnets):]
             size = skips[-1].shape[2:] if skips else None
             if size is not None and tuple(size) == (2 * h.shape[2], 2 * h.shape[3]):
