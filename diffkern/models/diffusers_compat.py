@@ -44,7 +44,7 @@ def from_diffusers(module):
     """
     cls = _our_class(module)
     if cls is None:
-        raise TypeError("from_diffusers: module must be a diffusers UNet2DConditionModel or AutoencoderKL, "
+        raise TypeError(f"from_diffusers: module must be a diffusers {', '.join(sorted(_CONVERTIBLE))}, "
                         f"got {type(module).__module__}.{type(module).__qualname__}")
     # Build without allocating (the meta device), then take copies of the diffusers tensors as
     # they are: no float32 detour for a half-precision checkpoint, no second copy on the host.
