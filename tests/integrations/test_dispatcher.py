@@ -76,3 +76,14 @@ def test_flux_transformer_under_the_context(count_attention):
     report = diffkern.patch(model)
     assert report.total == 0 and any("dispatcher" in why for _, _, why in report.left)
     assert any("AttentionBackendName" in n for n in report.notes) and "attention_backend()" in repr(report)
+
+
+def test_report_says_when_the_dispatcher_is_absent(monkeypatch):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    monkeypatch.setattr(dispatcher, "dispatcher_unavailable", lambda: "no attention_dispatch here (test)")
+    report = diffkern.patch(ResnetBlock2D(in_channels=4, out_channels=4, temb_channels=None, groups=2))
+    assert any("no attention_dispatch here (test)" in n for n in report.notes)
+    with pytest.raises(RuntimeError, match="no attention_dispatch here"):
+        with attention_backend():
+            pass

@@ -219,6 +219,12 @@ def patch(obj, *, attention: bool = True, norm: bool = True, scheduler: bool = T
         _patch_schedulers(obj, schedulers, report)
     if any("dispatcher" in why for _, _, why in report.left):
         report.notes.append(DISPATCHER_NOTE)
+    if attention:
+        from diffkern.integrations.diffusers.dispatcher import dispatcher_unavailable
+
+        absent = dispatcher_unavailable()
+        if absent:
+            report.notes.append(f"no diffkern route through diffusers' attention dispatcher: {absent}")
     return report
 
 
