@@ -4,27 +4,25 @@ overhead and call the kernels directly). Imported on first use under compile, ne
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-# the module, not the function of the same name that diffkern.ops exports
-gn = importlib.import_module("diffkern.ops.group_norm")
+from diffkern.ops import _group_norm_kernels as gk
 
 
 @torch.library.custom_op("diffkern::group_norm_fwd", mutates_args=())
 def group_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
                    shift: Optional[Tensor], num_groups: int, eps: float, silu: bool,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    y, mean, rstd = gn.FORWARD_KERNELS[backend](x, num_groups, weight, bias, scale, shift, eps, silu)
+    y, mean, rstd = gk.FORWARD_KERNELS[backend](x, num_groups, weight, bias, scale, shift, eps, silu)
     return y, mean, rstd
 
 
 @group_norm_fwd.register_fake
 def _(x, weight, bias, scale, shift, num_groups, eps, silu, backend):
-    dense = x.is_contiguous() or gn._is_channels_last_like(x)
+    dense = x.is_contiguous() or gk.is_channels_last_like(x)
     y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device) if dense else \
         torch.empty(x.shape, dtype=x.dtype, device=x.device)
     stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
@@ -39,7 +37,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dmean, drstd):
-    return gn._backward(ctx, dy)
+    return gk.backward(ctx, dy)
 
 
 group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)

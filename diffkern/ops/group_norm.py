@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from diffkern import _dispatch, _ext
+from diffkern import _dispatch
 from diffkern.ops import _backends
+from diffkern.ops import _group_norm_kernels as _kernels
+from diffkern.ops._group_norm_kernels import FORWARD_KERNELS  # noqa: F401  (tests hand them poisoned outputs)
 from diffkern.kernels import reference
 
 OP = "group_norm"
@@ -122,110 +124,6 @@ def _check(x, num_groups, weight, bias, eps, scale, shift, activation):
     return _Call(x, num_groups, weight, bias, float(eps), scale, shift, activation)
 
 
-# ---------------------------------------------------------------------------------------------
-# kernel backends: forward kernel + PyTorch backward from the saved (mean, rstd)
-
-def _is_channels_last_like(x):
-    N, C = x.shape[:2]
-    if x.stride(1) != 1 and C != 1:
-        return False
-    expected = C
-    for d in range(x.dim() - 1, 1, -1):
-        if x.shape[d] != 1 and x.stride(d) != expected:
-            return False
-        expected *= x.shape[d]
-    return N <= 1 or x.stride(0) == expected
-
-
-def _view_ncs(x):
-    N, C = x.shape[:2]
-    S = x.numel() // max(N * C, 1)
-    if x.is_contiguous():
-        return x.view(N, C, S)
-    return x.as_strided((N, C, S), (C * S, 1, C))
-
-
-def _dense(x):
-    return x if (x.is_contiguous() or _is_channels_last_like(x)) else x.contiguous()
-
-
-def _contig(t):
-    return None if t is None else t.contiguous()
-
-
-# Kernel entry points: (x, G, weight, bias, scale, shift, eps, silu, out=None) -> (y, mean, rstd).
-# `out`, when given, must have the strides of _dense(x); tests pass a NaN-poisoned one.
-
-def _run_triton(x, num_groups, weight, bias, scale, shift, eps, silu, out=None):
-    from diffkern.kernels.triton import group_norm as tgn
-
-    x = _dense(x)
-    y = out if out is not None else torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-    if y.stride() != x.stride() or y.shape != x.shape:
-        raise ValueError("group_norm: out must have the shape and strides of x")
-    c = _contig
-    mean, rstd = tgn.group_norm_forward(_view_ncs(x), num_groups, c(weight), c(bias), c(scale), c(shift),
-                                        eps, silu, _view_ncs(y))
-    return y, mean, rstd
-
-
-def _run_compiled(x, num_groups, weight, bias, scale, shift, eps, silu, out=None):
-    c = _contig
-    y, mean, rstd = _ext.extension().group_norm_forward(_dense(x), num_groups, c(weight), c(bias), c(scale),
-                                                        c(shift), eps, silu, out)
-    return y, mean, rstd
-
-
-def _expand_groups(t, xg):
-    """(N, G) -> (N, G, 1, ...) to broadcast against x viewed as (N, G, C/G, *spatial)."""
-    return t.reshape(t.shape + (1,) * (xg.dim() - 2))
-
-
-def _backward(ctx, dy):
-    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    G, silu = ctx.num_groups, ctx.silu
-    N, C = x.shape[:2]
-    f32 = torch.float32
-    xg = x.to(f32).reshape(N, G, C // G, *x.shape[2:])
-    xhat = ((xg - _expand_groups(mean, xg)) * _expand_groups(rstd, xg)).reshape(x.shape)
-    bshape = (1, C) + (1,) * (x.dim() - 2)
-    w = weight.to(f32).view(bshape) if weight is not None else None
-    u = xhat * w if w is not None else xhat
-    if bias is not None:
-        u = u + bias.to(f32).view(bshape)
-    dv = dy.to(f32)
-    if scale is not None:
-        s1 = 1 + scale.to(f32).view(N, C, *bshape[2:])
-        v = u * s1 + shift.to(f32).view(N, C, *bshape[2:])
-    else:
-        v = u
-    if silu:
-        sig = torch.sigmoid(v)
-        dv = dv * sig * (1 + v * (1 - sig))
-    red = tuple(range(2, x.dim()))
-    g_x = g_w = g_b = g_scale = g_shift = None
-    if scale is not None:
-        if ctx.needs_input_grad[3]:
-            g_scale = (dv * u).sum(red).to(scale.dtype) if red else (dv * u).to(scale.dtype)
-        if ctx.needs_input_grad[4]:
-            g_shift = (dv.sum(red) if red else dv).to(shift.dtype)
-        du = dv * s1
-    else:
-        du = dv
-    if weight is not None and ctx.needs_input_grad[1]:
-        g_w = (du * xhat).sum((0,) + red).to(weight.dtype)
-    if bias is not None and ctx.needs_input_grad[2]:
-        g_b = du.sum((0,) + red).to(bias.dtype)
-    if ctx.needs_input_grad[0]:
-        dxhat = du * w if w is not None else du
-        dg = dxhat.reshape(N, G, -1)
-        xh = xhat.reshape(N, G, -1)
-        m1 = dg.mean(-1, keepdim=True)
-        m2 = (dg * xh).mean(-1, keepdim=True)
-        g_x = (rstd.unsqueeze(-1) * (dg - m1 - xh * m2)).reshape(x.shape).to(x.dtype)
-    return g_x, g_w, g_b, g_scale, g_shift, None, None, None, None
-
-
 class _GroupNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, silu, kernel):
@@ -237,7 +135,7 @@ class _GroupNormFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        return _backward(ctx, dy)
+        return _kernels.backward(ctx, dy)
 
 
 def _kernel_runner(name):
@@ -294,6 +192,3 @@ _fam.register(_dispatch.Backend(
 # (benchmarks/results/); the Triton interpreter is for tests only and never picked automatically.
 # CUDA: see benchmarks/results/ for the measured order.
 _fam.priority = {"cpu": ["cpu", "reference"], "cuda": ["cuda", "triton", "reference"]}
-
-# forward kernels of the kernel backends, for tests that hand them a poisoned `out`
-FORWARD_KERNELS = {"cpu": _run_compiled, "cuda": _run_compiled, "triton": _run_triton}
