@@ -10,9 +10,22 @@ from __future__ import annotations
 
 import torch
 
-from tests.pipelines import SD_SCHEDULER_CONFIG, clip_tokenizer, tiny_clip, tiny_inpaint_unet, tiny_unet, tiny_vae
+from tests.pipelines import (
+    SD_SCHEDULER_CONFIG,
+    clip_tokenizer,
+    tiny_clip,
+    tiny_inpaint_unet,
+    tiny_unet,
+    tiny_vae,
+)
 
 _SD_EXTRA = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _sd_parts(tmp_path):
+    """VAE, CLIP text encoder and tokenizer of the SD pipelines, and no safety checker."""
+    return dict(vae=tiny_vae(), text_encoder=tiny_clip(), tokenizer=clip_tokenizer(tmp_path / "tok"),
+                **_SD_EXTRA)
 
 
 def _quiet(pipe):
@@ -28,24 +41,22 @@ def sd(tmp_path, v2=False):
         sched = DDIMScheduler.from_config({**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
     else:
         sched = PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)
-    return _quiet(StableDiffusionPipeline(unet=tiny_unet(v2=v2), vae=tiny_vae(), text_encoder=tiny_clip(),
-                                          tokenizer=clip_tokenizer(tmp_path / "tok"), scheduler=sched, **_SD_EXTRA))
+    return _quiet(StableDiffusionPipeline(unet=tiny_unet(v2=v2), scheduler=sched, **_sd_parts(tmp_path)))
 
 
 def sd_img2img(tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
     return _quiet(StableDiffusionImg2ImgPipeline(
-        unet=tiny_unet(), vae=tiny_vae(), text_encoder=tiny_clip(), tokenizer=clip_tokenizer(tmp_path / "tok"),
-        scheduler=DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), **_SD_EXTRA))
+        unet=tiny_unet(), scheduler=DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), **_sd_parts(tmp_path)))
 
 
 def sd_inpaint(tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
     return _quiet(StableDiffusionInpaintPipeline(
-        unet=tiny_inpaint_unet(), vae=tiny_vae(), text_encoder=tiny_clip(), tokenizer=clip_tokenizer(tmp_path / "tok"),
-        scheduler=DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), **_SD_EXTRA))
+        unet=tiny_inpaint_unet(), scheduler=DDIMScheduler.from_config(SD_SCHEDULER_CONFIG),
+        **_sd_parts(tmp_path)))
 
 
 def sd_controlnet(tmp_path):
@@ -53,12 +64,12 @@ def sd_controlnet(tmp_path):
 
     torch.manual_seed(1)
     controlnet = ControlNetModel(
-        block_out_channels=(8, 16), layers_per_block=1, in_channels=4, cross_attention_dim=32, norm_num_groups=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=2,
+        block_out_channels=(8, 16), layers_per_block=1, in_channels=4, cross_attention_dim=32,
+        norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=2,
         conditioning_embedding_out_channels=(4, 8)).eval()
     return _quiet(StableDiffusionControlNetPipeline(
-        unet=tiny_unet(), vae=tiny_vae(), text_encoder=tiny_clip(), tokenizer=clip_tokenizer(tmp_path / "tok"),
-        controlnet=controlnet, scheduler=DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), **_SD_EXTRA))
+        unet=tiny_unet(), controlnet=controlnet, scheduler=DDIMScheduler.from_config(SD_SCHEDULER_CONFIG),
+        **_sd_parts(tmp_path)))
 
 
 def sdxl(tmp_path):
@@ -68,21 +79,23 @@ def sdxl(tmp_path):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + the 32-wide pooled text embedding
         cross_attention_dim=64, norm_num_groups=4).eval()
     torch.manual_seed(1)
     cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
                          num_attention_heads=4, num_hidden_layers=2, vocab_size=128, projection_dim=32,
                          max_position_embeddings=77)
     text_encoder_2 = CLIPTextModelWithProjection(cfg).eval()
-    sched = EulerDiscreteScheduler.from_config({**SD_SCHEDULER_CONFIG, "_class_name": "EulerDiscreteScheduler",
-                                                "timestep_spacing": "leading"})
+    sched = EulerDiscreteScheduler.from_config(
+        {**SD_SCHEDULER_CONFIG, "_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading"})
     tok = clip_tokenizer(tmp_path / "tok")
     return _quiet(StableDiffusionXLPipeline(
-        vae=tiny_vae(), text_encoder=tiny_clip(), text_encoder_2=text_encoder_2, tokenizer=tok, tokenizer_2=tok,
-        unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True))
+        vae=tiny_vae(), text_encoder=tiny_clip(), text_encoder_2=text_encoder_2, tokenizer=tok,
+        tokenizer_2=tok, unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True))
 
 
 def _if_unet(in_channels, act_fn, sample_size, super_res=False):
@@ -96,8 +109,9 @@ def _if_unet(in_channels, act_fn, sample_size, super_res=False):
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        in_channels=in_channels, out_channels=6, cross_attention_dim=32, encoder_hid_dim=32, attention_head_dim=4,
-        addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
+        in_channels=in_channels, out_channels=6, cross_attention_dim=32, encoder_hid_dim=32,
+        attention_head_dim=4, addition_embed_type="text", addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm",
         resnet_time_scale_shift="scale_shift", act_fn=act_fn, **extra).eval()
 
 
@@ -106,14 +120,15 @@ def t5_embeds(batch=1, seq=7, seed=3):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+    t5 = T5EncoderModel(cfg).eval()
     with torch.no_grad():
         return t5(torch.randint(0, 64, (batch, seq))).last_hidden_state
 
 
 def _if_extra():
-    return dict(tokenizer=None, text_encoder=None, safety_checker=None, feature_extractor=None, watermarker=None,
-                requires_safety_checker=False)
+    return dict(tokenizer=None, text_encoder=None, safety_checker=None, feature_extractor=None,
+                watermarker=None, requires_safety_checker=False)
 
 
 def if_stage1(act_fn="gelu"):
@@ -164,8 +179,8 @@ def _unclip_parts(tmp_path):
             out_channels=3, down_block_types=("ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D"),
             up_block_types=("ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D")).eval())
     return dict(
-        decoder=decoder, text_encoder=text_encoder, tokenizer=clip_tokenizer(tmp_path / "tok"), text_proj=text_proj,
-        super_res_first=supers[0], super_res_last=supers[1],
+        decoder=decoder, text_encoder=text_encoder, tokenizer=clip_tokenizer(tmp_path / "tok"),
+        text_proj=text_proj, super_res_first=supers[0], super_res_last=supers[1],
         decoder_scheduler=UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
         super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
 
@@ -175,10 +190,11 @@ def unclip(tmp_path):
 
     parts = _unclip_parts(tmp_path)
     torch.manual_seed(9)
-    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=8, embedding_dim=32, num_layers=1).eval()
-    return _quiet(UnCLIPPipeline(prior=prior, prior_scheduler=UnCLIPScheduler(
-        variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000, clip_sample_range=5.0),
-        **parts))
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=8, embedding_dim=32,
+                             num_layers=1).eval()
+    prior_scheduler = UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
+                                      num_train_timesteps=1000, clip_sample_range=5.0)
+    return _quiet(UnCLIPPipeline(prior=prior, prior_scheduler=prior_scheduler, **parts))
 
 
 def unclip_image_variation(tmp_path):

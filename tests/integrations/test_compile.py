@@ -23,7 +23,7 @@ def test_patched_unet_compiles_fullgraph():
     with torch.no_grad():
         want = unet(x, t, text).sample
     report = diffkern.patch(unet)
-    assert report.replaced["attention"] and report.replaced["resnet_norm_silu"] and report.replaced["out_norm_silu"]
+    assert all(report.replaced[k] for k in ("attention", "resnet_norm_silu", "out_norm_silu")), report
     torch._dynamo.reset()
     compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
     with torch.no_grad():

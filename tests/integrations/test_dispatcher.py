@@ -9,7 +9,8 @@ pytest.importorskip("diffusers")
 import diffkern  # noqa: E402
 from diffkern.integrations.diffusers import attention_backend, diffkern_attention, dispatcher  # noqa: E402
 
-pytestmark = pytest.mark.skipif(bool(dispatcher.dispatcher_unavailable()), reason=dispatcher.dispatcher_unavailable())
+_ABSENT = dispatcher.dispatcher_unavailable()
+pytestmark = pytest.mark.skipif(bool(_ABSENT), reason=_ABSENT)
 
 
 @pytest.fixture

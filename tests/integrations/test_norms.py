@@ -17,7 +17,8 @@ TOL = 1e-5
 def _randomise(module):
     with torch.no_grad():
         for name, p in module.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if p.dim() == 1 and name.endswith("weight") else 0.3 * torch.randn_like(p))
+            scale_like = p.dim() == 1 and name.endswith("weight")
+            p.copy_(1 + 0.1 * torch.randn_like(p) if scale_like else 0.3 * torch.randn_like(p))
     return module.eval()
 
 
@@ -37,9 +38,12 @@ def count_group_norm(monkeypatch):
 
 BLOCKS = {
     "default_temb": dict(in_channels=8, out_channels=16, temb_channels=12, groups=4),
-    "scale_shift": dict(in_channels=16, out_channels=16, temb_channels=12, groups=4, time_embedding_norm="scale_shift"),
-    "skip_time_act_down": dict(in_channels=8, out_channels=8, temb_channels=12, groups=2, skip_time_act=True, down=True),
-    "no_temb_up": dict(in_channels=8, out_channels=8, temb_channels=None, groups=4, up=True, output_scale_factor=2.0),
+    "scale_shift": dict(in_channels=16, out_channels=16, temb_channels=12, groups=4,
+                        time_embedding_norm="scale_shift"),
+    "skip_time_act_down": dict(in_channels=8, out_channels=8, temb_channels=12, groups=2, skip_time_act=True,
+                               down=True),
+    "no_temb_up": dict(in_channels=8, out_channels=8, temb_channels=None, groups=4, up=True,
+                       output_scale_factor=2.0),
 }
 
 

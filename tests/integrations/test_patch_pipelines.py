@@ -21,8 +21,8 @@ def _image(shape, seed=11, signed=False):
 
 
 def _sd_kwargs(**extra):
-    base = dict(prompt="a photo of a cat", negative_prompt="a dog", num_inference_steps=2, height=32, width=32,
-                output_type="np")
+    base = dict(prompt="a photo of a cat", negative_prompt="a dog", num_inference_steps=2, height=32,
+                width=32, output_type="np")
     return {**base, **extra}
 
 
@@ -40,8 +40,10 @@ CASES = {
     "sdxl": (_tiny.sdxl, _sd_kwargs(), ("attention", "resnet_norm_silu", "out_norm_silu")),
     "controlnet": (_tiny.sd_controlnet, _sd_kwargs(image=_image((1, 3, 32, 32))),
                    ("attention", "resnet_norm_silu")),
-    "img2img": (_tiny.sd_img2img, _sd_kwargs(image=_image((1, 3, 32, 32)), strength=0.5, num_inference_steps=4,
-                                             height=None, width=None), ("attention", "resnet_norm_silu", "scheduler")),
+    "img2img": (_tiny.sd_img2img,
+                _sd_kwargs(image=_image((1, 3, 32, 32)), strength=0.5, num_inference_steps=4, height=None,
+                           width=None),
+                ("attention", "resnet_norm_silu", "scheduler")),
     "inpaint": (_tiny.sd_inpaint, _sd_kwargs(image=_image((1, 3, 32, 32)),
                                              mask_image=(_image((1, 1, 32, 32), seed=12) > 0.5).float()),
                 ("attention", "resnet_norm_silu", "out_norm_silu")),
@@ -116,7 +118,7 @@ def test_patch_options_select_kinds(tmp_path):
     report = diffkern.patch(pipe, attention=False, scheduler=False)
     assert report.replaced["attention"] == 0 and report.replaced["scheduler"] == 0
     assert report.replaced["resnet_norm_silu"] > 0
-    assert type(pipe.unet.attn_processors[next(iter(pipe.unet.attn_processors))]).__module__.startswith("diffusers")
+    assert all(type(p).__module__.startswith("diffusers") for p in pipe.unet.attn_processors.values())
 
 
 def test_report_names_what_was_left():
@@ -128,7 +130,8 @@ def test_report_names_what_was_left():
     assert "left" in repr(report) and "GELU" in repr(report)
 
 
-@pytest.mark.parametrize("obj", [torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.GroupNorm(1, 2), torch.nn.SiLU())])
+@pytest.mark.parametrize("obj", [torch.nn.Linear(2, 2),
+                                 torch.nn.Sequential(torch.nn.GroupNorm(1, 2), torch.nn.SiLU())])
 def test_patch_without_diffusers_modules_is_a_clear_error(obj):
     with pytest.raises(TypeError, match="diffusers"):
         diffkern.patch(obj)

@@ -94,7 +94,8 @@ def test_scale_qk_false_matches_classic_processor():
 
 def test_head_dim_512_runs_under_a_triton_context():
     """The Triton kernel takes head dims up to 256: the VAE's 512-wide head goes to SDPA instead."""
-    attn = _randomise(Attention(query_dim=512, heads=1, dim_head=512, norm_num_groups=32, residual_connection=True))
+    attn = _randomise(Attention(query_dim=512, heads=1, dim_head=512, norm_num_groups=32,
+                                residual_connection=True))
     x = torch.randn(1, 512, 2, 2)
     with torch.no_grad():
         want = attn(x)
@@ -106,8 +107,9 @@ def test_head_dim_512_runs_under_a_triton_context():
 
 def _added_kv(only_cross=False):
     return _randomise(Attention(query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=12, norm_num_groups=4,
-                                cross_attention_norm="group_norm", cross_attention_norm_num_groups=4, bias=True,
-                                upcast_softmax=True, only_cross_attention=only_cross, processor=AttnAddedKVProcessor2_0()))
+                                cross_attention_norm="group_norm", cross_attention_norm_num_groups=4,
+                                bias=True, upcast_softmax=True, only_cross_attention=only_cross,
+                                processor=AttnAddedKVProcessor2_0()))
 
 
 @pytest.mark.parametrize("masked", [False, True])
