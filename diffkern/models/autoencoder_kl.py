@@ -313,7 +313,8 @@ class AutoencoderKL(ConfiguredModel):
 
 
 def _blend(a, b, extent, dim):
-    """b's first `extent` rows (dim=2) / columns (dim=3) faded in from a's last ones (diffusers' blend_v / blend_h)."""
+    """b's first `extent` rows (dim=2) / columns (dim=3) faded in from a's last ones (diffusers'
+    blend_v / blend_h)."""
     extent = min(a.shape[dim], b.shape[dim], extent)
     if extent == 0:
         return b

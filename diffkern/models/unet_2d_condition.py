@@ -63,9 +63,9 @@ UNSUPPORTED = dict(
     act_fn=_ACTS, time_embedding_act_fn=(None,) + _ACTS, timestep_post_act=(None,) + _ACTS,
     encoder_hid_dim_type=(None, "text_proj"), dual_cross_attention=(False,),
     class_embed_type=(None, "timestep", "identity", "projection", "simple_projection"),
-    addition_embed_type=(None, "text", "text_image", "text_time"), resnet_time_scale_shift=("default", "scale_shift"),
-    time_embedding_type=("positional",), attention_type=("default",), cross_attention_norm=(None, "group_norm",
-                                                                                          "layer_norm"),
+    addition_embed_type=(None, "text", "text_image", "text_time"),
+    resnet_time_scale_shift=("default", "scale_shift"), time_embedding_type=("positional",),
+    attention_type=("default",), cross_attention_norm=(None, "group_norm", "layer_norm"),
 )
 
 
@@ -105,8 +105,9 @@ class UNet2DConditionModel(ConfiguredModel):
         if len(cfg.up_block_types) != levels or len(channels) != levels:
             raise ValueError(f"{_NAME}: down_block_types, up_block_types and block_out_channels must have "
                              f"the same length, got {levels}, {len(cfg.up_block_types)} and {len(channels)}")
+        mid_types = [] if cfg.mid_block_type is None else [cfg.mid_block_type]
         for key, kind, names in (("down_block_types", "down", cfg.down_block_types),
-                                 ("mid_block_type", "mid", [] if cfg.mid_block_type is None else [cfg.mid_block_type]),
+                                 ("mid_block_type", "mid", mid_types),
                                  ("up_block_types", "up", cfg.up_block_types)):
             known = block_types(kind)
             bad = [n for n in names if (n[7:] if n.startswith("UNetRes") else n) not in known]
@@ -117,7 +118,8 @@ class UNet2DConditionModel(ConfiguredModel):
                 raise ValueError(f"{_NAME}: {key} must be odd, got {cfg[key]}")
 
         # diffusers' naming quirk: without num_attention_heads, attention_head_dim counts heads.
-        heads = per_level(_NAME, "num_attention_heads", cfg.num_attention_heads or cfg.attention_head_dim, levels)
+        heads = per_level(_NAME, "num_attention_heads", cfg.num_attention_heads or cfg.attention_head_dim,
+                          levels)
         head_dim = per_level(_NAME, "attention_head_dim", cfg.attention_head_dim, levels)
         cross_dim = per_level(_NAME, "cross_attention_dim", cfg.cross_attention_dim, levels)
         layers = per_level(_NAME, "layers_per_block", cfg.layers_per_block, levels)
@@ -134,7 +136,8 @@ class UNet2DConditionModel(ConfiguredModel):
         else:
             up_depth = list(cfg.reverse_transformer_layers_per_block)
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], cfg.conv_in_kernel, padding=cfg.conv_in_kernel // 2)
+        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], cfg.conv_in_kernel,
+                                 padding=cfg.conv_in_kernel // 2)
         time_embed_dim = cfg.time_embedding_dim or channels[0] * 4
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, act_fn=cfg.act_fn,
                                                 post_act_fn=cfg.timestep_post_act,
@@ -149,9 +152,11 @@ class UNet2DConditionModel(ConfiguredModel):
         blocks_temb = time_embed_dim * 2 if cfg.class_embeddings_concat else time_embed_dim
         common = dict(temb_channels=blocks_temb, resnet_eps=cfg.norm_eps, resnet_act_fn=cfg.act_fn,
                       resnet_groups=cfg.norm_num_groups, use_linear_projection=cfg.use_linear_projection,
-                      upcast_attention=cfg.upcast_attention, resnet_time_scale_shift=cfg.resnet_time_scale_shift,
-                      resnet_skip_time_act=cfg.resnet_skip_time_act, cross_attention_norm=cfg.cross_attention_norm,
-                      dropout=cfg.dropout, dual_cross_attention=False, attention_type="default")
+                      upcast_attention=cfg.upcast_attention,
+                      resnet_time_scale_shift=cfg.resnet_time_scale_shift,
+                      resnet_skip_time_act=cfg.resnet_skip_time_act,
+                      cross_attention_norm=cfg.cross_attention_norm, dropout=cfg.dropout,
+                      dual_cross_attention=False, attention_type="default")
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
             self.down_blocks.append(build_block(
@@ -165,7 +170,8 @@ class UNet2DConditionModel(ConfiguredModel):
         self.mid_block = None
         if cfg.mid_block_type is not None:
             self.mid_block = build_block(
-                "mid", cfg.mid_block_type, in_channels=channels[-1], output_scale_factor=cfg.mid_block_scale_factor,
+                "mid", cfg.mid_block_type, in_channels=channels[-1],
+                output_scale_factor=cfg.mid_block_scale_factor,
                 transformer_layers_per_block=depth[-1], num_attention_heads=heads[-1],
                 cross_attention_dim=cross_dim[-1], mid_block_only_cross_attention=mid_only_cross,
                 attention_head_dim=head_dim[-1], **common)
@@ -177,8 +183,9 @@ class UNet2DConditionModel(ConfiguredModel):
             self.up_blocks.append(build_block(
                 "up", kind, num_layers=layers[j] + 1, transformer_layers_per_block=up_depth[i],
                 in_channels=rev[min(i + 1, levels - 1)], prev_output_channel=rev[max(i - 1, 0)],
-                out_channels=rev[i], add_upsample=i < levels - 1, resolution_idx=i, cross_attention_dim=cross_dim[j],
-                num_attention_heads=heads[j], only_cross_attention=only_cross[j],
+                out_channels=rev[i], add_upsample=i < levels - 1, resolution_idx=i,
+                cross_attention_dim=cross_dim[j], num_attention_heads=heads[j],
+                only_cross_attention=only_cross[j],
                 # diffusers indexes attention_head_dim by i here, not by the mirrored level.
                 attention_head_dim=head_dim[i] if head_dim[i] is not None else rev[i],
                 resnet_out_scale_factor=cfg.resnet_out_scale_factor, **common))
@@ -186,9 +193,11 @@ class UNet2DConditionModel(ConfiguredModel):
         self.conv_norm_out = self.conv_act = None
         if cfg.norm_num_groups is not None:
             fused = "silu" if cfg.act_fn.lower() in ("silu", "swish") else None
-            self.conv_norm_out = GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps, activation=fused)
+            self.conv_norm_out = GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps,
+                                           activation=fused)
             self.conv_act = nn.Identity() if fused else activation(cfg.act_fn)  # SiLU runs inside the norm
-        self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, cfg.conv_out_kernel, padding=cfg.conv_out_kernel // 2)
+        self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, cfg.conv_out_kernel,
+                                  padding=cfg.conv_out_kernel // 2)
 
     @staticmethod
     def _class_embedding(cfg, timestep_input_dim, time_embed_dim):
@@ -201,7 +210,8 @@ class UNet2DConditionModel(ConfiguredModel):
             return nn.Identity()
         if kind in ("projection", "simple_projection"):
             if cfg.projection_class_embeddings_input_dim is None:
-                raise ValueError(f"{_NAME}: class_embed_type={kind!r} needs projection_class_embeddings_input_dim")
+                raise ValueError(f"{_NAME}: class_embed_type={kind!r} needs "
+                                 "projection_class_embeddings_input_dim")
             if kind == "projection":
                 return TimestepEmbedding(cfg.projection_class_embeddings_input_dim, time_embed_dim)
             return nn.Linear(cfg.projection_class_embeddings_input_dim, time_embed_dim)
@@ -211,7 +221,9 @@ class UNet2DConditionModel(ConfiguredModel):
     def _add_embedding(cfg, time_embed_dim):
         kind = cfg.addition_embed_type
         if kind == "text":
-            width = cfg.encoder_hid_dim if cfg.encoder_hid_dim is not None else _int_or_none(cfg, "cross_attention_dim")
+            width = cfg.encoder_hid_dim
+            if width is None:
+                width = _int_or_none(cfg, "cross_attention_dim")
             return TextTimeEmbedding(width, time_embed_dim, num_heads=cfg.addition_embed_type_num_heads)
         if kind == "text_image":
             width = _int_or_none(cfg, "cross_attention_dim")
@@ -240,9 +252,11 @@ class UNet2DConditionModel(ConfiguredModel):
 
     def _sinusoid(self, t, dim):
         cfg = self.config
-        return timestep_embedding(t, dim, flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift)
+        return timestep_embedding(t, dim, flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                  downscale_freq_shift=cfg.freq_shift)
 
-    def _embedding(self, sample, timestep, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs):
+    def _embedding(self, sample, timestep, encoder_hidden_states, class_labels, timestep_cond,
+                   added_cond_kwargs):
         """The time embedding every resnet sees: time (+ class) (+ addition), then time_embed_act."""
         cfg = self.config
         t = self._sinusoid(self._timesteps(timestep, sample), cfg.block_out_channels[0]).to(sample.dtype)
@@ -329,15 +343,18 @@ class UNet2DConditionModel(ConfiguredModel):
         if self.encoder_hid_proj is not None:
             encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
         context = dict(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
-                       cross_attention_kwargs=cross_attention_kwargs, encoder_attention_mask=encoder_attention_mask)
+                       cross_attention_kwargs=cross_attention_kwargs,
+                       encoder_attention_mask=encoder_attention_mask)
 
-        is_controlnet = mid_block_additional_residual is not None and down_block_additional_residuals is not None
-        adapter = None if down_intrablock_additional_residuals is None else list(down_intrablock_additional_residuals)
-        if adapter is None and mid_block_additional_residual is None and down_block_additional_residuals is not None:
+        down_res, mid_res = down_block_additional_residuals, mid_block_additional_residual
+        is_controlnet = mid_res is not None and down_res is not None
+        adapter = down_intrablock_additional_residuals
+        adapter = None if adapter is None else list(adapter)  # popped below: the caller's list stays whole
+        if adapter is None and mid_res is None and down_res is not None:
             warnings.warn("T2I should not use down_block_additional_residuals: pass them as "
                           "down_intrablock_additional_residuals (diffusers' deprecation, removal in 1.3.0)",
                           FutureWarning, stacklevel=2)
-            adapter = list(down_block_additional_residuals)
+            adapter = list(down_res)
 
         h = self.conv_in(sample)
         skips = (h,)
@@ -352,14 +369,14 @@ class UNet2DConditionModel(ConfiguredModel):
                     block_skips = block_skips[:-1] + (h,)
             skips += block_skips
         if is_controlnet:
-            skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
+            skips = tuple(s + r for s, r in zip(skips, down_res))
 
         if self.mid_block is not None:
             h = self.mid_block(h, emb, **context)
             if adapter and h.shape == adapter[0].shape:  # T2I-Adapter-XL
                 h = h + adapter.pop(0)
         if is_controlnet:
-            h = h + mid_block_additional_residual
+            h = h + mid_res
 
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
@@ -383,6 +400,6 @@ def _check_cross_attention_kwargs(kwargs):
         warnings.warn("Passing `scale` via `cross_attention_kwargs` when not using the PEFT backend is "
                       "ineffective.", stacklevel=3)
     if kwargs:
-        warnings.warn(f"cross_attention_kwargs {list(kwargs)} are not expected by diffkern's attention and will "
-                      "be ignored.", stacklevel=3)
+        warnings.warn(f"cross_attention_kwargs {list(kwargs)} are not expected by diffkern's attention and "
+                      "will be ignored.", stacklevel=3)
     return None

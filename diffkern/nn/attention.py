@@ -103,12 +103,13 @@ class AddedKVAttention(nn.Module):
         added_kv_proj_dim: width of the text tokens (the UNet's cross_attention_dim).
         norm_num_groups: groups of `group_norm` (eps 1e-5, as diffusers builds it).
         only_cross_attention: no to_k / to_v: the pixels attend to the text only (IF stage II).
-        cross_attention_norm: None, "layer_norm" or "group_norm" (`norm_cross` on the text, 32 groups).
+        cross_attention_norm: None, "layer_norm" (query_dim wide, as diffusers builds it) or "group_norm"
+            (`norm_cross` on the text, added_kv_proj_dim channels in 32 groups).
 
     forward(x (B, C, H, W), context (B, T, added_kv_proj_dim) or None, attention_mask=None):
     attention_mask covers the text keys: a (B, 1, T) additive bias as diffusers' UNet hands it over
-    ((1 - mask) * -10000), or a (B, T) keep-mask converted the same way; the pixel keys are never masked. Without context the
-    feature map is its own "text", as in diffusers.
+    ((1 - mask) * -10000), or a (B, T) keep-mask converted the same way; the pixel keys are never
+    masked. Without context the feature map is its own "text", as in diffusers.
     """
 
     def __init__(self, query_dim, heads, dim_head, added_kv_proj_dim, *, norm_num_groups=32,
@@ -130,7 +131,9 @@ class AddedKVAttention(nn.Module):
         self.add_v_proj = nn.Linear(added_kv_proj_dim, inner)
         self.norm_cross = None
         if cross_attention_norm == "layer_norm":
-            self.norm_cross = nn.LayerNorm(added_kv_proj_dim)
+            # diffusers sizes it by the attention's cross_attention_dim, which these blocks set to the
+            # channels: it only applies when the text is as wide as the feature map.
+            self.norm_cross = nn.LayerNorm(query_dim)
         elif cross_attention_norm == "group_norm":
             self.norm_cross = GroupNorm(cross_attention_norm_num_groups, added_kv_proj_dim, eps=1e-5)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=True), nn.Dropout(dropout)])

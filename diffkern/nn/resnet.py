@@ -1,4 +1,5 @@
-"""Residual blocks, resamplers and timestep embeddings of the diffusers-layout UNets (SD, SDXL, IF, unCLIP) and the VAE.
+"""Residual blocks, resamplers and timestep embeddings of the diffusers-layout UNets (SD, SDXL, IF,
+unCLIP) and the VAE.
 
 Parameter names follow diffusers' (ResnetBlock2D, Downsample2D, Upsample2D, TimestepEmbedding), so
 their state dicts load as they are. Every GroupNorm that is followed by SiLU is one fused

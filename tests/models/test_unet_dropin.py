@@ -14,7 +14,8 @@ from ._helpers import max_diff, randomise  # noqa: E402
 
 TOL = 1e-4
 SD = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
           cross_attention_dim=16, attention_head_dim=2)
 
 
@@ -105,7 +106,8 @@ def test_class_labels_timestep_cond_and_concat_match_diffusers():
 def test_projection_class_embeddings_match_diffusers(kind):
     theirs, ours = _pair(class_embed_type=kind, projection_class_embeddings_input_dim=5, act_fn="mish")
     x, ctx = _inputs()
-    want, got = _both(theirs, ours, x, 3, ctx, class_labels=torch.randn(2, 5, generator=torch.Generator().manual_seed(6)))
+    labels = torch.randn(2, 5, generator=torch.Generator().manual_seed(6))
+    want, got = _both(theirs, ours, x, 3, ctx, class_labels=labels)
     assert max_diff(got, want) < TOL
 
 
@@ -150,9 +152,9 @@ def test_in_a_diffusers_controlnet_pipeline_gives_the_same_images(tmp_path):
     tok = clip_tokenizer(tmp_path / "tok")
     torch.manual_seed(0)
     controlnet = randomise(diffusers.ControlNetModel(
-        block_out_channels=(8, 16), layers_per_block=1, in_channels=4, down_block_types=("CrossAttnDownBlock2D",
-                                                                                          "DownBlock2D"),
-        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2, conditioning_embedding_out_channels=(8, 16)), 4)
+        block_out_channels=(8, 16), layers_per_block=1, in_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32, norm_num_groups=4,
+        attention_head_dim=2, conditioning_embedding_out_channels=(8, 16)), 4)
     pipe = diffusers.StableDiffusionControlNetPipeline(
         vae=tiny_vae(), text_encoder=tiny_clip(len(tok)), tokenizer=tok, unet=randomise(tiny_unet(), 1),
         controlnet=controlnet, scheduler=diffusers.DDIMScheduler.from_config(SD_SCHEDULER_CONFIG),
@@ -164,3 +166,20 @@ def test_in_a_diffusers_controlnet_pipeline_gives_the_same_images(tmp_path):
     pipe.unet, pipe.vae = from_diffusers(pipe.unet), from_diffusers(pipe.vae)
     got = pipe(**args, generator=torch.Generator().manual_seed(0)).images
     assert max_diff(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("over", [dict(mid_block_type="UNetMidBlock2D"), dict(mid_block_type=None),
+                                  dict(act_fn="gelu", resnet_time_scale_shift="scale_shift"),
+                                  dict(down_block_types=("SimpleCrossAttnDownBlock2D", "ResnetDownsampleBlock2D"),
+                                       up_block_types=("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D"),
+                                       mid_block_type="UNetMidBlock2DSimpleCrossAttn", attention_head_dim=8,
+                                       cross_attention_dim=32, cross_attention_norm="layer_norm",
+                                       block_out_channels=(32, 32),
+                                       mid_block_only_cross_attention=True)],
+                         ids=["mid-resnet", "no-mid", "gelu-scale-shift", "simple-layer-norm"])
+def test_other_block_layouts_match_diffusers(over):
+    theirs, ours = _pair(**over)
+    x, _ = _inputs()
+    ctx = torch.randn(2, 7, over.get("cross_attention_dim", 16), generator=torch.Generator().manual_seed(8))
+    want, got = _both(theirs, ours, x, 3, ctx)
+    assert max_diff(got, want) < TOL

@@ -41,7 +41,9 @@ def _inputs(batch=2):
     x = torch.randn(batch, 4, 16, 16, generator=g)
     ctx = torch.randn(batch, 7, 24, generator=g)
     added = {"text_embeds": torch.randn(batch, POOLED, generator=g),
-             "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0], [768.0, 512.0, 16.0, 8.0, 1024.0, 1024.0]])}
+             # (original size, crop top-left, target size) per sample, as SDXL pipelines build them
+             "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0],
+                                       [768.0, 512.0, 16.0, 8.0, 1024.0, 1024.0]])}
     return x, ctx, added
 
 
@@ -75,7 +77,8 @@ def test_depths_and_layout_are_diffusers():
     for name in CONFIGS:
         with torch.device("meta"):
             theirs, ours = diffusers.UNet2DConditionModel(**CONFIGS[name]), UNet2DConditionModel(**CONFIGS[name])
-        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+        assert ({k: v.shape for k, v in ours.state_dict().items()}
+                == {k: v.shape for k, v in theirs.state_dict().items()})
     ours = UNet2DConditionModel(**SDXL)
     assert [len(a.transformer_blocks) for a in ours.down_blocks[2].attentions] == [3]
     assert [len(a.transformer_blocks) for a in ours.up_blocks[0].attentions] == [3, 3]

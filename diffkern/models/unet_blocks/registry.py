@@ -61,5 +61,6 @@ def build_block(kind, name, **kwargs):
     # diffusers accepts "UNetRes" prefixed names (UNetResDownBlock2D) as the plain ones.
     plain = name[7:] if isinstance(name, str) and name.startswith("UNetRes") else name
     if plain not in _BLOCKS[kind]:
-        raise ValueError(f"{kind} block type {name!r} is not supported (supported: {', '.join(block_types(kind))})")
+        raise ValueError(f"{kind} block type {name!r} is not supported "
+                         f"(supported: {', '.join(block_types(kind))})")
     return _BLOCKS[kind][plain](**kwargs)
