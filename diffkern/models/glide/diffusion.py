@@ -169,9 +169,10 @@ class GaussianDiffusion:
         if isinstance(fixed_point_iterations, bool) or not isinstance(fixed_point_iterations, int) \
                 or fixed_point_iterations < 0:
             raise ValueError(f"fixed_point_iterations must be an int >= 0, got {fixed_point_iterations!r}")
-        steps = _GlideSteps(self, self.ddim_inverse_scheduler(clip_denoised), {}, model_fn=model_fn,
-                            guidance_scale=guidance_scale, fixed_point_iterations=fixed_point_iterations)
-        return denoise_loop(steps.model_fn, steps, x0, list(range(self.num_timesteps)),
+        steps = _GlideSteps(self, self.ddim_inverse_scheduler(clip_denoised), {}, list(range(self.num_timesteps)),
+                            model_fn=model_fn, guidance_scale=guidance_scale,
+                            fixed_point_iterations=fixed_point_iterations)
+        return denoise_loop(steps.model_fn, steps, x0, steps.timesteps,
                             guidance_scale=guidance_scale, progress=progress, callback=_index_callback(callback))
 
     # -- internals -----------------------------------------------------------------------------------
@@ -205,10 +206,10 @@ class GaussianDiffusion:
             kw = {"eta": eta, "use_clipped_model_output": True}  # OpenAI re-derives eps from the clamped x0
             # after condition_score OpenAI does not clamp again: that step runs unclamped
             unclamped = self.ddim_scheduler(False) if cond_fn is not None else None
-        steps = _GlideSteps(self, sched, kw, model_fn=model_fn, guidance_scale=guidance_scale, kind=kind,
-                            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-                            unclamped=unclamped)
-        return denoise_loop(steps.model_fn, steps, x, list(range(self.num_timesteps - 1, -1, -1)),
+        steps = _GlideSteps(self, sched, kw, list(range(self.num_timesteps - 1, -1, -1)), model_fn=model_fn,
+                            guidance_scale=guidance_scale, kind=kind, clip_denoised=clip_denoised,
+                            denoised_fn=denoised_fn, cond_fn=cond_fn, unclamped=unclamped)
+        return denoise_loop(steps.model_fn, steps, x, steps.timesteps,
                             guidance_scale=guidance_scale, generator=generator, progress=progress,
                             callback=_index_callback(callback))
 
@@ -253,9 +254,10 @@ class _GlideSteps:
     channel check, cond_fn's gradient (DDPM: mean shift after the step; DDIM: score shift, unclamped),
     denoised_fn, and for DDIM inversion the fixed-point re-evaluations of the model."""
 
-    def __init__(self, diffusion, sched, step_kw, *, model_fn, guidance_scale, kind="ddim", clip_denoised=False,
+    def __init__(self, diffusion, sched, step_kw, timesteps, *, model_fn, guidance_scale, kind="ddim", clip_denoised=False,
                  denoised_fn=None, cond_fn=None, unclamped=None, fixed_point_iterations=0):
         self.diffusion, self.sched, self.step_kw, self.kind = diffusion, sched, step_kw, kind
+        self.timesteps = timesteps  # the diffusion indices, in the order the loop runs them
         self.user_model_fn, self.guidance_scale = model_fn, guidance_scale
         self.clip_denoised, self.denoised_fn, self.cond_fn, self.unclamped = clip_denoised, denoised_fn, cond_fn, \
             unclamped
