@@ -56,7 +56,12 @@ class PatchReport:
             lines.append(f"  already patched: {counts(self.already)}")
         if self.left:
             lines.append(f"  left ({len(self.left)}):")
-            lines += [f"    {kind} {where}: {why}" for kind, where, why in self.left]
+            groups = {}  # one line per (kind, reason): a real pipeline repeats a reason hundreds of times
+            for kind, where, why in self.left:
+                groups.setdefault((kind, why), []).append(where)
+            for (kind, why), places in groups.items():
+                shown = ", ".join(places[:3]) + (f", ... ({len(places) - 3} more)" if len(places) > 3 else "")
+                lines.append(f"    {kind} x{len(places)}: {why} [{shown}]")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines) + ")"
 
