@@ -266,6 +266,11 @@ class UNet2DConditionModel(ConfiguredModel):
                 raise ValueError(f"{_NAME}: class_labels must be given (class_embed_type="
                                  f"{cfg.class_embed_type!r}, num_class_embeds={cfg.num_class_embeds})")
             if cfg.class_embed_type == "timestep":
+                if not isinstance(class_labels, torch.Tensor) or class_labels.dim() != 1:
+                    got = (tuple(class_labels.shape) if isinstance(class_labels, torch.Tensor)
+                           else type(class_labels).__name__)
+                    raise ValueError(f"{_NAME}: class_labels must be a (B,) tensor of noise levels "
+                                     f"(class_embed_type='timestep'), got {got}")
                 class_labels = self._sinusoid(class_labels, cfg.block_out_channels[0]).to(sample.dtype)
             class_emb = self.class_embedding(class_labels).to(sample.dtype)
             emb = torch.cat([emb, class_emb], dim=-1) if cfg.class_embeddings_concat else emb + class_emb

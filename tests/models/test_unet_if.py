@@ -112,6 +112,8 @@ def test_class_labels_required():
     x, ctx = _inputs(CONFIGS["if-ii"])
     with pytest.raises(ValueError, match="class_labels"):
         ours(x, 10, ctx)
+    with pytest.raises(ValueError, match="class_labels must be a"):
+        ours(x, 10, ctx, class_labels=torch.tensor([[250], [20]]))
 
 
 def test_state_dict_is_diffusers_exactly():
@@ -171,3 +173,17 @@ def test_in_a_diffusers_if_pipeline_gives_the_same_images():
     pipe.unet = from_diffusers(pipe.unet)
     got = pipe(**args, generator=torch.Generator().manual_seed(0)).images
     assert max_diff(got, want) < 1e-4
+
+
+def test_bfloat16_error_is_no_worse_than_diffusers():
+    """In bfloat16, the error against our float32 output is at most 2x diffusers' own bfloat16 error."""
+    theirs, ours = _pair("if-ii")
+    x, ctx = _inputs(CONFIGS["if-ii"])
+    labels = torch.tensor([250, 20])
+    with torch.no_grad():
+        ref = ours(x, 10, ctx, class_labels=labels).sample
+        theirs, ours = theirs.to(torch.bfloat16), ours.to(torch.bfloat16)
+        want = theirs(x.bfloat16(), 10, ctx.bfloat16(), class_labels=labels).sample
+        got = ours(x.bfloat16(), 10, ctx.bfloat16(), class_labels=labels).sample
+    assert got.dtype == torch.bfloat16
+    assert max_diff(got, ref) <= 2 * max_diff(want, ref) + 1e-3
