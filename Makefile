@@ -23,7 +23,7 @@ setup: $(VENV)/.built
 $(VENV)/.deps:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "setuptools>=64" wheel ninja pybind11 numpy pytest pytest-benchmark "triton>=3.0" tqdm
+	$(PY) -m pip install -q "setuptools>=64" wheel ninja pybind11 numpy pytest pytest-benchmark "triton>=3.0" tqdm matplotlib
 	# transformers: the frozen CLIP text encoders and tokenizers of SD/LDM (it does not pull torch)
 	$(PY) -m pip install -q transformers safetensors Pillow
 	# diffusers is the models' and schedulers' test oracle; --no-deps keeps it from touching torch

@@ -2,20 +2,26 @@
 
     python -m diffkern.bench                    # every op on the GPU if there is one, else the CPU
     python -m diffkern.bench --device cpu --quick --no-compile --out /tmp/bench
+    python -m diffkern.bench --ops end_to_end      # whole pipelines per family: s/image, it/s, peak memory
+
+Beside each suite's JSON and markdown: a CSV and plots (diffkern.bench.report; matplotlib optional).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 
 import torch
 
-from diffkern.bench import attention, dynamic_threshold, group_norm, guided_step, harness, models
+from diffkern.bench import attention, dynamic_threshold, end_to_end, group_norm, guided_step, harness, models, report
 
 SUITES = {"group_norm": group_norm, "attention": attention, "dynamic_threshold": dynamic_threshold,
           "guided_step": guided_step, "models": models}
+SUITES["schedulers"] = importlib.import_module("diffkern.bench.schedulers")  # each sampler's step vs diffusers'
+SUITES["end_to_end"] = end_to_end  # whole pipelines per family: s/image, it/s, peak memory (report.end_to_end_table)
 
 
 def main(argv=None):
@@ -42,13 +48,17 @@ def main(argv=None):
     copy_gbps = harness.copy_bandwidth(device)
     env["copy_bandwidth_gbps"] = round(copy_gbps, 1)
     print(f"device-to-device copy bandwidth (read + write): {copy_gbps:.1f} GB/s")
+    matmul = harness.matmul_tflops(device) if device.type == "cuda" else None
+    if matmul is not None:
+        env["matmul_tflops_fp16"] = round(matmul, 1)
+        print(f"fp16 matmul rate: {matmul:.1f} TFLOP/s")
 
     failed = []
     for op in args.ops:
         suite = SUITES[op]
         print(f"\n== {op}")
         kw = dict(quick=args.quick, compile_reference=not args.no_compile)
-        if op == "models":
+        if op in ("models", "end_to_end"):
             # compiling a whole UNet takes minutes on a small CPU: there only with --full-size
             kw.update(full_size=args.full_size,
                       compile_reference=kw["compile_reference"] and (device.type == "cuda" or args.full_size))
@@ -57,8 +67,11 @@ def main(argv=None):
         notes = [f"Copy bandwidth (read + write) measured in the same run: {copy_gbps:.1f} GB/s.", ""]
         notes += [f"- target {'met' if ok else 'MISSED'}: {text}" for text, ok in checks]
         tag = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
-        json_path, md_path = harness.write_results(rows, env, args.out, f"{op}-{tag}{'-quick' if args.quick else ''}",
-                                                   notes)
+        stem = f"{op}-{tag}{'-quick' if args.quick else ''}"
+        if op == "end_to_end":
+            notes += ["", report.end_to_end_table(rows)]
+        _, report_md = report.write_reports(rows, args.out, stem, device.type, copy_gbps, matmul)
+        json_path, md_path = harness.write_results(rows, env, args.out, stem, notes + [""] + report_md)
         print(harness.format_table(rows))
         for text, ok in checks:
             print(f"target {'met' if ok else 'MISSED'}: {text}")

@@ -82,6 +82,14 @@ def copy_bandwidth(device, nbytes=None):
     return 2 * nbytes / t / 1e9
 
 
+def matmul_tflops(device, n=8192, dtype=torch.float16):
+    """Measured dense matmul rate (2 n^3 FLOP per n x n product) in TFLOP/s: the roof for attention rows."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device)
+    return 2 * n ** 3 / t / 1e12
+
+
 @dataclass
 class Row:
     op: str

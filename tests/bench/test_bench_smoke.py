@@ -5,12 +5,12 @@ import json
 import torch
 
 from diffkern.bench import __main__ as bench
-from diffkern.bench import group_norm, harness, models
+from diffkern.bench import end_to_end, group_norm, harness, models, report
 
 
 def test_bench_quick_run_writes_results(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(harness, "time_cpu", lambda fn, min_run_time=0.5: (fn(), 1e-3)[1])  # smoke: no timing
-    kernel_suites = [op for op in bench.SUITES if op != "models"]  # models: see the test below
+    kernel_suites = [op for op in bench.SUITES if op not in ("models", "end_to_end")]  # see the tests below
     assert bench.main(["--device", "cpu", "--quick", "--no-compile", "--out", str(tmp_path),
                        "--ops", *kernel_suites]) == 0
     out = capsys.readouterr().out
@@ -64,3 +64,62 @@ def test_models_suite_runs_on_tiny_configs(tmp_path, capsys, monkeypatch):
                      "glide-upsample-step"}
     for case in cases - {"glide-base-step", "glide-upsample-step"}:
         assert {"reference", "diffkern", "diffusers"} <= {r["backend"] for r in rows if r["case"].startswith(case)}
+
+    assert list(tmp_path.glob("models-*.csv"))
+
+
+TINY_GLIDE = dict(num_channels=32, num_res_blocks=1, num_head_channels=16,
+                  attention_resolutions="8", text_ctx=8, xf_width=32, xf_layers=1, xf_heads=2)
+
+
+def test_end_to_end_suite_writes_the_family_table_csv_and_plot(tmp_path, capsys, monkeypatch):
+    """Whole pipelines on tiny configs: one row per family and backend with s/image, it/s and memory."""
+    monkeypatch.setattr(models, "SD15_UNET", TINY_UNET)
+    monkeypatch.setattr(models, "SD_VAE", TINY_VAE)
+    from diffkern.models import glide
+
+    monkeypatch.setattr(glide, "model_and_diffusion_defaults",
+                        lambda: dict(glide.model_creation.model_and_diffusion_defaults(), **TINY_GLIDE,
+                                     channel_mult="1,2,2"))  # the suite's CPU sizes: base 32, upsampler 64
+    monkeypatch.setattr(glide, "model_and_diffusion_defaults_upsampler",
+                        lambda: dict(glide.model_creation.model_and_diffusion_defaults_upsampler(), **TINY_GLIDE,
+                                     channel_mult="1,1,2,2"))
+    assert bench.main(["--device", "cpu", "--no-compile", "--out", str(tmp_path), "--ops", "end_to_end"]) == 0
+    (json_file,) = tmp_path.glob("end_to_end-*.json")
+    rows = json.loads(json_file.read_text())["rows"]
+    assert {(r["extra"]["family"], r["backend"]) for r in rows} == {
+        ("sd15", "reference"), ("sd15", "diffkern"), ("sd15", "diffusers"), ("glide", "reference"),
+        ("glide", "diffkern")}
+    for r in rows:
+        e = r["extra"]
+        assert e["s_per_image"] > 0 and e["denoise_it_s"] > 0 and e["peak_mib"] > 0
+        assert abs(r["median_us"] - 1e6 * e["s_per_image"]) < 1e-6 * r["median_us"]
+    md = next(tmp_path.glob("end_to_end-*.md")).read_text()
+    assert "| family | size | steps | backend | s / image | denoising it/s | peak memory |" in md
+    assert "| sd15 | 64x64 | 3 | diffusers |" in md and "| glide | 32->64 | 3+2 | diffkern |" in md
+    csv_text = next(tmp_path.glob("end_to_end-*.csv")).read_text().splitlines()
+    assert csv_text[0].startswith("op,case,") and "extra.s_per_image" in csv_text[0] and len(csv_text) == 6
+    if report.plots_unavailable() is None:
+        (png,) = tmp_path.glob("end_to_end-*-speedup.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.name})" in md
+
+
+def test_report_plots_speedups_and_roofline_from_rows(tmp_path):
+    rows = [harness.Row("op", "c1", (1,), "float16", "contiguous", b, 10.0, gb, s, None, "", ex)
+            for b, gb, s, ex in [("reference", 100.0, 1.0, {}), ("cuda", 400.0, 4.0, {}),
+                                 ("triton", None, 2.0, {"tflops": 300.0})]]
+    paths, md = report.write_reports(rows, tmp_path, "op-x", "cuda", copy_gbps=800.0, matmul_tflops=600.0)
+    assert [p.name for p in paths] == (["op-x.csv"] if report.plots_unavailable() else
+                                       ["op-x.csv", "op-x-speedup.png", "op-x-roofline.png"])
+    assert md[0] == "CSV: [op-x.csv](op-x.csv)"
+    lines = (tmp_path / "op-x.csv").read_text().splitlines()
+    assert len(lines) == 4 and lines[3].endswith(",300.0")
+
+
+def test_matplotlib_stays_out_of_the_import():
+    import subprocess
+    import sys
+
+    code = "import sys, diffkern.bench.__main__, diffkern.bench.report; print('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip() \
+        == "False"

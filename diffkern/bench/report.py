@@ -1,0 +1,155 @@
+"""What `diffkern bench` writes beside each suite's JSON and markdown: CSV, plots and the end-to-end table.
+
+- CSV (`<stem>.csv`): one line per row, the JSON's fields flattened (extra.* columns).
+- `<stem>-speedup.png`: speed-up over the reference per case (groups) and backend (bars), log scale.
+- on a GPU, `<stem>-roofline.png`: each row's GB/s as % of the copy bandwidth measured in the same run,
+  or its TFLOP/s as % of the measured fp16 matmul rate.
+- `end_to_end_table(rows)`: per family the numbers users read (s/image, denoising it/s, peak memory).
+
+matplotlib is optional: it is imported only when a plot is drawn (with the Agg backend, no display);
+without it the plots are skipped and `plots_unavailable()` says why, the rest is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+
+def write_csv(rows, path):
+    """rows (harness.Row) -> CSV with one column per field, extra.* flattened; returns the path."""
+    dicts = [asdict(r) for r in rows]
+    extra_keys = sorted({k for d in dicts for k in (d.get("extra") or {})})
+    fields = [k for k in (dicts[0] if dicts else {}) if k != "extra"] + [f"extra.{k}" for k in extra_keys]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(fields)
+        for d in dicts:
+            extra = d.pop("extra", None) or {}
+            w.writerow([_cell(d.get(k)) for k in fields if not k.startswith("extra.")] +
+                       [_cell(extra.get(k)) for k in extra_keys])
+    return Path(path)
+
+
+def _cell(v):
+    if isinstance(v, (tuple, list)):
+        return "x".join(str(x) for x in v)
+    if isinstance(v, float) and math.isnan(v):
+        return ""
+    return "" if v is None else v
+
+
+def plots_unavailable():
+    """None when matplotlib imports, else the reason (plots are then skipped)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        return f"matplotlib not installed ({e}); pip install matplotlib for the plots"
+    return None
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # files only: no display needed (CI, GPU boxes)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grouped_bars(groups, title, ylabel, path, log=False, line=None):
+    """groups: {case: {backend: value}} -> a grouped bar chart at path."""
+    plt = _pyplot()
+    backends = sorted({b for g in groups.values() for b in g})
+    cases = list(groups)
+    width = 0.8 / max(len(backends), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cases) + 2), 4.5))
+    for k, b in enumerate(backends):
+        xs = [i + (k - (len(backends) - 1) / 2) * width for i in range(len(cases))]
+        ys = [groups[c].get(b, float("nan")) for c in cases]
+        ax.bar(xs, ys, width, label=b)
+    if line is not None:
+        ax.axhline(line, color="black", linewidth=0.8)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _case_label(r):
+    return f"{r.case} {r.dtype} {r.layout}".strip()
+
+
+def plot_speedups(rows, path, title):
+    """Speed-up over the reference (log scale; 1 = the reference) per case and backend; None when
+    there is nothing to plot or no matplotlib."""
+    groups = {}
+    for r in rows:
+        if r.backend != "reference" and r.speedup_vs_reference and r.speedup_vs_reference == r.speedup_vs_reference:
+            groups.setdefault(_case_label(r), {})[r.backend] = r.speedup_vs_reference
+    if not groups or plots_unavailable():
+        return None
+    return _grouped_bars(groups, title, "speed-up over the reference (x)", path, log=True, line=1.0)
+
+
+def plot_roofline(rows, path, title, copy_gbps, matmul_tflops):
+    """% of the measured copy bandwidth (rows with GB/s) or matmul rate (rows with TFLOP/s)."""
+    groups = {}
+    for r in rows:
+        tf = (r.extra or {}).get("tflops")
+        if r.gbps and copy_gbps:
+            value = 100 * r.gbps / copy_gbps
+        elif tf and matmul_tflops:
+            value = 100 * tf / matmul_tflops
+        else:
+            continue
+        groups.setdefault(_case_label(r), {})[r.backend] = value
+    if not groups or plots_unavailable():
+        return None
+    ref = f"copy {copy_gbps:.0f} GB/s" + (f", fp16 matmul {matmul_tflops:.0f} TFLOP/s" if matmul_tflops else "")
+    return _grouped_bars(groups, f"{title} ({ref})", "% of measured peak", path)
+
+
+def write_reports(rows, out_dir, stem, device_type, copy_gbps=None, matmul_tflops=None):
+    """CSV + plots for one suite; returns (paths, markdown lines linking them)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [write_csv(rows, out_dir / f"{stem}.csv")]
+    md = [f"CSV: [{stem}.csv]({stem}.csv)"]
+    plots = [plot_speedups(rows, out_dir / f"{stem}-speedup.png", f"{stem}: speed-up over the reference")]
+    if device_type == "cuda":
+        plots.append(plot_roofline(rows, out_dir / f"{stem}-roofline.png", stem, copy_gbps, matmul_tflops))
+    why = plots_unavailable()
+    if why:
+        md.append(f"(plots skipped: {why})")
+    for p in plots:
+        if p is not None:
+            paths.append(p)
+            md += ["", f"![{p.stem}]({p.name})"]
+    return paths, md
+
+
+def end_to_end_table(rows):
+    """Markdown: per family, size, steps and backend, s/image, denoising it/s and peak memory (rows of
+    the end_to_end suite, whose `extra` holds these numbers)."""
+    head = "| family | size | steps | backend | s / image | denoising it/s | peak memory | x reference |"
+    out = [head, "|" + "---|" * 8]
+    for r in rows:
+        e = r.extra or {}
+        if "s_per_image" not in e:
+            continue
+        peak = e.get("peak_mib")
+        peak_s = "" if peak is None else f"{peak:.0f} MiB" + (" (RSS high-water)" if e.get("peak_is_rss") else "")
+        ref = "" if r.speedup_vs_reference is None else f"{r.speedup_vs_reference:.2f}"
+        out.append(f"| {e.get('family', r.case)} | {e.get('size', '')} | {e.get('steps', '')} | {r.backend} | "
+                   f"{e['s_per_image']:.3f} | {e.get('denoise_it_s', float('nan')):.2f} | {peak_s} | {ref} |")
+    return "\n".join(out)
