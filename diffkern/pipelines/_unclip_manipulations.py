@@ -193,7 +193,8 @@ class UnCLIPManipulations:
         xa, xb = self.decoder_image(image_a), self.decoder_image(image_b)
         if xa.shape[0] != 1 or xb.shape[0] != 1:
             raise ValueError("image_a, image_b: one image each")
-        za, zb = self.image_embeddings(self._clip_input(image_a, xa)), self.image_embeddings(self._clip_input(image_b, xb))
+        za = self.image_embeddings(self._clip_input(image_a, xa))
+        zb = self.image_embeddings(self._clip_input(image_b, xb))
         xta = self.invert(xa, za)
         xtb = self.invert(xb, zb) if slerp_noise else None
         zs = torch.cat([interpolate_embeddings(za, zb, t) for t in thetas])

@@ -56,7 +56,8 @@ def test_given_latents_and_text_model_output(parts):
     g = _gen(3)
     lat = dict(prior_latents=torch.randn(1, 32, generator=g), decoder_latents=torch.randn(1, 3, 16, 16, generator=g),
                super_res_latents=torch.randn(1, 3, 32, 32, generator=g))
-    kw = dict(text_model_output=(out.text_embeds, out.last_hidden_state), text_attention_mask=tok.attention_mask.bool(),
+    kw = dict(text_model_output=(out.text_embeds, out.last_hidden_state),
+              text_attention_mask=tok.attention_mask.bool(),
               output_type="np", **STEPS, **lat)
     want = ref(generator=_gen(), **kw).images
     got = ours(generator=_gen(), **kw)

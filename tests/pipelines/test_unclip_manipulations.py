@@ -53,8 +53,9 @@ def variation_pipe(tmp_path_factory):
     c = diffusers_components(tmp_path_factory.mktemp("manip"))
     decoder = diffkern_decoder_or_none(c["decoder"]) or c["decoder"]
     return UnCLIPImageVariationPipeline(
-        decoder=decoder, text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], text_proj=from_diffusers(c["text_proj"]),
-        feature_extractor=feature_extractor(), image_encoder=clip_vision(), super_res_first=from_diffusers(c["super_res_first"]),
+        decoder=decoder, text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+        text_proj=from_diffusers(c["text_proj"]), feature_extractor=feature_extractor(), image_encoder=clip_vision(),
+        super_res_first=from_diffusers(c["super_res_first"]),
         super_res_last=from_diffusers(c["super_res_last"]), decoder_scheduler=c["decoder_scheduler"],
         super_res_scheduler=c["super_res_scheduler"])
 
@@ -78,7 +79,8 @@ def _stub_manip(variation_pipe, steps, guidance, iterations=0):
     pipe.decoder = LinearDecoder()
     pipe.text_encoder = copy.deepcopy(variation_pipe.text_encoder).double()
     pipe.text_proj = copy.deepcopy(variation_pipe.text_proj).double()
-    m = UnCLIPManipulations(pipe, num_inference_steps=steps, guidance_scale=guidance, fixed_point_iterations=iterations)
+    m = UnCLIPManipulations(pipe, num_inference_steps=steps, guidance_scale=guidance,
+                            fixed_point_iterations=iterations)
     # the stub's eps offsets, cond and uncond, exactly as the decoder sees them
     z = torch.randn(2, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     fn = m._model_fn(z)
