@@ -75,11 +75,33 @@ def _swappable(pipe):
             and diffkern_scheduler_class(type(getattr(pipe, n)).__name__)]
 
 
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the diffkern op calls the patched modules make: {"attention": n, "group_norm": n}."""
+    from diffkern.integrations.diffusers import norms, processors
+
+    calls = {"attention": 0, "group_norm": 0}
+
+    def counting(module, name):
+        real = getattr(module.ops, name)
+
+        def spy(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module.ops, name, spy)
+
+    counting(processors, "attention")
+    counting(norms, "group_norm")
+    return calls
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_patched_pipeline_same_images(name, tmp_path):
+def test_patched_pipeline_same_images(name, tmp_path, op_calls):
     build, kwargs, kinds = CASES[name]
     pipe = build(tmp_path)
     expected = _images(pipe, kwargs)
+    assert op_calls == {"attention": 0, "group_norm": 0}
     swappable = _swappable(pipe)
     report = diffkern.patch(pipe)
     for kind in kinds:
@@ -87,6 +109,9 @@ def test_patched_pipeline_same_images(name, tmp_path):
     # every scheduler diffkern has a class of the same name for is swapped (none is left for its config)
     assert report.replaced["scheduler"] == len(swappable), report
     got = _images(pipe, kwargs)
+    # the fast paths ran: diffkern's attention and fused group_norm ops, not diffusers' modules
+    assert op_calls["attention"] > 0
+    assert (op_calls["group_norm"] > 0) == any("norm_silu" in k for k in kinds)
     assert got.shape == expected.shape
     assert np.isfinite(got).all()
     err = np.abs(got - expected).max()
