@@ -1,5 +1,6 @@
 """The extra embeddings of the diffusers UNet: text pooling into the time embedding (DeepFloyd IF,
-`addition_embed_type="text"`), text+image (Kandinsky 2.1 style, "text_image"), on diffkern ops.
+`addition_embed_type="text"`), text+image (Kandinsky 2.1 style, "text_image"), on diffkern ops, and
+the builders that pick the class / addition embedding for a UNet config.
 
 Parameter names follow diffusers' (diffusers.models.embeddings), so state dicts load as they are.
 The SDXL "text_time" embedding is a plain TimestepEmbedding (diffkern.nn.resnet) on
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from diffkern import ops
+from diffkern.nn.resnet import TimestepEmbedding
 
 
 class AttentionPooling(nn.Module):
@@ -75,3 +77,53 @@ class TextImageTimeEmbedding(nn.Module):
 
     def forward(self, text_embeds, image_embeds):
         return self.image_proj(image_embeds) + self.text_norm(self.text_proj(text_embeds))
+
+
+def one_width(model_name, cfg, key):
+    """cfg[key] where these embeddings need a single width (a per-level list is an error naming it)."""
+    if isinstance(cfg[key], (list, tuple)):
+        raise ValueError(f"{model_name}: {key} must be one int with these options, got {list(cfg[key])}")
+    return cfg[key]
+
+
+def class_embedding(model_name, cfg, timestep_input_dim, time_embed_dim):
+    """The UNet's `class_embedding` for its config (diffusers' _set_class_embedding), or None.
+
+    num_class_embeds: an nn.Embedding of labels; "timestep": an MLP on the labels' sinusoids (IF-II's
+    noise level); "identity": the labels are embeddings already (unCLIP's image embedding);
+    "projection" / "simple_projection": an MLP / a Linear from projection_class_embeddings_input_dim.
+    """
+    kind = cfg.class_embed_type
+    if kind is None and cfg.num_class_embeds is not None:
+        return nn.Embedding(cfg.num_class_embeds, time_embed_dim)
+    if kind == "timestep":
+        return TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=cfg.act_fn)
+    if kind == "identity":
+        return nn.Identity()
+    if kind in ("projection", "simple_projection"):
+        width = cfg.projection_class_embeddings_input_dim
+        if width is None:
+            raise ValueError(f"{model_name}: class_embed_type={kind!r} needs projection_class_embeddings_input_dim")
+        return TimestepEmbedding(width, time_embed_dim) if kind == "projection" else nn.Linear(width, time_embed_dim)
+    return None
+
+
+def addition_embedding(model_name, cfg, time_embed_dim):
+    """The UNet's `add_embedding` for its config (diffusers' _set_add_embedding), or None: "text"
+    pools the (unprojected) text states, "text_image" mixes text and image embeds, "text_time" (SDXL)
+    is an MLP on [text_embeds | sinusoids of time_ids]."""
+    kind = cfg.addition_embed_type
+    if kind == "text":
+        width = cfg.encoder_hid_dim
+        if width is None:
+            width = one_width(model_name, cfg, "cross_attention_dim")
+        return TextTimeEmbedding(width, time_embed_dim, num_heads=cfg.addition_embed_type_num_heads)
+    if kind == "text_image":
+        width = one_width(model_name, cfg, "cross_attention_dim")
+        return TextImageTimeEmbedding(width, width, time_embed_dim)
+    if kind == "text_time":
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if cfg[key] is None:
+                raise ValueError(f"{model_name}: addition_embed_type='text_time' needs {key}")
+        return TimestepEmbedding(cfg.projection_class_embeddings_input_dim, time_embed_dim)
+    return None

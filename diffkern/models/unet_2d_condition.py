@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from diffkern.models._config import ConfiguredModel, per_level, resolve_config
-from diffkern.models.embeddings import TextImageTimeEmbedding, TextTimeEmbedding
+from diffkern.models.embeddings import addition_embedding, class_embedding, one_width
 from diffkern.models.outputs import UNet2DConditionOutput
 from diffkern.models.unet_blocks import block_types, build_block
 from diffkern.nn.group_norm import GroupNorm
@@ -67,12 +67,6 @@ UNSUPPORTED = dict(
     resnet_time_scale_shift=("default", "scale_shift"), time_embedding_type=("positional",),
     attention_type=("default",), cross_attention_norm=(None, "group_norm", "layer_norm"),
 )
-
-
-def _int_or_none(cfg, key):
-    if isinstance(cfg[key], (list, tuple)):
-        raise ValueError(f"{_NAME}: {key} must be one int with these options, got {list(cfg[key])}")
-    return cfg[key]
 
 
 class UNet2DConditionModel(ConfiguredModel):
@@ -144,9 +138,9 @@ class UNet2DConditionModel(ConfiguredModel):
                                                 cond_proj_dim=cfg.time_cond_proj_dim)
         self.encoder_hid_proj = None
         if cfg.encoder_hid_dim_type == "text_proj":
-            self.encoder_hid_proj = nn.Linear(cfg.encoder_hid_dim, _int_or_none(cfg, "cross_attention_dim"))
-        self.class_embedding = self._class_embedding(cfg, channels[0], time_embed_dim)
-        self.add_embedding = self._add_embedding(cfg, time_embed_dim)
+            self.encoder_hid_proj = nn.Linear(cfg.encoder_hid_dim, one_width(_NAME, cfg, "cross_attention_dim"))
+        self.class_embedding = class_embedding(_NAME, cfg, channels[0], time_embed_dim)
+        self.add_embedding = addition_embedding(_NAME, cfg, time_embed_dim)
         self.time_embed_act = activation(cfg.time_embedding_act_fn) if cfg.time_embedding_act_fn else None
 
         blocks_temb = time_embed_dim * 2 if cfg.class_embeddings_concat else time_embed_dim
@@ -198,42 +192,6 @@ class UNet2DConditionModel(ConfiguredModel):
             self.conv_act = nn.Identity() if fused else activation(cfg.act_fn)  # SiLU runs inside the norm
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, cfg.conv_out_kernel,
                                   padding=cfg.conv_out_kernel // 2)
-
-    @staticmethod
-    def _class_embedding(cfg, timestep_input_dim, time_embed_dim):
-        kind = cfg.class_embed_type
-        if kind is None and cfg.num_class_embeds is not None:
-            return nn.Embedding(cfg.num_class_embeds, time_embed_dim)
-        if kind == "timestep":
-            return TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=cfg.act_fn)
-        if kind == "identity":
-            return nn.Identity()
-        if kind in ("projection", "simple_projection"):
-            if cfg.projection_class_embeddings_input_dim is None:
-                raise ValueError(f"{_NAME}: class_embed_type={kind!r} needs "
-                                 "projection_class_embeddings_input_dim")
-            if kind == "projection":
-                return TimestepEmbedding(cfg.projection_class_embeddings_input_dim, time_embed_dim)
-            return nn.Linear(cfg.projection_class_embeddings_input_dim, time_embed_dim)
-        return None
-
-    @staticmethod
-    def _add_embedding(cfg, time_embed_dim):
-        kind = cfg.addition_embed_type
-        if kind == "text":
-            width = cfg.encoder_hid_dim
-            if width is None:
-                width = _int_or_none(cfg, "cross_attention_dim")
-            return TextTimeEmbedding(width, time_embed_dim, num_heads=cfg.addition_embed_type_num_heads)
-        if kind == "text_image":
-            width = _int_or_none(cfg, "cross_attention_dim")
-            return TextImageTimeEmbedding(width, width, time_embed_dim)
-        if kind == "text_time":
-            for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
-                if cfg[key] is None:
-                    raise ValueError(f"{_NAME}: addition_embed_type='text_time' needs {key}")
-            return TimestepEmbedding(cfg.projection_class_embeddings_input_dim, time_embed_dim)
-        return None
 
     def _timesteps(self, timestep, sample):
         """timestep -> (B,) tensor on the sample's device, as diffusers reads it (a Python float
