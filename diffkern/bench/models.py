@@ -1,7 +1,8 @@
 """Model-step benchmarks at the released configurations with random weights (speed does not
 depend on the values): the SD 1.5 UNet step (batch 2 for guidance, 77 tokens), the SD 2.1 UNet
 step, the SD VAE decode, a whole SD 1.5 denoising loop (UNet + guidance + scheduler + decode), and
-the GLIDE base step (64x64, batch 2 for guidance, 128 tokens) and upsampler step (256x256).
+the GLIDE base step (64x64, batch 2 for guidance, 128 tokens) and upsampler step (256x256), and the
+Karlo (unCLIP) prior, decoder and super-resolution steps (diffkern.bench.models_unclip).
 
 Candidates side by side in one process: the diffkern model on the reference backend (plain
 PyTorch ops: the speed-up baseline), the diffkern model on its automatic backends, diffusers eager
@@ -67,6 +68,9 @@ def cases(device, quick=False, full_size=False):
     base, up = glide.model_and_diffusion_defaults(), glide.model_and_diffusion_defaults_upsampler()
     out += [Case("glide-base-step", "glide", (2, 3, 64 if full else 32, 64 if full else 32), dt, base),
             Case("glide-upsample-step", "glide", (1, 3, 256 if full else 64, 256 if full else 64), dt, up)]
+    from diffkern.bench import models_unclip  # Karlo prior / decoder / SR steps
+
+    out += [Case(name, kind, shape, dt, cfg) for name, kind, shape, cfg in models_unclip.case_specs(full)]
     from diffkern.bench import models_if  # DeepFloyd IF stage I / II / III steps and the fused update
 
     out += [Case(name, kind, shape, dt, cfg) for name, kind, shape, cfg in models_if.case_specs(full)]
@@ -139,6 +143,10 @@ def _callables(case, device):
         from diffkern.bench import models_if
 
         return models_if.callables(case, device, _diffusers())
+    if case.kind.startswith("unclip"):
+        from diffkern.bench import models_unclip
+
+        return models_unclip.callables(case, device, _diffusers())
     ref, ours = _models(case, device)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(case.shape, generator=g).to(device=device, dtype=case.dtype)
@@ -231,7 +239,9 @@ def targets(rows, device, copy_gbps):
     from diffkern.bench import models_if
 
     if_targets = models_if.targets(rows, device)
-    out = []
+    from diffkern.bench import models_unclip
+
+    out = models_unclip.targets(rows, device)
     for r in rows:
         if device.type != "cuda" or not r.case.startswith("sd15-unet-step") or r.backend != "diffkern":
             continue

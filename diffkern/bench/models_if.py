@@ -40,8 +40,13 @@ IF_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                     thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.0, prediction_type="epsilon")
 
 
+# CPU sizes (without --full-size): narrow UNets (32-wide heads), small inputs; tests shrink them further.
+CPU_SIZES = dict(i_channels=64, ii_channels=32, head=32, i_side=32, ii_side=64, x4_side=32)
+UPDATE_SHAPES = ((4, 3, 256, 256), (1, 3, 1024, 1024))
+
+
 def _config(params, sr, model_channels=None):
-    small = {} if model_channels is None else dict(model_channels=model_channels, num_head_channels=32)
+    small = {} if model_channels is None else dict(model_channels=model_channels, num_head_channels=CPU_SIZES["head"])
     config = convert_deepfloyd_config(dict(params, **small))
     if sr:
         config["class_embed_type"] = "timestep"
@@ -50,16 +55,15 @@ def _config(params, sr, model_channels=None):
 
 def case_specs(full):
     """(name, kind, shape, config) of the IF rows."""
-    i_side, ii_side, x4_side = (64, 256, 256) if full else (32, 64, 32)
-    i_ch, ii_ch = (None, None) if full else (64, 32)  # CPU: narrow (head width 32), full depth
+    c = CPU_SIZES
+    i_side, ii_side, x4_side = (64, 256, 256) if full else (c["i_side"], c["ii_side"], c["x4_side"])
+    i_ch, ii_ch = (None, None) if full else (c["i_channels"], c["ii_channels"])
     tag = "" if full else " (reduced width)"
     return [
-        ("if-I-step" + tag, "if-unet", (2, 3, i_side, i_side), dict(_config(IF_I_XL, False, i_ch), text=4096)),
-        ("if-II-step" + tag, "if-unet", (2, 6, ii_side, ii_side), dict(_config(IF_II, True, ii_ch), text=4096)),
-        ("if-III-step", "if-unet", (2, 7, x4_side, x4_side), dict(X4_UNET, text=1024)),
-        ("if-update", "if-update", (4, 3, 256, 256), IF_SCHEDULER),
-        ("if-update", "if-update", (1, 3, 1024, 1024), IF_SCHEDULER),
-    ]
+        ("if-I-step" + tag, "if-unet", (2, 3, i_side, i_side), dict(_config(IF_I_XL, False, i_ch), text=IF_I_XL["encoder_dim"])),
+        ("if-II-step" + tag, "if-unet", (2, 6, ii_side, ii_side), dict(_config(IF_II, True, ii_ch), text=IF_II["encoder_dim"])),
+        ("if-III-step", "if-unet", (2, 7, x4_side, x4_side), dict(X4_UNET, text=X4_UNET["cross_attention_dim"])),
+    ] + [("if-update", "if-update", shape, IF_SCHEDULER) for shape in UPDATE_SHAPES]
 
 
 def callables(case, device, diffusers):

@@ -56,12 +56,23 @@ def test_models_suite_runs_on_tiny_configs(tmp_path, capsys, monkeypatch):
                         lambda: dict(glide.model_creation.model_and_diffusion_defaults(), **tiny_glide))
     monkeypatch.setattr(glide, "model_and_diffusion_defaults_upsampler",
                         lambda: dict(glide.model_creation.model_and_diffusion_defaults_upsampler(), **tiny_glide))
+    from diffkern.bench import models_if  # DeepFloyd IF rows: tiny UNets, small update shapes
+
+    monkeypatch.setattr(models_if, "CPU_SIZES", dict(i_channels=32, ii_channels=32, head=16, i_side=16, ii_side=16,
+                                                     x4_side=16))
+    tiny_if = dict(channel_mult="1,2", num_res_blocks=1, attention_resolutions="8", encoder_dim=32,
+                   encoder_channels=32, att_pool_heads=2, image_size=16)
+    monkeypatch.setattr(models_if, "IF_I_XL", dict(models_if.IF_I_XL, **tiny_if))
+    monkeypatch.setattr(models_if, "IF_II", dict(models_if.IF_II, **tiny_if, disable_self_attentions="8"))
+    monkeypatch.setattr(models_if, "X4_UNET", dict(TINY_UNET, in_channels=7, num_class_embeds=1000,
+                                                   cross_attention_dim=32))
+    monkeypatch.setattr(models_if, "UPDATE_SHAPES", ((2, 3, 16, 16),))
     assert bench.main(["--device", "cpu", "--no-compile", "--out", str(tmp_path), "--ops", "models"]) == 0
     (json_file,) = tmp_path.glob("models-*.json")
     rows = json.loads(json_file.read_text())["rows"]
     cases = {r["case"].split()[0] for r in rows}
     assert cases == {"sd15-unet-step", "sd21-unet-step", "sd-vae-decode", "sd15-loop", "glide-base-step",
-                     "glide-upsample-step"}
+                     "glide-upsample-step", "if-I-step", "if-II-step", "if-III-step", "if-update"}
     for case in cases - {"glide-base-step", "glide-upsample-step"}:
         assert {"reference", "diffkern", "diffusers"} <= {r["backend"] for r in rows if r["case"].startswith(case)}
 
