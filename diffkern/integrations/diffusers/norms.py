@@ -15,8 +15,8 @@ Design (module replacement, chosen so that state dicts, LoRA and hooks keep work
   SiLU; a pass-through cannot express that. So the block's class becomes `FusedResnetBlock2D`, a
   subclass whose forward fuses both sites (isinstance checks still see a ResnetBlock2D). A class,
   not a per-instance bound method, because a bound method in the instance dict does not survive
-  pickling (torch.save of a whole model) or would resolve to diffusers' forward on load, while
-  the class is found by name. Hooks attached later (accelerate's `add_hook_to_module`, diffusers'
+  pickling (torch.save of a whole model): it fails to load, or comes back as diffusers' forward
+  over the fused norms (SiLU applied twice); a class is found by name. Hooks attached later (accelerate's `add_hook_to_module`, diffusers'
   HookRegistry) wrap `module.forward` as for any module; blocks already carrying an instance-level
   forward (a hook) are left. The forward calls every submodule as a module (conv1, time_emb_proj,
   dropout, ...) and falls back to diffusers' forward when its norms are not the fused ones.
