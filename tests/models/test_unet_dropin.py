@@ -183,3 +183,14 @@ def test_other_block_layouts_match_diffusers(over):
     ctx = torch.randn(2, 7, over.get("cross_attention_dim", 16), generator=torch.Generator().manual_seed(8))
     want, got = _both(theirs, ours, x, 3, ctx)
     assert max_diff(got, want) < TOL
+
+
+def test_text_image_addition_embedding_matches_diffusers():
+    theirs, ours = _pair(addition_embed_type="text_image")
+    x, ctx = _inputs()
+    g = torch.Generator().manual_seed(9)
+    added = {"text_embeds": torch.randn(2, 16, generator=g), "image_embeds": torch.randn(2, 16, generator=g)}
+    want, got = _both(theirs, ours, x, 3, ctx, added_cond_kwargs=added)
+    assert max_diff(got, want) < TOL
+    with pytest.raises(ValueError, match="image_embeds"):
+        ours(x, 3, ctx, added_cond_kwargs={"text_embeds": added["text_embeds"]})
