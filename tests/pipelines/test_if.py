@@ -202,3 +202,37 @@ def test_pipelines_run_diffkern_unets(parts):
     from tests.pipelines._if_helpers import uses_diffkern_unet
 
     assert uses_diffkern_unet(_stage1(parts)[1]) and uses_diffkern_unet(_stage2(parts)[1])
+
+
+def test_safety_checker_and_watermarker_are_used_when_present(parts):
+    """IF's optional components, by their call contract: the checker blacks out flagged images and
+    reports per-image flags; the watermarker gets the PIL images and the sample size."""
+    seen = {}
+
+    class Extractor:
+        def __call__(self, images, return_tensors=None):
+            seen["extractor"] = len(images)
+            return types.SimpleNamespace(pixel_values=torch.zeros(len(images), 3, 4, 4))
+
+    def checker(images, clip_input):
+        images = images.copy()
+        images[0] = np.zeros(images[0].shape)
+        return images, [True, False], [False, False]
+
+    class Watermarker:
+        def apply_watermark(self, images, sample_size=None):
+            seen["watermark"] = (len(images), sample_size)
+            return images
+
+    ours = IFPipeline(parts["tokenizer"], parts["text_encoder"], if_unet_for_ours(parts["unet1"]),
+                      diffusers_ddpm(IF_I_SCHEDULER), safety_checker=checker, feature_extractor=Extractor(),
+                      watermarker=Watermarker())
+    ours.set_progress_bar_config(disable=True)
+    out = ours(PROMPTS, num_inference_steps=2, generator=_gen(), output_type="np")
+    assert out.nsfw_detected == [True, False] and out.watermark_detected == [False, False]
+    assert out.images[0].max() == 0 and out.images[1].max() > 0 and seen["extractor"] == 2
+    ours(PROMPTS, num_inference_steps=2, generator=_gen(), output_type="pil")
+    assert seen["watermark"] == (2, 16)
+    with pytest.raises(ValueError, match="feature_extractor"):
+        IFPipeline(parts["tokenizer"], parts["text_encoder"], parts["unet1"], diffusers_ddpm(IF_I_SCHEDULER),
+                   safety_checker=checker)
