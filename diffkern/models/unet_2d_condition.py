@@ -193,6 +193,19 @@ class UNet2DConditionModel(ConfiguredModel):
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, cfg.conv_out_kernel,
                                   padding=cfg.conv_out_kernel // 2)
 
+    def enable_freeu(self, s1, s2, b1, b2):
+        """FreeU (https://huggingface.co/papers/2309.11497) on the SD up blocks, as diffusers' enable_freeu:
+        s1/s2 scale the skips' low frequencies, b1/b2 the backbone's first half of channels, at the
+        first two up levels."""
+        for block in self.up_blocks:
+            block.s1, block.s2, block.b1, block.b2 = s1, s2, b1, b2
+
+    def disable_freeu(self):
+        for block in self.up_blocks:
+            for key in ("s1", "s2", "b1", "b2"):
+                if hasattr(block, key):
+                    setattr(block, key, None)
+
     def _timesteps(self, timestep, sample):
         """timestep -> (B,) tensor on the sample's device, as diffusers reads it (a Python float
         becomes float64, an int int64; a 0-d or (1,) tensor is broadcast to the batch)."""

@@ -194,3 +194,15 @@ def test_text_image_addition_embedding_matches_diffusers():
     assert max_diff(got, want) < TOL
     with pytest.raises(ValueError, match="image_embeds"):
         ours(x, 3, ctx, added_cond_kwargs={"text_embeds": added["text_embeds"]})
+
+
+def test_freeu_matches_diffusers():
+    theirs, ours = _pair()
+    x, ctx = _inputs()
+    plain = ours(x, 3, ctx).sample
+    for m in (theirs, ours):
+        m.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    want, got = _both(theirs, ours, x, 3, ctx)
+    assert max_diff(got, want) < TOL and max_diff(got, plain) > 1e-3
+    ours.disable_freeu()
+    assert torch.equal(ours(x, 3, ctx).sample, plain)

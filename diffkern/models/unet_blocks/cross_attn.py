@@ -26,6 +26,27 @@ def resnet(in_channels, out_channels, temb_channels, *, resnet_eps=1e-6, resnet_
                          down=down)
 
 
+def fourier_filter(x, threshold, scale):
+    """FreeU's low-frequency scaling: the centred (2 threshold)^2 frequencies of x times `scale`
+    (diffusers' fourier_filter; the FFT runs in float32, the result comes back in x's dtype)."""
+    freq = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
+    H, W = freq.shape[-2:]
+    mask = torch.ones(freq.shape, device=x.device)
+    mask[..., H // 2 - threshold:H // 2 + threshold, W // 2 - threshold:W // 2 + threshold] = scale
+    freq = torch.fft.ifftshift(freq * mask, dim=(-2, -1))
+    return torch.fft.ifftn(freq, dim=(-2, -1)).real.to(x.dtype)
+
+
+def freeu(resolution_idx, h, skip, s1, s2, b1, b2):
+    """FreeU (Si et al. 2023) on the first two up levels: the backbone's first half of channels times
+    b, the skip's low frequencies times s (diffusers' apply_freeu, without its in-place write)."""
+    if resolution_idx not in (0, 1):
+        return h, skip
+    b, s = (b1, s1) if resolution_idx == 0 else (b2, s2)
+    half = h.shape[1] // 2
+    return torch.cat([h[:, :half] * b, h[:, half:]], dim=1), fourier_filter(skip, threshold=1, scale=s)
+
+
 def _per_layer(depth, num_layers):
     return list(depth) if isinstance(depth, (list, tuple)) else [depth] * num_layers
 
@@ -153,13 +174,18 @@ class UpBlock2D(_Level):
 
         self._build(resnet_in, out_channels, temb_channels, num_layers, self.cross_attention, kw)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, out_channels)]) if add_upsample else None
+        self.resolution_idx = kw.get("resolution_idx")
+        self.s1 = self.s2 = self.b1 = self.b2 = None  # FreeU factors: UNet2DConditionModel.enable_freeu
 
     def forward(self, hidden_states, res_hidden_states_tuple, temb=None, encoder_hidden_states=None,
                 cross_attention_kwargs=None, upsample_size=None, attention_mask=None, encoder_attention_mask=None):
         h, skips = hidden_states, tuple(res_hidden_states_tuple)
+        use_freeu = bool(self.s1 and self.s2 and self.b1 and self.b2)
         for i, block in enumerate(self.resnets):
-            h = block(torch.cat([h, skips[-1]], dim=1), temb)
-            skips = skips[:-1]
+            skip, skips = skips[-1], skips[:-1]
+            if use_freeu:
+                h, skip = freeu(self.resolution_idx, h, skip, self.s1, self.s2, self.b1, self.b2)
+            h = block(torch.cat([h, skip], dim=1), temb)
             h = self._attend(i, h, encoder_hidden_states, attention_mask, encoder_attention_mask)
         if self.upsamplers is not None:
             h = self.upsamplers[0](h, upsample_size)
