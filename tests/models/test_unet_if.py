@@ -187,3 +187,21 @@ def test_bfloat16_error_is_no_worse_than_diffusers():
         got = ours(x.bfloat16(), 10, ctx.bfloat16(), class_labels=labels).sample
     assert got.dtype == torch.bfloat16
     assert max_diff(got, ref) <= 2 * max_diff(want, ref) + 1e-3
+
+
+def test_in_a_diffusers_if_super_resolution_pipeline_gives_the_same_images():
+    from tests.pipelines._if_helpers import IF_II_SCHEDULER, NOISING_SCHEDULER, t5_tokenizer, tiny_if_sr_unet, tiny_t5
+
+    pipe = diffusers.IFSuperResolutionPipeline(
+        tokenizer=t5_tokenizer(), text_encoder=tiny_t5(), unet=tiny_if_sr_unet(),
+        scheduler=diffusers.DDPMScheduler(**IF_II_SCHEDULER),
+        image_noising_scheduler=diffusers.DDPMScheduler(**NOISING_SCHEDULER), safety_checker=None,
+        feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    low = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    args = dict(prompt="a photo of a cat", image=low, num_inference_steps=3, height=16, width=16,
+                noise_level=100, output_type="pt")
+    want = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    pipe.unet = from_diffusers(pipe.unet)
+    got = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    assert max_diff(got, want) < 1e-4
