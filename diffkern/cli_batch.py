@@ -43,7 +43,9 @@ def generate_batch(module, args):
     finally:
         ctx.close()
     if ctx.rank == 0:
-        print(f"{result.written} images written, {result.skipped} already there; manifest: "
+        rate = f" in {result.seconds:.1f} s ({result.written / result.seconds:.2f} images/s)" \
+            if result.written and result.seconds > 0 else ""
+        print(f"{result.written} images written{rate}, {result.skipped} already there; manifest: "
               f"{args.outdir}/manifest.jsonl ({len(result.records)} images)")
         for f in result.failures:
             print(f"diffkern generate: rank {f['rank']} failed on image {f['index']} (prompt line {f['line']}: "

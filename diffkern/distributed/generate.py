@@ -16,6 +16,7 @@ stops after that round, with everything written so far kept, and all report the 
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class GenerationResult:
     skipped: int = 0  # images already there (resume)
     failures: list = field(default_factory=list)  # {"rank", "index", "line", "prompt", "error"} per failed rank
     records: list = field(default_factory=list)  # the merged manifest (rank 0; [] elsewhere)
+    seconds: float = 0.0  # wall time of the generation rounds (the slowest rank's), without loading
 
     @property
     def ok(self):
@@ -74,6 +76,7 @@ def generate_images(runner, jobs, outdir, *, batch_size=1, resume=False, progres
     bar = _progress_bar(len(jobs), skipped, progress and ctx.rank == 0)
     log = RankLog(outdir, ctx.rank) if ctx.writes else None
     records, failure, written = [], None, 0
+    start = time.perf_counter()
     try:
         for r in range(rounds):
             done = 0
@@ -94,7 +97,7 @@ def generate_images(runner, jobs, outdir, *, batch_size=1, resume=False, progres
             bar.close()
         if log is not None:
             log.close()
-    return _finish(ctx, outdir, records, failure, written, skipped)
+    return _finish(ctx, outdir, records, failure, written, skipped, time.perf_counter() - start)
 
 
 def _run_batch(runner, batch, outdir, meta, log, records, writes):
@@ -132,16 +135,16 @@ def _sum(ctx, done, failed):
     return int(t[0]), int(t[1])
 
 
-def _finish(ctx, outdir, records, failure, written, skipped):
+def _finish(ctx, outdir, records, failure, written, skipped, seconds):
     """Gather every rank's records and failure; rank 0 merges the manifest; all get the totals."""
     if ctx.distributed:
         everyone = [None] * ctx.world_size
-        torch.distributed.all_gather_object(everyone, (records, failure, written))
+        torch.distributed.all_gather_object(everyone, (records, failure, written, seconds))
     else:
-        everyone = [(records, failure, written)]
-    all_records = [r for recs, _, _ in everyone for r in recs]
-    failures = [f for _, f, _ in everyone if f is not None]
+        everyone = [(records, failure, written, seconds)]
+    all_records = [r for recs, *_ in everyone for r in recs]
+    failures = [f for _, f, *_ in everyone if f is not None]
     merged = merge_manifest(outdir, all_records) if ctx.rank == 0 else []
     if ctx.distributed:  # nobody returns (and maybe exits) before the manifest is on disk
         torch.distributed.barrier()
-    return GenerationResult(sum(w for _, _, w in everyone), skipped, failures, merged)
+    return GenerationResult(sum(e[2] for e in everyone), skipped, failures, merged, max(e[3] for e in everyone))

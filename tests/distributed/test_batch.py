@@ -37,13 +37,15 @@ def test_pngs_carry_their_settings_and_equal_single_prompt_runs(sd_dir, tmp_path
     assert text == {"prompt": "a red dog", "seed": "41", "model": "sd", "scheduler": "ddim", "steps": "2",
                     "guidance": "6.0", "height": "32", "width": "32", "diffkern_version": diffkern.__version__}
     assert {k: str(v) for k, v in records[1].items() if k not in ("index", "file")} == text
-    # each image is the one `--prompt P --seed S` draws alone, whatever the batch it ran in
+    # each image is the one `--prompt P --seed S` draws alone; in another batch size the same up to float
+    # rounding (BLAS may round a batch of 3 differently from a batch of 1: at most one 8-bit level here)
     assert _run(sd_dir, prompts, tmp_path / "b1", "--seed", "40", "--guidance", "6") == 0
-    assert files(tmp_path / "b1") == files(tmp_path / "b3")
+    for name in files(tmp_path / "b1"):
+        assert np.abs(_pixels(tmp_path / "b1" / name) - _pixels(tmp_path / "b3" / name)).max() <= 1
     out = tmp_path / "alone.png"
     assert main(["generate", "--checkpoint", str(sd_dir / "sd"), *SD_ARGS, "--prompt", PROMPTS[2], "--seed", "42",
                  "--guidance", "6", "--output", str(out)]) == 0
-    assert np.array_equal(_pixels(out), _pixels(tmp_path / "b3" / "000002.png"))
+    assert np.array_equal(_pixels(out), _pixels(tmp_path / "b1" / "000002.png"))
 
 
 def test_jsonl_lines_set_seed_steps_guidance_negative_and_size(sd_dir, tmp_path):
@@ -79,12 +81,13 @@ def test_resume_makes_only_what_is_missing_and_merges_an_interrupted_runs_log(sd
     mtimes = {n: (out / n).stat().st_mtime_ns for n in files(out)}
     capsys.readouterr()
     assert _run(sd_dir, prompts, out, "--resume") == 0
-    assert "1 images written, 2 already there" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "1 images written in " in out_text and ", 2 already there" in out_text
     assert {n: (out / n).stat().st_mtime_ns for n in mtimes} == mtimes
     assert files(out) == full and (out / "manifest.jsonl").read_text() == manifest
     assert not (out / ".manifest").exists()
     assert _run(sd_dir, prompts, out) == 0  # without --resume: everything again, the same bytes
-    assert "3 images written, 0 already there" in capsys.readouterr().out and files(out) == full
+    assert "3 images written in " in capsys.readouterr().out and files(out) == full
 
 
 def test_glide_prompt_file(glide_files, tmp_path):

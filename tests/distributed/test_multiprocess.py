@@ -5,7 +5,9 @@ every case (tests/distributed/_worker.py): starting processes is most of the tim
 
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from diffkern.cli import main
 from diffkern.distributed import read_records
@@ -76,7 +78,12 @@ def test_cfg_parallel_sd_cli_equals_one_process(launched, single, tmp_path):
     # 5 prompts in batches of 2 -> 3 batches x 2 steps, each guided step split over the pair
     assert [r["sd_split_calls"] for r in reports] == [6, 6]
     single(d / "prompts.txt", tmp_path / "one", "--batch-size", "2")
-    assert len(files(d / "cfg")) == 5 and files(d / "cfg") == files(tmp_path / "one")
+    # the pair runs each half of the guided batch alone: equal up to BLAS rounding of a half batch (on
+    # this tiny UNet the bytes were equal when written; one 8-bit level is allowed, see _worker._glide_cfg)
+    assert sorted(files(d / "cfg")) == sorted(files(tmp_path / "one")) and len(files(d / "cfg")) == 5
+    for name in files(d / "cfg"):
+        a, b = (np.asarray(Image.open(p / name), dtype=np.int16) for p in (d / "cfg", tmp_path / "one"))
+        assert np.abs(a - b).max() <= 1, name
     assert read_records(d / "cfg" / "manifest.jsonl") == read_records(tmp_path / "one" / "manifest.jsonl")
 
 
