@@ -36,23 +36,26 @@ diffkern downloads nothing: put the diffusers folders on this machine and pass t
   --if-stage1 IF-I-XL-v1.0 (or IF-I-L-v1.0 / IF-I-M-v1.0; it holds the T5-XXL text encoder)
   --if-stage2 IF-II-L-v1.0 (or IF-II-M-v1.0)       for --stages 2 and 3
   --if-stage3 stable-diffusion-x4-upscaler          for --stages 3
-e.g. `huggingface-cli download DeepFloyd/IF-I-XL-v1.0 --local-dir ./IF-I-XL-v1.0` (accept the IF license first)."""
+e.g. `huggingface-cli download DeepFloyd/IF-I-XL-v1.0 --local-dir ./IF-I-XL-v1.0`
+(accept the IF license on its model page first)."""
 
 
 def add_arguments(group):
     """IF's own options (every default None: a given one is noticed by the other families)."""
-    group.add_argument("--if-stage1", help="IF stage I diffusers folder (IF-I-XL-v1.0, ...): T5 + 64 x 64 UNet")
+    group.add_argument("--if-stage1", help="IF stage I diffusers folder (IF-I-XL-v1.0, ...): T5 + the "
+                       "64 x 64 UNet")
     group.add_argument("--if-stage2", help="IF stage II diffusers folder (IF-II-L-v1.0, ...): 64 -> 256")
-    group.add_argument("--if-stage3", help="stage III: the stable-diffusion-x4-upscaler diffusers folder (-> 1024)")
+    group.add_argument("--if-stage3", help="stage III: the stable-diffusion-x4-upscaler diffusers folder "
+                       "(-> 1024)")
     group.add_argument("--stages", type=int, choices=[1, 2, 3], default=None,
                        help="how many stages to run (default: as many as folders given)")
     group.add_argument("--if-steps", default=None, help="comma-separated steps per stage (default 100,50,75)")
-    group.add_argument("--if-guidance", default=None, help="guidance of stages II and III (default 4,9; --guidance "
-                       "is stage I's, default 7)")
+    group.add_argument("--if-guidance", default=None, help="guidance of stages II and III (default 4,9; "
+                       "--guidance is stage I's, default 7)")
     group.add_argument("--if-noise-levels", default=None, help="noise augmentation of stages II and III "
                        "(default 250,100)")
-    group.add_argument("--if-timesteps", default=None, help="comma-separated IF schedule names per stage, '-' for "
-                       "none (e.g. smart100,smart50 or fast27,super27)")
+    group.add_argument("--if-timesteps", default=None, help="comma-separated IF schedule names per stage, "
+                       "'-' for none (e.g. smart100,smart50 or fast27,super27)")
     group.add_argument("--sequential", action="store_const", const=True, default=None,
                        help="load each stage when it runs and free it after (T5 right after the prompt)")
 
@@ -88,10 +91,11 @@ def _stages(args):
         dest, what, repo = FOLDERS[i]
         folder = getattr(args, dest)
         if folder is None:
-            problems.append(f"--{dest.replace('_', '-')} is missing (stage {'I' * i if i < 3 else 'III'}: {what}, "
-                            f"{repo})")
+            roman = "I" * i
+            problems.append(f"--{dest.replace('_', '-')} is missing (stage {roman}: {what}, {repo})")
         elif not (Path(folder) / "model_index.json").is_file():
-            problems.append(f"--{dest.replace('_', '-')} {folder}: not a diffusers folder (no model_index.json)")
+            problems.append(f"--{dest.replace('_', '-')} {folder}: not a diffusers folder "
+                            "(no model_index.json)")
     if problems:
         raise UsageError(f"--stages {stages} needs weights that are not here:\n  " + "\n  ".join(problems)
                          + "\n" + WHERE_TO_PUT_WEIGHTS)
@@ -124,8 +128,8 @@ def _load(args, device, stages):
 
     folders = [getattr(args, FOLDERS[i][0]) if i <= stages else None for i in (1, 2, 3)]
     try:
-        return IFCascadePipeline.from_pretrained(*folders, dtype=getattr(torch, DTYPES[args.dtype]), device=device,
-                                                 sequential=bool(args.sequential))
+        return IFCascadePipeline.from_pretrained(*folders, dtype=getattr(torch, DTYPES[args.dtype]),
+                                                 device=device, sequential=bool(args.sequential))
     except (OSError, ValueError, NotImplementedError) as e:
         raise UsageError(f"cannot load IF from {', '.join(f for f in folders if f)}: {e}") from e
 
@@ -160,7 +164,8 @@ class IFRunner:
         import diffkern
 
         self.cascade, self.settings = cascade, settings
-        self.defaults = {"guidance": settings["guidance_scale"][0] or 7.0, "negative_prompt": args.negative_prompt}
+        self.defaults = {"guidance": settings["guidance_scale"][0] or 7.0,
+                         "negative_prompt": args.negative_prompt}
         self.metadata = {"model": Path(args.if_stage1).name, "scheduler": "DDPMScheduler (IF)",
                          "diffkern_version": diffkern.__version__}
 
@@ -170,8 +175,8 @@ class IFRunner:
         settings = dict(self.settings, guidance_scale=guidance)
         negatives = [j.negative_prompt or "" for j in jobs]
         # one generator per image: every stage draws each image's noise from its own generator
-        return self.cascade([j.prompt for j in jobs], negatives, generator=list(generators), output_type="pil",
-                            progress=False, **settings).images
+        return self.cascade([j.prompt for j in jobs], negatives, generator=list(generators),
+                            output_type="pil", progress=False, **settings).images
 
 
 def make_runner(args, device):

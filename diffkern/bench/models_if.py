@@ -26,18 +26,21 @@ IF_I_XL = dict(image_size=64, in_channels=3, out_channels=6, model_channels=704,
                resblock_updown=True, efficient_activation=True, scale_skip_connection=True)
 # A stage II shape as deep-floyd's IF-II (5 levels, resnets (2, 2, 3, 5, 5), cross-attention only at 32 / 16).
 IF_II = dict(image_size=256, in_channels=6, out_channels=6, model_channels=128, channel_mult="1,2,4,6,8",
-             num_res_blocks="2,2,3,5,5", attention_resolutions="32,16", num_head_channels=64, encoder_dim=4096,
-             encoder_channels=1536, att_pool_heads=64, activation="gelu", use_scale_shift_norm=True,
-             resblock_updown=True, efficient_activation=True, scale_skip_connection=True,
+             num_res_blocks="2,2,3,5,5", attention_resolutions="32,16", num_head_channels=64,
+             encoder_dim=4096, encoder_channels=1536, att_pool_heads=64, activation="gelu",
+             use_scale_shift_norm=True, resblock_updown=True, efficient_activation=True,
+             scale_skip_connection=True,
              disable_self_attentions="32,16")
 # stabilityai/stable-diffusion-x4-upscaler's unet/config.json
 X4_UNET = dict(sample_size=128, in_channels=7, out_channels=4, layers_per_block=2,
                block_out_channels=(256, 512, 512, 1024), attention_head_dim=8, cross_attention_dim=1024,
-               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-               up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-               only_cross_attention=(True, True, True, False), num_class_embeds=1000, use_linear_projection=True)
-IF_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", variance_type="learned_range",
-                    thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.0, prediction_type="epsilon")
+               down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+               up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+               only_cross_attention=(True, True, True, False), num_class_embeds=1000,
+               use_linear_projection=True)
+IF_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                    variance_type="learned_range", thresholding=True, dynamic_thresholding_ratio=0.95,
+                    sample_max_value=1.0, prediction_type="epsilon")
 
 
 # CPU sizes (without --full-size): narrow UNets (32-wide heads), small inputs; tests shrink them further.
@@ -46,7 +49,9 @@ UPDATE_SHAPES = ((4, 3, 256, 256), (1, 3, 1024, 1024))
 
 
 def _config(params, sr, model_channels=None):
-    small = {} if model_channels is None else dict(model_channels=model_channels, num_head_channels=CPU_SIZES["head"])
+    small = {}
+    if model_channels is not None:
+        small = dict(model_channels=model_channels, num_head_channels=CPU_SIZES["head"])
     config = convert_deepfloyd_config(dict(params, **small))
     if sr:
         config["class_embed_type"] = "timestep"
@@ -60,9 +65,12 @@ def case_specs(full):
     i_ch, ii_ch = (None, None) if full else (c["i_channels"], c["ii_channels"])
     tag = "" if full else " (reduced width)"
     return [
-        ("if-I-step" + tag, "if-unet", (2, 3, i_side, i_side), dict(_config(IF_I_XL, False, i_ch), text=IF_I_XL["encoder_dim"])),
-        ("if-II-step" + tag, "if-unet", (2, 6, ii_side, ii_side), dict(_config(IF_II, True, ii_ch), text=IF_II["encoder_dim"])),
-        ("if-III-step", "if-unet", (2, 7, x4_side, x4_side), dict(X4_UNET, text=X4_UNET["cross_attention_dim"])),
+        ("if-I-step" + tag, "if-unet", (2, 3, i_side, i_side),
+         dict(_config(IF_I_XL, False, i_ch), text=IF_I_XL["encoder_dim"])),
+        ("if-II-step" + tag, "if-unet", (2, 6, ii_side, ii_side),
+         dict(_config(IF_II, True, ii_ch), text=IF_II["encoder_dim"])),
+        ("if-III-step", "if-unet", (2, 7, x4_side, x4_side),
+         dict(X4_UNET, text=X4_UNET["cross_attention_dim"])),
     ] + [("if-update", "if-update", shape, IF_SCHEDULER) for shape in UPDATE_SHAPES]
 
 
@@ -142,7 +150,8 @@ def targets(rows, device):
             ref = by.get((r.case, "diffusers"))
             if ref is not None:
                 ratio = ref.median_us / r.median_us
-                out.append((f"IF stage II step {r.dtype}: {ratio:.2f}x diffusers eager (target 1.5x)", ratio >= 1.5))
+                out.append((f"IF stage II step {r.dtype}: {ratio:.2f}x diffusers eager (target 1.5x)",
+                            ratio >= 1.5))
     upd = [r for r in rows if r.case.startswith("if-update") and "256, 256" in r.case]
     if step is not None and upd:
         for side in ("diffusers", "diffkern"):

@@ -28,7 +28,8 @@ _MISSING = {
     "bs4": ("{0} requires the Beautiful Soup library but it was not found in your environment. You can "
             "install it with pip: `pip install beautifulsoup4`."),
     "ftfy": ("{0} requires the ftfy library but it was not found in your environment. Checkout the "
-             "instructions on the installation section: https://github.com/rspeer/python-ftfy/tree/master#installing"),
+             "instructions on the installation section: "
+             "https://github.com/rspeer/python-ftfy/tree/master#installing"),
 }
 
 _URL = r"[a-zA-Z0-9.\-]+[.](?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b\/?(?!@)"

@@ -90,9 +90,11 @@ class IFPipelineBase:
                  watermarker=None, requires_safety_checker=True):
         self.tokenizer, self.text_encoder, self.unet = tokenizer, text_encoder, unet
         self.scheduler = as_diffkern_scheduler(scheduler)
-        self.safety_checker, self.feature_extractor, self.watermarker = safety_checker, feature_extractor, watermarker
+        self.safety_checker, self.feature_extractor = safety_checker, feature_extractor
+        self.watermarker = watermarker
         if safety_checker is not None and feature_extractor is None:
-            raise ValueError("feature_extractor: required with a safety_checker (or pass safety_checker=None)")
+            raise ValueError("feature_extractor: required with a safety_checker "
+                             "(or pass safety_checker=None)")
         self.notes = []
         if safety_checker is None:
             self.notes.append("safety checker: absent, images are not checked")
@@ -168,7 +170,8 @@ class IFPipelineBase:
 
     # -- prompts ---------------------------------------------------------------------------------
     def encode_prompt(self, prompt, do_classifier_free_guidance=True, num_images_per_prompt=1, device=None,
-                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, clean_caption=False):
+                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
+                      clean_caption=False):
         """(prompt_embeds, negative_prompt_embeds) as diffusers' IFPipeline.encode_prompt: T5 states
         of 77 tokens, each prompt's rows repeated num_images_per_prompt times; the negative is None
         without guidance, encoded from negative_prompt ("" by default) when not given."""
@@ -176,11 +179,15 @@ class IFPipelineBase:
             raise TypeError(f"negative_prompt: expected the type of prompt ({type(prompt).__name__}), "
                             f"got {type(negative_prompt).__name__}")
         device = device or self.device
-        batch = 1 if isinstance(prompt, str) else (len(prompt) if prompt is not None else prompt_embeds.shape[0])
+        if prompt is None:
+            batch = prompt_embeds.shape[0]
+        else:
+            batch = 1 if isinstance(prompt, str) else len(prompt)
         if prompt_embeds is None:
             prompt_embeds = self._encode(C.prompt_list(prompt), MAX_LENGTH, clean_caption)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.dtype
-        prompt_embeds = prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, 0)
+        prompt_embeds = prompt_embeds.to(dtype=dtype, device=device)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, 0)
         if not do_classifier_free_guidance:
             return prompt_embeds, None
         if negative_prompt_embeds is None:
@@ -189,7 +196,8 @@ class IFPipelineBase:
             elif isinstance(negative_prompt, str):
                 negatives = [negative_prompt]
             elif len(negative_prompt) != batch:
-                raise ValueError(f"negative_prompt: got {len(negative_prompt)} negative prompts for {batch} prompts")
+                raise ValueError(f"negative_prompt: got {len(negative_prompt)} negative prompts for "
+                                 f"{batch} prompts")
             else:
                 negatives = list(negative_prompt)
             negative_prompt_embeds = self._encode(negatives, prompt_embeds.shape[1], clean_caption)
@@ -228,8 +236,8 @@ class IFPipelineBase:
 
     def _context(self, prompt, negative_prompt, per_prompt, guided, prompt_embeds, negative_prompt_embeds,
                  clean_caption):
-        cond, uncond = self.encode_prompt(prompt, guided, per_prompt, self.device, negative_prompt, prompt_embeds,
-                                          negative_prompt_embeds, clean_caption)
+        cond, uncond = self.encode_prompt(prompt, guided, per_prompt, self.device, negative_prompt,
+                                          prompt_embeds, negative_prompt_embeds, clean_caption)
         context = torch.cat([uncond, cond]) if guided else cond
         return context.to(self.dtype)
 
@@ -316,4 +324,5 @@ class IFPipelineBase:
 
         pils = [Image.fromarray(a) for a in (images * 255).round().astype("uint8")]
         clip_input = self.feature_extractor(pils, return_tensors="pt").pixel_values
-        return self.safety_checker(images=images, clip_input=clip_input.to(device=self.device, dtype=self.dtype))
+        clip_input = clip_input.to(device=self.device, dtype=self.dtype)
+        return self.safety_checker(images=images, clip_input=clip_input)

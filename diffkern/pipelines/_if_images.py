@@ -55,8 +55,8 @@ def stage1_image(image, sample_size):
     """Image-to-image / inpainting input of stage I -> (B, 3, H, W) in [-1, 1] (float32 for PIL)."""
     images = image if isinstance(image, list) else [image]
     if isinstance(images[0], _pil().Image):
-        arrays = [np.array(resize_to_sample_size(i.convert("RGB"), sample_size)).astype(np.float32) / 127.5 - 1
-                  for i in images]
+        arrays = [np.array(resize_to_sample_size(i.convert("RGB"), sample_size)).astype(np.float32)
+                  / 127.5 - 1 for i in images]
         return _arrays_to_pt(np.stack(arrays))
     if isinstance(images[0], np.ndarray):
         arrays = np.concatenate(images) if images[0].ndim == 4 else np.stack(images)

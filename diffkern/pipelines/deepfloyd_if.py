@@ -35,9 +35,10 @@ class IFPipeline(IFPipelineBase):
 
     @torch.no_grad()
     def __call__(self, prompt=None, num_inference_steps=100, timesteps=None, guidance_scale=7.0,
-                 negative_prompt=None, num_images_per_prompt=1, height=None, width=None, eta=0.0, generator=None,
-                 prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
-                 callback=None, callback_steps=1, clean_caption=True, cross_attention_kwargs=None, progress=None):
+                 negative_prompt=None, num_images_per_prompt=1, height=None, width=None, eta=0.0,
+                 generator=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+                 return_dict=True, callback=None, callback_steps=1, clean_caption=True,
+                 cross_attention_kwargs=None, progress=None):
         """Generate images for `prompt` (or `prompt_embeds`): diffusers' IFPipeline.__call__.
 
         Args:
@@ -54,7 +55,8 @@ class IFPipeline(IFPipelineBase):
         Returns:
             IFPipelineOutput (images, nsfw_detected, watermark_detected), or its tuple.
         """
-        batch = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, callback_steps)
+        batch = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                    callback_steps)
         height, width = self._size(height, "height"), self._size(width, "width")
         guided = guidance_scale > 1.0
         context = self._context(prompt, negative_prompt, num_images_per_prompt, guided, prompt_embeds,
@@ -62,9 +64,11 @@ class IFPipeline(IFPipelineBase):
         steps = self._set_timesteps(num_inference_steps, timesteps)
         n = batch * num_images_per_prompt
         _check_generator(generator, n)
-        x = self._noise((n, self.unet.config.in_channels, height, width), generator) * self.scheduler.init_noise_sigma
-        x = self._denoise(x, steps, context, guidance_scale, generator, cross_attention_kwargs=cross_attention_kwargs,
-                          callback=callback, callback_steps=callback_steps, progress=progress)
+        x = self._noise((n, self.unet.config.in_channels, height, width), generator)
+        x = x * self.scheduler.init_noise_sigma
+        x = self._denoise(x, steps, context, guidance_scale, generator,
+                          cross_attention_kwargs=cross_attention_kwargs, callback=callback,
+                          callback_steps=callback_steps, progress=progress)
         return self._finish(x, output_type, return_dict)
 
 
@@ -77,19 +81,21 @@ class IFSuperResolutionPipeline(IFPipelineBase):
 
     def __init__(self, tokenizer, text_encoder, unet, scheduler, image_noising_scheduler, safety_checker=None,
                  feature_extractor=None, watermarker=None, requires_safety_checker=True):
-        super().__init__(tokenizer, text_encoder, unet, scheduler, safety_checker, feature_extractor, watermarker,
-                         requires_safety_checker)
-        self.image_noising_scheduler = as_diffkern_scheduler(image_noising_scheduler, "image_noising_scheduler")
+        super().__init__(tokenizer, text_encoder, unet, scheduler, safety_checker, feature_extractor,
+                         watermarker, requires_safety_checker)
+        self.image_noising_scheduler = as_diffkern_scheduler(image_noising_scheduler,
+                                                             "image_noising_scheduler")
         if unet.config.in_channels != 6:
             logger.warning("IFSuperResolutionPipeline: the UNet takes %d input channels, not 6 (image + "
-                           "upscaled low-res image): is it a super-resolution checkpoint?", unet.config.in_channels)
+                           "upscaled low-res image): is it a super-resolution checkpoint?",
+                           unet.config.in_channels)
 
     @torch.no_grad()
-    def __call__(self, prompt=None, height=None, width=None, image=None, num_inference_steps=50, timesteps=None,
-                 guidance_scale=4.0, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
-                 prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
-                 callback=None, callback_steps=1, cross_attention_kwargs=None, noise_level=250, clean_caption=True,
-                 progress=None):
+    def __call__(self, prompt=None, height=None, width=None, image=None, num_inference_steps=50,
+                 timesteps=None, guidance_scale=4.0, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
+                 generator=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+                 return_dict=True, callback=None, callback_steps=1, cross_attention_kwargs=None,
+                 noise_level=250, clean_caption=True, progress=None):
         """Upscale `image` following `prompt` (or `prompt_embeds`): diffusers'
         IFSuperResolutionPipeline.__call__.
 
@@ -100,7 +106,8 @@ class IFSuperResolutionPipeline(IFPipelineBase):
             noise_level: the augmentation timestep in [0, image_noising_scheduler's num_train_timesteps).
             The others as IFPipeline (defaults: 50 steps, guidance 4.0; timesteps e.g. "super27").
         """
-        batch = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, callback_steps)
+        batch = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                    callback_steps)
         if image is None:
             raise ValueError("image: required (the low-resolution image to upscale, e.g. stage I's "
                              "output_type='pt' output)")
@@ -125,11 +132,12 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         low = low.to(device=self.device, dtype=self.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         upscaled = F.interpolate(low, (height, width), mode="bilinear", align_corners=True)
         levels_t = torch.full((n,), noise_level, device=self.device, dtype=torch.int64)
-        upscaled = self.image_noising_scheduler.add_noise(upscaled, self._noise(upscaled.shape, generator), levels_t)
+        noise = self._noise(upscaled.shape, generator)
+        upscaled = self.image_noising_scheduler.add_noise(upscaled, noise, levels_t)
         class_labels = torch.cat([levels_t, levels_t]) if guided else levels_t
-        x = self._denoise(x, steps, context, guidance_scale, generator, extra=upscaled, class_labels=class_labels,
-                          cross_attention_kwargs=cross_attention_kwargs, callback=callback,
-                          callback_steps=callback_steps, progress=progress)
+        x = self._denoise(x, steps, context, guidance_scale, generator, extra=upscaled,
+                          class_labels=class_labels, cross_attention_kwargs=cross_attention_kwargs,
+                          callback=callback, callback_steps=callback_steps, progress=progress)
         return self._finish(x, output_type, return_dict)
 
 
@@ -139,22 +147,24 @@ class IFImg2ImgPipeline(IFPipelineBase):
 
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, strength=0.7, num_inference_steps=80, timesteps=None,
-                 guidance_scale=10.0, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
-                 prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
-                 callback=None, callback_steps=1, clean_caption=True, cross_attention_kwargs=None, progress=None):
+                 guidance_scale=10.0, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
+                 generator=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+                 return_dict=True, callback=None, callback_steps=1, clean_caption=True,
+                 cross_attention_kwargs=None, progress=None):
         """diffusers' IFImg2ImgPipeline.__call__ (defaults: strength 0.7, 80 steps, guidance 10).
 
         image: one per prompt; PIL (resized as DeepFloyd does), (B, H, W, 3) arrays or (B, 3, H, W)
         tensors in [-1, 1]. The other arguments as IFPipeline."""
-        return self._edit(prompt, image, None, strength, num_inference_steps, timesteps, guidance_scale,
-                          negative_prompt, num_images_per_prompt, generator, prompt_embeds, negative_prompt_embeds,
-                          output_type, return_dict, callback, callback_steps, clean_caption, cross_attention_kwargs,
-                          progress)
+        call = {k: v for k, v in locals().items() if k not in ("self", "eta")}
+        return self._edit(mask_image=None, **call)
 
     def _edit(self, prompt, image, mask_image, strength, num_inference_steps, timesteps, guidance_scale,
-              negative_prompt, per_prompt, generator, prompt_embeds, negative_prompt_embeds, output_type,
-              return_dict, callback, callback_steps, clean_caption, cross_attention_kwargs, progress):
-        batch = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, callback_steps)
+              negative_prompt, num_images_per_prompt, generator, prompt_embeds, negative_prompt_embeds,
+              output_type, return_dict, callback, callback_steps, clean_caption, cross_attention_kwargs,
+              progress):
+        per_prompt = num_images_per_prompt
+        batch = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                    callback_steps)
         if image is None:
             raise ValueError("image: required (the image to transform)")
         if I.image_batch(image) != batch:
@@ -164,22 +174,23 @@ class IFImg2ImgPipeline(IFPipelineBase):
                              "prompts (one, or one per prompt)")
         check_strength(strength)
         guided = guidance_scale > 1.0
-        context = self._context(prompt, negative_prompt, per_prompt, guided, prompt_embeds, negative_prompt_embeds,
-                                clean_caption)
+        context = self._context(prompt, negative_prompt, per_prompt, guided, prompt_embeds,
+                                negative_prompt_embeds, clean_caption)
         all_steps = self._set_timesteps(num_inference_steps, timesteps)
         count = len(all_steps)
         start = max(count - min(int(count * strength), count), 0)
         steps = all_steps[start:]
         if len(steps) == 0:
             raise ValueError(f"strength: {strength} x {count} steps leaves no denoising step; raise either")
-        pixels = I.stage1_image(image, self.unet.config.sample_size).to(device=self.device, dtype=self.dtype)
+        size = self.unet.config.sample_size
+        pixels = I.stage1_image(image, size).to(device=self.device, dtype=self.dtype)
         if pixels.dim() != 4 or pixels.shape[1] != self.unet.config.in_channels:
             raise ValueError(f"image: expected (B, {self.unet.config.in_channels}, H, W) images, "
                              f"got shape {tuple(pixels.shape)}")
         n = batch * per_prompt
         mask = None
         if mask_image is not None:
-            mask = I.stage1_mask(mask_image, self.unet.config.sample_size).to(device=self.device, dtype=self.dtype)
+            mask = I.stage1_mask(mask_image, size).to(device=self.device, dtype=self.dtype)
             mask = mask.repeat_interleave(n if mask.shape[0] == 1 else per_prompt, dim=0)
         _check_generator(generator, n)
         noise = self._noise((n,) + tuple(pixels.shape[1:]), generator)
@@ -201,18 +212,15 @@ class IFInpaintingPipeline(IFImg2ImgPipeline):
     def __call__(self, prompt=None, image=None, mask_image=None, strength=1.0, num_inference_steps=50,
                  timesteps=None, guidance_scale=7.0, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
                  generator=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
-                 return_dict=True, callback=None, callback_steps=1, clean_caption=True, cross_attention_kwargs=None,
-                 progress=None):
+                 return_dict=True, callback=None, callback_steps=1, clean_caption=True,
+                 cross_attention_kwargs=None, progress=None):
         """diffusers' IFInpaintingPipeline.__call__ (defaults: strength 1.0, 50 steps, guidance 7).
 
         mask_image: 1 (white, >= 0.5) = repaint; PIL (resized as the image), (H, W) arrays or tensors
         (B, 1, H, W) / (1, H, W) / (B, H, W). One mask for every image or one per prompt."""
         if mask_image is None:
             raise ValueError("mask_image: required (1 where the image is repainted)")
-        return self._edit(prompt, image, mask_image, strength, num_inference_steps, timesteps, guidance_scale,
-                          negative_prompt, num_images_per_prompt, generator, prompt_embeds, negative_prompt_embeds,
-                          output_type, return_dict, callback, callback_steps, clean_caption, cross_attention_kwargs,
-                          progress)
+        return self._edit(**{k: v for k, v in locals().items() if k not in ("self", "eta")})
 
 
 def _check_generator(generator, n):

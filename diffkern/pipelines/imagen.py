@@ -1,6 +1,7 @@
 """Imagen / DeepFloyd IF end to end: prompt -> 64 -> 256 -> 1024 in one call.
 
-    cascade = IFCascadePipeline.from_pretrained("IF-I-XL-v1.0", "IF-II-L-v1.0", "stable-diffusion-x4-upscaler",
+    cascade = IFCascadePipeline.from_pretrained("IF-I-XL-v1.0", "IF-II-L-v1.0",
+                                                "stable-diffusion-x4-upscaler",
                                                 dtype=torch.float16, device="cuda", sequential=True)
     out = cascade("a photo of a red cat", generator=torch.Generator().manual_seed(0), return_stages=True)
 
@@ -108,71 +109,57 @@ class IFCascadePipeline:
     def __call__(self, prompt=None, negative_prompt=None, *, stages=None, prompt_embeds=None,
                  negative_prompt_embeds=None, num_images_per_prompt=1, generator=None, output_type="pil",
                  return_stages=False, clean_caption=True, num_inference_steps=(None, None, None),
-                 timesteps=(None, None, None), guidance_scale=(None, None, None), noise_level=(None, None, None),
-                 thresholding=(None, None, None), height=None, width=None, progress=None):
+                 timesteps=(None, None, None), guidance_scale=(None, None, None),
+                 noise_level=(None, None, None), thresholding=(None, None, None), height=None, width=None,
+                 progress=None):
         """Run stages 1..`stages` (default: every stage present) for `prompt` (or T5 `prompt_embeds`).
 
-        Per-stage settings are 3-tuples (None = the stage's default, STAGE_DEFAULTS): num_inference_steps,
-        timesteps (lists or IF schedule names such as "smart100", "super27"), guidance_scale,
-        noise_level (stages II and III), thresholding (None or a dict with any of thresholding /
-        dynamic_thresholding_ratio / sample_max_value, overriding that stage's scheduler config for
-        the call). height / width: stage I's size. output_type applies to the last stage run.
-        Returns IFCascadeOutput.
+        Per-stage settings are 3-tuples (None = the stage's default, STAGE_DEFAULTS):
+        num_inference_steps, timesteps (lists or IF schedule names such as "smart100", "super27"),
+        guidance_scale, noise_level (stages II and III), thresholding (None or a dict with any of
+        thresholding / dynamic_thresholding_ratio / sample_max_value, overriding that stage's
+        scheduler config for the call). height / width: stage I's size. output_type applies to the
+        last stage run. Returns IFCascadeOutput.
         """
         present = [i for i in (1, 2, 3) if self._stages[i] is not None]
         stages = present[-1] if stages is None else stages
         if stages not in (1, 2, 3) or any(i not in present for i in range(1, stages + 1)):
-            raise ValueError(f"stages: expected 1, 2 or 3 with every stage up to it present (present: {present}), "
-                             f"got {stages!r}")
-        for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
-                        ("guidance_scale", guidance_scale), ("noise_level", noise_level),
-                        ("thresholding", thresholding)):
+            raise ValueError(f"stages: expected 1, 2 or 3 with every stage up to it present "
+                             f"(present: {present}), got {stages!r}")
+        per_stage = dict(num_inference_steps=num_inference_steps, timesteps=timesteps,
+                         guidance_scale=guidance_scale, noise_level=noise_level)
+        for name, v in dict(per_stage, thresholding=thresholding).items():
             if not isinstance(v, (tuple, list)) or len(v) != 3:
-                raise ValueError(f"{name}: expected a 3-tuple of per-stage values (None = default), got {v!r}")
+                raise ValueError(f"{name}: expected a 3-tuple of per-stage values (None = default), "
+                                 f"got {v!r}")
         self.last_stats = []
-        embeds = None
-        image, out, kept = None, None, []
+        image, out, kept, embeds = None, None, [], None
         for i in range(1, stages + 1):
             t0 = time.perf_counter()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             pipe = self.stage(i)
             kw = dict(STAGE_DEFAULTS[i])
-            for key, values in (("num_inference_steps", num_inference_steps), ("guidance_scale", guidance_scale),
-                                ("noise_level", noise_level), ("timesteps", timesteps)):
-                if values[i - 1] is not None:
-                    kw[key] = values[i - 1]
-            last = i == stages
-            kw.update(generator=generator, output_type=output_type if last else "pt", progress=progress)
+            kw.update({k: v[i - 1] for k, v in per_stage.items() if v[i - 1] is not None})
+            kw.update(generator=generator, output_type=output_type if i == stages else "pt",
+                      progress=progress)
             if i == 1:
                 embeds = self._encode(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                       clean_caption)
                 kw.update(height=height, width=width)
-            if i > 1:
+            else:
                 kw["image"] = image
-            if isinstance(pipe, IFPipelineBase):
-                # stage I makes num_images_per_prompt images per prompt; later stages take one per image
-                rep = 1 if i == 1 else num_images_per_prompt
-                kw.update(prompt_embeds=embeds[0].repeat_interleave(rep, 0),
-                          negative_prompt_embeds=embeds[1].repeat_interleave(rep, 0),
-                          num_images_per_prompt=num_images_per_prompt if i == 1 else 1)
-            else:  # the SD x4 upscaler: its own (CLIP) text encoder reads the prompt
-                if prompt is None:
-                    raise ValueError("prompt: stage 3 (the x4 upscaler) encodes the prompt with its CLIP "
-                                     "encoder; prompt_embeds alone cannot drive it")
-                prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-                kw.update(prompt=[p for p in prompts for _ in range(num_images_per_prompt)],
-                          negative_prompt=_repeat(negative_prompt, len(prompts), num_images_per_prompt))
+            kw.update(_text_kwargs(pipe, i, embeds, prompt, negative_prompt, num_images_per_prompt))
             out = _with_thresholding(pipe, thresholding[i - 1], kw)
             image = out.images
             kept.append(image)
-            self.last_stats.append(dict(stage=i, seconds=time.perf_counter() - t0,
-                                        peak_gpu_bytes=torch.cuda.max_memory_allocated()
-                                        if torch.cuda.is_available() else None))
+            peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+            self.last_stats.append(dict(stage=i, seconds=time.perf_counter() - t0, peak_gpu_bytes=peak))
             self._release(i, pipe)
             del pipe
         nsfw = getattr(out, "nsfw_detected", getattr(out, "nsfw_content_detected", None))
-        return IFCascadeOutput(image, kept if return_stages else [], nsfw, getattr(out, "watermark_detected", None))
+        return IFCascadeOutput(image, kept if return_stages else [], nsfw,
+                               getattr(out, "watermark_detected", None))
 
     def _encode(self, stage_1, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clean_caption):
         """T5 once: (prompt_embeds, negative_prompt_embeds), one row per prompt, the negative always
@@ -217,6 +204,23 @@ def if_folder_pipeline(path, *, img2img=False, inpaint=False):
     if img2img or inpaint:
         raise ValueError(f"img2img / inpaint: {path} is a {name} folder (super-resolution), not stage I")
     return getattr(P, name)
+
+
+def _text_kwargs(pipe, i, embeds, prompt, negative_prompt, per_prompt):
+    """What stage i reads the text from: the T5 embeddings (IF stages), or the prompt (the x4 upscaler,
+    whose CLIP encoder reads it). Stage I makes per_prompt images per prompt; later stages take one
+    per image."""
+    if isinstance(pipe, IFPipelineBase):
+        rep = 1 if i == 1 else per_prompt
+        return dict(prompt_embeds=embeds[0].repeat_interleave(rep, 0),
+                    negative_prompt_embeds=embeds[1].repeat_interleave(rep, 0),
+                    num_images_per_prompt=per_prompt if i == 1 else 1)
+    if prompt is None:
+        raise ValueError(f"prompt: stage {i} (the x4 upscaler) encodes the prompt with its CLIP encoder; "
+                         "prompt_embeds alone cannot drive it")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    return dict(prompt=[p for p in prompts for _ in range(per_prompt)],
+                negative_prompt=_repeat(negative_prompt, len(prompts), per_prompt))
 
 
 def _with_thresholding(pipe, overrides, kw):

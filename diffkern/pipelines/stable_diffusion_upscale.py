@@ -51,7 +51,8 @@ class StableDiffusionUpscalePipeline(LatentDiffusionPipelineBase):
                  feature_extractor=None, watermarker=None, max_noise_level=350):
         super().__init__(unet, vae, text_encoder, tokenizer, as_diffkern_scheduler(scheduler))
         self.low_res_scheduler = as_diffkern_scheduler(low_res_scheduler, "low_res_scheduler")
-        self.safety_checker, self.feature_extractor, self.watermarker = safety_checker, feature_extractor, watermarker
+        self.safety_checker, self.feature_extractor = safety_checker, feature_extractor
+        self.watermarker = watermarker
         self.max_noise_level = max_noise_level
         self.scaling_factor = getattr(vae.config, "scaling_factor", None)
         if self.scaling_factor != X4_SCALING_FACTOR:
@@ -75,7 +76,8 @@ class StableDiffusionUpscalePipeline(LatentDiffusionPipelineBase):
             raise ValueError("loaded: no low_res_scheduler (is it a stable-diffusion-x4-upscaler folder?)")
         index = getattr(loaded, "model_index", None) or {}
         pipe = cls(parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["unet"],
-                   schedulers.DDPMScheduler.from_config(low), C.make_scheduler(scheduler, parts["scheduler_config"]),
+                   schedulers.DDPMScheduler.from_config(low),
+                   C.make_scheduler(scheduler, parts["scheduler_config"]),
                    max_noise_level=index.get("max_noise_level", 350))
         pipe.notes += list(getattr(loaded, "notes", None) or [])
         return pipe
@@ -104,30 +106,30 @@ class StableDiffusionUpscalePipeline(LatentDiffusionPipelineBase):
             raise ValueError("image: required (the low-resolution image to upscale)")
         if isinstance(noise_level, bool) or not isinstance(noise_level, int) or \
                 not 0 <= noise_level <= self.max_noise_level:
-            raise ValueError(f"noise_level: expected an int in [0, {self.max_noise_level}] (max_noise_level), "
-                             f"got {noise_level!r}")
+            raise ValueError(f"noise_level: expected an int in [0, {self.max_noise_level}] "
+                             f"(max_noise_level), got {noise_level!r}")
         n_images = len(image) if isinstance(image, list) else (
             image.shape[0] if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4 else 1)
         if n_images != count:
             raise ValueError(f"image: got {n_images} images for {count} prompts (one per prompt)")
         batch = count * num_images_per_prompt
-        self._common_checks("pt" if output_type == "latent" else output_type, generator, num_images_per_prompt,
-                            batch, num_inference_steps)
+        self._common_checks("pt" if output_type == "latent" else output_type, generator,
+                            num_images_per_prompt, batch, num_inference_steps)
         guided = guidance_scale > 1.0
         context = self._context(prompts, negative_prompt, num_images_per_prompt, guided, clip_skip,
                                 prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
         low = self._preprocess(image).to(device=self.device, dtype=self.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         level = torch.tensor([noise_level], dtype=torch.long, device=self.device)
-        low = self.low_res_scheduler.add_noise(low, C.initial_noise(low.shape, generator, self.device, self.dtype),
-                                               level)
+        noise = C.initial_noise(low.shape, generator, self.device, self.dtype)
+        low = self.low_res_scheduler.add_noise(low, noise, level)
         # diffusers tiles (not interleaves) the image over the guidance halves and the images per prompt
         low = torch.cat([low] * (2 if guided else 1) * num_images_per_prompt)
         levels = level.repeat(low.shape[0])
         latent_channels = self.vae.config.latent_channels
         if latent_channels + low.shape[1] != self.unet.config.in_channels:
-            raise ValueError(f"image: {low.shape[1]} channels + {latent_channels} latent channels do not make "
-                             f"the UNet's {self.unet.config.in_channels} input channels")
+            raise ValueError(f"image: {low.shape[1]} channels + {latent_channels} latent channels do not "
+                             f"make the UNet's {self.unet.config.in_channels} input channels")
         shape = (batch, latent_channels) + tuple(low.shape[2:])
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
@@ -159,13 +161,14 @@ class StableDiffusionUpscalePipeline(LatentDiffusionPipelineBase):
         steps = sched.timesteps
         for i, t in enumerate(_progress(steps, self.progress if progress is None else progress, len(steps))):
             x_in = sched.scale_model_input(torch.cat([x, x]) if guidance_scale is not None else x, t)
-            out = unet_call(self.unet, torch.cat([x_in, low], dim=1), t, context, levels, cross_attention_kwargs)
+            x_in = torch.cat([x_in, low], dim=1)
+            out = unet_call(self.unet, x_in, t, context, levels, cross_attention_kwargs)
             if guidance_scale is None:
                 x = sched.step(out, t, x, generator=generator, return_dict=False, **kw)[0]
             else:
                 uncond, cond = out.chunk(2)
-                x = sched.step(cond, t, x, generator=generator, uncond_output=uncond, guidance_scale=guidance_scale,
-                               return_dict=False, **kw)[0]
+                x = sched.step(cond, t, x, generator=generator, uncond_output=uncond,
+                               guidance_scale=guidance_scale, return_dict=False, **kw)[0]
             if callback is not None and i % callback_steps == 0:
                 callback(i, t, x)
         return x
@@ -194,6 +197,7 @@ class StableDiffusionUpscalePipeline(LatentDiffusionPipelineBase):
         from PIL import Image
 
         pils = [Image.fromarray(a) for a in (images * 255).round().astype("uint8")]
-        clip_input = self.feature_extractor(pils, return_tensors="pt").pixel_values.to(self.device, self.dtype)
+        clip_input = self.feature_extractor(pils, return_tensors="pt").pixel_values
+        clip_input = clip_input.to(self.device, self.dtype)
         checked, nsfw = self.safety_checker(images=decoded, clip_input=clip_input)
         return checked, nsfw

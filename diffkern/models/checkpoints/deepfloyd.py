@@ -1,4 +1,4 @@
-"""DeepFloyd IF's original checkpoints (deep-floyd/IF: `pytorch_model.bin` + `config.yml`) -> diffusers layout.
+"""DeepFloyd IF's original checkpoints (deep-floyd/IF: pytorch_model.bin + config.yml) -> diffusers layout.
 
     config, state = convert_deepfloyd_unet(torch.load("IF-I-XL-v1.0/pytorch_model.bin"),
                                            yaml.safe_load(open("IF-I-XL-v1.0/config.yml"))["params"])
@@ -8,7 +8,7 @@ The original UNet is guided-diffusion's with IF's additions; the mapping (diffus
   time_embed.{0,2}           -> time_embedding.linear_{1,2}
   aug_proj.{0,2}             -> class_embedding.linear_{1,2}   (stage II's noise-level embedding)
   encoder_proj               -> encoder_hid_proj               (T5 4096 -> encoder_channels)
-  encoder_pooling.{0,1,2,3}  -> add_embedding.{norm1,pool,proj,norm2}  (attention pooling into the time embedding)
+  encoder_pooling.{0,1,2,3}  -> add_embedding.{norm1,pool,proj,norm2}  (text pooled into the time embedding)
   input_blocks / middle_block / output_blocks -> down_blocks / mid_block / up_blocks (resnets, attentions,
       ResBlock up/down samplers), ResBlock in_layers/emb_layers/out_layers/skip_connection ->
       norm1, conv1 / time_emb_proj / norm2, conv2 / conv_shortcut
@@ -26,7 +26,8 @@ import os
 
 import torch
 
-__all__ = ["convert_deepfloyd_config", "convert_deepfloyd_unet", "load_deepfloyd_unet", "read_deepfloyd_folder"]
+__all__ = ["convert_deepfloyd_config", "convert_deepfloyd_unet", "load_deepfloyd_unet",
+           "read_deepfloyd_folder"]
 
 _RESNET_PARTS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                  "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -68,7 +69,8 @@ def convert_deepfloyd_config(params, state_dict=None):
         if key not in params:
             raise ValueError(f"config.yml: params.{key} is missing (not a DeepFloyd IF UNet config?)")
     if not params.get("resblock_updown", False):
-        raise NotImplementedError("config.yml: resblock_updown=False (conv up/downsamplers) is not an IF layout")
+        raise NotImplementedError("config.yml: resblock_updown=False (conv up/downsamplers) is not an IF "
+                                  "layout")
     mult, blocks, attn, no_self = _levels(params)
     mc, levels = int(params["model_channels"]), len(mult)
     ds = [2 ** i for i in range(levels)]
@@ -86,7 +88,8 @@ def convert_deepfloyd_config(params, state_dict=None):
         "out_channels": int(params["out_channels"]), "block_out_channels": [mc * m for m in mult],
         "layers_per_block": blocks[0] if len(set(blocks)) == 1 else list(blocks),
         "down_block_types": down, "up_block_types": up, "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
-        "cross_attention_dim": int(params["encoder_channels"]), "attention_head_dim": int(params["num_head_channels"]),
+        "cross_attention_dim": int(params["encoder_channels"]),
+        "attention_head_dim": int(params["num_head_channels"]),
         "cross_attention_norm": "group_norm", "addition_embed_type": "text",
         "addition_embed_type_num_heads": int(params.get("att_pool_heads", 64)), "act_fn": act,
         "resnet_time_scale_shift": "scale_shift" if params.get("use_scale_shift_norm", False) else "default",
@@ -135,8 +138,8 @@ def _attention(sd, old, new, out, head_dim, self_attention):
     else:
         q, qb = w, b
     out.update({f"{new}.to_q.weight": q, f"{new}.to_q.bias": qb})
-    (ek, ev), (ekb, evb) = _split_heads(sd[f"{old}.encoder_kv.weight"][:, :, 0], sd[f"{old}.encoder_kv.bias"], 2,
-                                        head_dim)
+    kv_w, kv_b = sd[f"{old}.encoder_kv.weight"][:, :, 0], sd[f"{old}.encoder_kv.bias"]
+    (ek, ev), (ekb, evb) = _split_heads(kv_w, kv_b, 2, head_dim)
     out.update({f"{new}.add_k_proj.weight": ek, f"{new}.add_k_proj.bias": ekb, f"{new}.add_v_proj.weight": ev,
                 f"{new}.add_v_proj.bias": evb})
     for a, d in (("norm", "group_norm"), ("norm_encoder", "norm_cross")):

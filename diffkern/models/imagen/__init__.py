@@ -7,5 +7,5 @@ from diffkern.models.imagen.presets import (BUDGETS, efficient_unet_config, imag
                                             preset_config)
 
 __all__ = ["EfficientDownBlock2D", "EfficientCrossAttnDownBlock2D", "EfficientUpBlock2D",
-           "EfficientCrossAttnUpBlock2D", "BUDGETS", "efficient_unet_config", "imagen_unet", "parameter_count",
-           "preset_config"]
+           "EfficientCrossAttnUpBlock2D", "BUDGETS", "efficient_unet_config", "imagen_unet",
+           "parameter_count", "preset_config"]

@@ -90,18 +90,21 @@ class EfficientUpBlock2D(nn.Module):
         super().__init__()
         res = _res_kw(kw)
         count = max(num_layers - 1, 1)
-        self.resnets = nn.ModuleList([resnet(prev_output_channel + out_channels, out_channels, temb_channels, **res)])
+        first = resnet(prev_output_channel + out_channels, out_channels, temb_channels, **res)
+        self.resnets = nn.ModuleList([first])
         self.more_resnets = nn.ModuleList([resnet(out_channels, out_channels, temb_channels, **res)
                                            for _ in range(count - 1)])
         self.attention = _attention(out_channels, kw) if self.has_cross_attention else None
         self.upsample = nn.Conv2d(out_channels, out_channels, 3, padding=1)
 
     def forward(self, hidden_states, res_hidden_states_tuple, temb=None, encoder_hidden_states=None,
-                cross_attention_kwargs=None, upsample_size=None, attention_mask=None, encoder_attention_mask=None):
+                cross_attention_kwargs=None, upsample_size=None, attention_mask=None,
+                encoder_attention_mask=None):
         skip = res_hidden_states_tuple[-1]
         if skip.shape[2:] != hidden_states.shape[2:]:
             raise ValueError(f"EfficientUpBlock2D: feature map {tuple(hidden_states.shape[2:])} and skip "
-                             f"{tuple(skip.shape[2:])} differ: the input sides must be multiples of 2 ** levels")
+                             f"{tuple(skip.shape[2:])} differ: the input sides must be multiples of "
+                             "2 ** levels")
         h = self.resnets[0](torch.cat([hidden_states, skip * SKIP_SCALE], dim=1), temb)
         for block in self.more_resnets:
             h = block(h, temb)

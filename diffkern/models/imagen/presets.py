@@ -11,7 +11,8 @@
 - "imagen-sr-1024": the 256 -> 1024 Efficient U-Net, 400M: the same shape with fewer low-resolution
   resnets.
 The paper gives budgets, not every width: the channel counts follow it and the resnet counts are
-chosen so that the parameter counts land within 3% of the budgets (2.03B, 599M, 408M) (tests/models/imagen checks them).
+chosen so that the parameter counts land within 3% of the budgets (2.03B, 599M, 408M; checked in
+tests/models/imagen).
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ _TEXT = dict(encoder_hid_dim=T5_XXL_WIDTH, addition_embed_type="text", addition_
              cross_attention_norm="group_norm")
 
 
-def efficient_unet_config(block_out_channels, layers_per_block, attention_levels, *, sample_size, in_channels=6,
-                          out_channels=3, cross_attention_dim=1024, attention_head_dim=64, only_cross_attention=True,
-                          **overrides):
+def efficient_unet_config(block_out_channels, layers_per_block, attention_levels, *, sample_size,
+                          in_channels=6, out_channels=3, cross_attention_dim=1024, attention_head_dim=64,
+                          only_cross_attention=True, **overrides):
     """An Efficient U-Net config: every level an Efficient(CrossAttn)Down/UpBlock2D, attention at the
     levels in `attention_levels` (0 = highest resolution), no mid block, noise level as class
     embedding, T5 text pooled into the time embedding and projected for the cross-attention."""
     n = len(block_out_channels)
-    down = ["EfficientCrossAttnDownBlock2D" if i in attention_levels else "EfficientDownBlock2D" for i in range(n)]
-    up = ["EfficientCrossAttnUpBlock2D" if n - 1 - i in attention_levels else "EfficientUpBlock2D" for i in range(n)]
+    down = ["EfficientCrossAttnDownBlock2D" if i in attention_levels else "EfficientDownBlock2D"
+            for i in range(n)]
+    up = ["EfficientCrossAttnUpBlock2D" if n - 1 - i in attention_levels else "EfficientUpBlock2D"
+          for i in range(n)]
     config = dict(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
                   block_out_channels=list(block_out_channels), layers_per_block=list(layers_per_block),
                   down_block_types=down, up_block_types=up, mid_block_type=None,
@@ -50,8 +53,8 @@ def preset_config(name):
     """The UNet2DConditionModel config of an Imagen preset (see the module docstring)."""
     if name == "imagen-base-64":
         ch = 480  # x (1, 2, 3, 4): head width 32 divides every level
-        return dict(sample_size=64, in_channels=3, out_channels=6, block_out_channels=[ch, 2 * ch, 3 * ch, 4 * ch],
-                    layers_per_block=3,
+        return dict(sample_size=64, in_channels=3, out_channels=6,
+                    block_out_channels=[ch, 2 * ch, 3 * ch, 4 * ch], layers_per_block=3,
                     down_block_types=["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3,
                     mid_block_type="UNetMidBlock2DSimpleCrossAttn",
                     up_block_types=["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"],
