@@ -67,3 +67,29 @@ def test_karlo_decoder_parameter_count():
         ours, theirs = UNet2DConditionModel(**KARLO_DECODER), diffusers.UNet2DConditionModel(**KARLO_DECODER)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 885_439_686
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_in_a_diffusers_unclip_pipeline_gives_the_same_images(tmp_path):
+    """The decoder swapped into diffusers' UnCLIPPipeline: the same decoder outputs at every step (the
+    final images saturate at random weights, so the steps are what is compared) and the same images."""
+    from tests.pipelines._unclip import diffusers_components
+
+    pipe = diffusers.UnCLIPPipeline(**diffusers_components(tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt="a photo of a cat", prior_num_inference_steps=2, decoder_num_inference_steps=3,
+                super_res_num_inference_steps=2, output_type="pt")
+
+    def run():
+        steps = []
+        hook = pipe.decoder.register_forward_hook(lambda m, a, out: steps.append(out.sample.clone()))
+        images = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+        hook.remove()
+        return torch.stack(steps), torch.as_tensor(images)  # diffusers' unCLIP "pt" output is numpy
+
+    want_steps, want = run()
+    pipe.decoder = from_diffusers(pipe.decoder)
+    assert isinstance(pipe.decoder, UNet2DConditionModel)
+    got_steps, got = run()
+    assert got_steps.shape[0] == 3
+    assert max_diff(got_steps, want_steps) < TOL * max(1.0, want_steps.abs().max().item())
+    assert max_diff(got, want) < 1e-4
