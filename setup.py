@@ -60,7 +60,7 @@ def _extensions():
         defines = ["-DWITH_CUDA", f'-DDIFFKERN_CUDA_ARCHS="{archs}"']
         ext = CUDAExtension(
             "diffkern._C",
-            sources + ["csrc/cuda/group_norm.cu", "csrc/cuda/dynamic_threshold.cu", "csrc/cuda/guided_step.cu", "csrc/cuda/sampler_update.cu"],
+            sources + ["csrc/cuda/group_norm_planning.cu", "csrc/cuda/group_norm_resident.cu", "csrc/cuda/group_norm_split.cu", "csrc/cuda/group_norm_channels_last_rows.cu", "csrc/cuda/dynamic_threshold.cu", "csrc/cuda/guided_step.cu", "csrc/cuda/sampler_update.cu"],
             extra_compile_args={"cxx": cxx + defines,
                                 "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + defines},
             extra_link_args=link,

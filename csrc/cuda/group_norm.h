@@ -1,5 +1,5 @@
 // CUDA group_norm forward: plain launchers on raw pointers (no torch headers), so that
-// `nvcc -c -arch=sm_90 csrc/cuda/group_norm.cu` checks the kernels on any machine.
+// `nvcc -c -arch=sm_90 csrc/cuda/group_norm_*.cu` checks the kernels on any machine (plans: group_norm_common.cuh).
 #pragma once
 #include <cuda_runtime_api.h>
 #include <cstdint>
