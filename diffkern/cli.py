@@ -38,7 +38,9 @@ from diffkern.cli_common import DTYPES, UsageError, flag  # noqa: F401 (UsageErr
 #                             and return a diffkern.distributed runner (runner(jobs, generators) ->
 #                             PIL images, with accepts / defaults / metadata; see
 #                             diffkern/distributed/runners.py). diffkern.distributed then shards,
-#                             batches, seeds, writes PNG + manifest and runs CFG-parallel.
+#                             batches, seeds, writes PNG + manifest; for --cfg-parallel it wraps
+#                             the denoisers (unet / base_model / upsampler_model) of runner.pipe, or
+#                             of each pipeline in runner.cfg_parallel_pipes (a list) when given.
 # Raise cli_common.UsageError for anything the user can fix (printed as one line, exit status 2).
 FAMILIES = {
     "sd": "diffkern.cli_sd",  # Stable Diffusion 1.x / 2.x, LDM text2im (--checkpoint)

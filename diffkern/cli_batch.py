@@ -23,6 +23,20 @@ def _jobs(args, runner):
         raise UsageError(f"--prompts: {e}") from None
 
 
+def _cfg_parallel(module, runner, ctx):
+    """Wrap the runner's pipelines (runner.cfg_parallel_pipes, else [runner.pipe]) for CFG-parallel."""
+    from diffkern import distributed
+
+    pipes = getattr(runner, "cfg_parallel_pipes", None) or [getattr(runner, "pipe", None)]
+    try:
+        for pipe in pipes:
+            if pipe is None:
+                raise ValueError("its runner exposes no pipeline (runner.pipe)")
+            distributed.enable_cfg_parallel(pipe, ctx)
+    except ValueError as e:
+        raise UsageError(f"--cfg-parallel: not available for {module.NAME} ({e})") from None
+
+
 def generate_batch(module, args):
     """Run a prompt file with the family `module` (see diffkern.cli.FAMILIES); returns the
     GenerationResult (failures listed there and on stderr; exit status 1 when there are some)."""
@@ -36,7 +50,7 @@ def generate_batch(module, args):
         runner = module.make_runner(args, ctx.device)
         jobs = _jobs(args, runner)
         if args.cfg_parallel:
-            distributed.enable_cfg_parallel(runner.pipe, ctx)
+            _cfg_parallel(module, runner, ctx)
         with backend_context(args.backend):
             result = distributed.generate_images(runner, jobs, args.outdir, batch_size=args.batch_size,
                                                  resume=args.resume, progress=not args.quiet, context=ctx)
