@@ -14,12 +14,14 @@ from ._helpers import max_diff, randomise  # noqa: E402
 
 TOL = 1e-4
 
+
 def _not_saturated(images, low=0.0, high=1.0):
     """Most values inside (low, high): at random weights a pipeline's output can clamp everywhere, and
     a parity check on clamped pixels would prove nothing."""
     t = torch.as_tensor(images)
     margin = 0.01 * (high - low)
     assert ((t > low + margin) & (t < high - margin)).double().mean() > 0.5
+
 
 SD = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

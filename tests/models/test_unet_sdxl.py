@@ -13,12 +13,14 @@ from ._helpers import BACKENDS, backend_context, check_backends, max_diff, rando
 
 TOL = 1e-4
 
+
 def _not_saturated(images, low=0.0, high=1.0):
     """Most values inside (low, high): at random weights a pipeline's output can clamp everywhere, and
     a parity check on clamped pixels would prove nothing."""
     t = torch.as_tensor(images)
     margin = 0.01 * (high - low)
     assert ((t > low + margin) & (t < high - margin)).double().mean() > 0.5
+
 
 POOLED, TIME_DIM = 20, 8  # text_embeds width; addition_time_embed_dim (6 time ids -> 48)
 
