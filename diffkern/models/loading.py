@@ -115,8 +115,12 @@ def load(path, *, dtype=None, device="cpu", variant=None, component=None, predic
             if component is not None or prediction_type is not None:
                 raise ValueError("load: component= and prediction_type= do not apply to a component folder")
             return load_component_folder(path, variant=variant, **opts)
+        if (path / "config.yml").is_file() and (path / "pytorch_model.bin").is_file():
+            from diffkern.models.checkpoints.deepfloyd import load_deepfloyd_unet  # original DeepFloyd IF
+
+            return load_deepfloyd_unet(path, **opts)
         raise FileNotFoundError(f"load: {path} holds neither model_index.json (a pipeline) nor config.json "
-                                "(a component)")
+                                "(a component) nor config.yml + pytorch_model.bin (a DeepFloyd IF UNet)")
     if variant is not None:
         raise ValueError("load: variant= selects files inside diffusers folders; it does not apply to a "
                          "single file")

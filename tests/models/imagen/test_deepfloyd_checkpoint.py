@@ -165,10 +165,10 @@ def test_load_deepfloyd_unet_to_diffkern(tmp_path):
     unet = _random_unet(BASE_CONFIG)
     torch.save(original_layout(unet, [1, 1], {1}, True, 16), tmp_path / "pytorch_model.bin")
     (tmp_path / "config.yml").write_text(yaml.safe_dump({"params": BASE_PARAMS}))
-    try:
-        ours = load_deepfloyd_unet(tmp_path)
-    except ValueError as e:  # diffkern's UNet does not take IF's config yet
-        pytest.skip(f"diffkern UNet2DConditionModel lacks an IF feature: {e}")
+    ours = load_deepfloyd_unet(tmp_path)
+    from diffkern.models import load
+
+    assert type(load(tmp_path)) is type(ours)  # loading.load recognises the original folder layout
     x, t, text = torch.randn(1, 3, 16, 16), torch.tensor([500]), torch.randn(1, 7, 24)
     with torch.no_grad():
         ref = unet(x, t, encoder_hidden_states=text).sample
