@@ -200,13 +200,16 @@ class IFPipelineBase:
                                  f"{batch} prompts")
             else:
                 negatives = list(negative_prompt)
-            negative_prompt_embeds = self._encode(negatives, prompt_embeds.shape[1], clean_caption)
+            negative_prompt_embeds = self._encode(negatives, prompt_embeds.shape[1], clean_caption,
+                                                  "negative_prompt_embeds")
         negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
         return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, 0)
 
-    def _encode(self, prompts, max_length, clean):
+    def _encode(self, prompts, max_length, clean, needed="prompt_embeds"):
         if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("prompt: this pipeline has no text_encoder / tokenizer; pass prompt_embeds")
+            what = "prompt" if needed == "prompt_embeds" else "negative_prompt"
+            raise ValueError(f"{what}: this pipeline has no text_encoder / tokenizer (IF-II folders ship "
+                             f"none); pass {needed} (e.g. from stage I's encode_prompt)")
         return encode_t5(self.text_encoder, self.tokenizer, prompts, max_length=max_length, clean=clean)
 
     def _check_prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, callback_steps):
