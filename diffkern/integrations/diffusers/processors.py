@@ -99,10 +99,11 @@ class DiffkernAttnProcessor:
         query = _split_heads(query, batch_size, attn.heads)
         key = _split_heads(key, batch_size, attn.heads)
         value = _split_heads(value, batch_size, attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)  # diffusers >= 0.28
+        if norm_q is not None:
+            query = norm_q(query)
+        if norm_k is not None:
+            key = norm_k(key)
 
         out = _attention(query, key, value, attention_mask, attn.scale)
         hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
