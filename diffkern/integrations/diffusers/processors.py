@@ -99,7 +99,8 @@ class DiffkernAttnProcessor:
         query = _split_heads(query, batch_size, attn.heads)
         key = _split_heads(key, batch_size, attn.heads)
         value = _split_heads(value, batch_size, attn.heads)
-        norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)  # absent in older diffusers
+        # qk norms: absent from Attention in older diffusers
+        norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
         if norm_q is not None:
             query = norm_q(query)
         if norm_k is not None:
