@@ -111,3 +111,53 @@ def targets(rows, device, copy_gbps):
                         f"{r.speedup_vs_reference:.2f}x eager, {r.speedup_vs_best_peer or float('nan'):.2f}x compile "
                         "(targets 85%, 3x, 1.2x)", ok))
     return out
+
+
+def side_by_side(threads=2, rounds=15, reps=8, log=print):
+    """CPU, fp32, GN + SiLU at the SD 1.5 shapes, both layouts: the eager reference and the C++ kernel
+    timed interleaved (round-robin, `reps` calls each per round), so that load from other processes
+    hits both alike; reports the median and the minimum per call and both ratios. The harness's
+    blocked_autorange medians are the numbers of record on a quiet machine; this is for shared ones."""
+    import os
+    import statistics
+    import time
+
+    allocator = harness.pin_cpu_allocator()
+    torch.set_num_threads(threads)
+    rows = []
+    for layout in ("contiguous", "channels_last"):
+        for shape in SD15 + [GLIDE[-1]]:
+            case = Case("sd15" if shape in SD15 else "glide", shape, torch.float32, layout, shape not in SD15)
+            x, w, b, sc, sh = _inputs(case, torch.device("cpu"))
+            fns = {"reference": lambda: reference.group_norm(x, GROUPS, w, b, scale=sc, shift=sh, activation="silu"),
+                   "cpu": lambda: ops.group_norm(x, GROUPS, w, b, scale=sc, shift=sh, activation="silu", backend="cpu")}
+            times = {k: [] for k in fns}
+            with torch.no_grad():
+                for f in fns.values():
+                    f()
+                for _ in range(rounds):
+                    for k, f in fns.items():
+                        for _ in range(reps):
+                            t0 = time.perf_counter()
+                            f()
+                            times[k].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+            low = {k: min(v) * 1e6 for k, v in times.items()}
+            row = dict(case=case.name, shape=shape, layout=layout, threads=threads, median_us=med, min_us=low,
+                       ratio_median=med["reference"] / med["cpu"], ratio_min=low["reference"] / low["cpu"],
+                       load=os.getloadavg())
+            rows.append(row)
+            log(f"{case.name} {shape} {layout} t={threads}: reference {med['reference']:.0f}/{low['reference']:.0f} us, "
+                f"cpu {med['cpu']:.0f}/{low['cpu']:.0f} us (median/min): x{row['ratio_median']:.2f} median, "
+                f"x{row['ratio_min']:.2f} min; load {row['load'][0]:.1f}")
+    return rows, allocator
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    out = side_by_side(threads=int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    if len(sys.argv) > 2:
+        with open(sys.argv[2], "w") as f:
+            json.dump({"rows": out[0], "allocator": out[1], "torch": torch.__version__}, f, indent=1)
