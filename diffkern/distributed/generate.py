@@ -67,7 +67,7 @@ def generate_images(runner, jobs, outdir, *, batch_size=1, resume=False, progres
     ctx = context or DistContext()
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    todo = [j for j in jobs if not (resume and (outdir / image_name(j.index)).is_file())]
+    todo = _todo(ctx, jobs, outdir, resume)
     skipped = len(jobs) - len(todo)
     batches = make_batches(todo, batch_size)
     mine = batches[ctx.data_rank::ctx.data_world]
@@ -98,6 +98,19 @@ def generate_images(runner, jobs, outdir, *, batch_size=1, resume=False, progres
         if log is not None:
             log.close()
     return _finish(ctx, outdir, records, failure, written, skipped, time.perf_counter() - start)
+
+
+def _todo(ctx, jobs, outdir, resume):
+    """The jobs to run: all, or with resume those whose image is missing, as rank 0 sees the folder
+    (broadcast, so that every rank deals the same batches even while others start writing)."""
+    done = sorted(j.index for j in jobs if resume and (outdir / image_name(j.index)).is_file()) \
+        if ctx.rank == 0 else None
+    if ctx.distributed:
+        box = [done]
+        torch.distributed.broadcast_object_list(box, src=0)
+        done = box[0]
+    done = set(done)
+    return [j for j in jobs if j.index not in done]
 
 
 def _run_batch(runner, batch, outdir, meta, log, records, writes):
