@@ -85,11 +85,20 @@ def test_prior_bad_inputs():
 
 
 def test_karlo_parameter_counts():
+    """The issue's published sizes, from the configs load_karlo builds (meta device: no memory)."""
+    from diffkern.models import UNet2DConditionModel, UNet2DModel
+    from diffkern.models.checkpoints.karlo import KARLO_DECODER, KARLO_SUPER_RES
+
     with torch.device("meta"):
         prior = PriorTransformer()
         proj = UnCLIPTextProjModel(time_embed_dim=1280, cross_attention_dim=1536)
-    assert sum(p.numel() for p in prior.parameters()) == 1_022_030_080
-    assert sum(p.numel() for p in proj.parameters()) == 7_878_400
+        decoder = UNet2DConditionModel(**KARLO_DECODER)
+        sr = UNet2DModel(**KARLO_SUPER_RES)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(prior) == 1_022_030_080
+    assert count(proj) == 7_878_400
+    assert count(decoder) == 885_439_686
+    assert count(sr) == 691_579_523
 
 
 @pytest.mark.parametrize("guided", [True, False])
