@@ -4,7 +4,8 @@
 - StableDiffusionInpaintPipeline: the SD inpainting checkpoints (9-channel UNet).
 - LDMTextToImagePipeline: Latent Diffusion text2im (LDM-BERT text encoder).
 - GlidePipeline: GLIDE 64 -> 256 with classifier-free or CLIP guidance, and inpainting.
-- IFPipeline / IFSuperResolutionPipeline / IFImg2ImgPipeline / IFInpaintingPipeline: DeepFloyd IF stages.
+- IFPipeline / IFSuperResolutionPipeline / IFImg2ImgPipeline / IFInpaintingPipeline (+ their
+  SuperResolution variants): DeepFloyd IF stages.
 - StableDiffusionUpscalePipeline: the SD x4 upscaler (IF stage III).
 - IFCascadePipeline (= ImagenPipeline): prompt -> 64 -> 256 -> 1024, T5 once, sequential loading.
 - UnCLIPPipeline / UnCLIPImageVariationPipeline: DALL-E 2 / Karlo (prior, decoder, 64 -> 256 SR);
@@ -17,7 +18,9 @@ Each matches diffusers' pipeline of the same name image for image (same weights,
 from diffkern.pipelines._common import ImagePipelineOutput
 from diffkern.pipelines.deepfloyd_if import (
     IFImg2ImgPipeline,
+    IFImg2ImgSuperResolutionPipeline,
     IFInpaintingPipeline,
+    IFInpaintingSuperResolutionPipeline,
     IFPipeline,
     IFPipelineOutput,
     IFSuperResolutionPipeline,
@@ -64,7 +67,8 @@ def load_pipeline(path, *, dtype=None, device="cpu", scheduler=None, img2img=Fal
 
     from diffkern.pipelines.imagen import if_folder_pipeline
 
-    deepfloyd = if_folder_pipeline(path, img2img=img2img, inpaint=inpaint)  # IF-I / IF-II / x4-upscaler folders
+    # IF-I / IF-II / x4-upscaler folders
+    deepfloyd = if_folder_pipeline(path, img2img=img2img, inpaint=inpaint)
     if deepfloyd is not None:
         return deepfloyd.from_pretrained(path, dtype=dtype, device=device, **load_kwargs)
 
@@ -89,7 +93,9 @@ __all__ = [
     "IFCascadeOutput",
     "IFCascadePipeline",
     "IFImg2ImgPipeline",
+    "IFImg2ImgSuperResolutionPipeline",
     "IFInpaintingPipeline",
+    "IFInpaintingSuperResolutionPipeline",
     "IFPipeline",
     "IFPipelineOutput",
     "IFSuperResolutionPipeline",

@@ -27,6 +27,7 @@ from diffkern.pipelines.stable_diffusion import check_strength
 logger = logging.getLogger(__name__)
 
 __all__ = ["IFPipeline", "IFSuperResolutionPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline",
+           "IFImg2ImgSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline",
            "IFPipelineOutput"]
 
 
@@ -108,15 +109,7 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         """
         batch = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                     callback_steps)
-        if image is None:
-            raise ValueError("image: required (the low-resolution image to upscale, e.g. stage I's "
-                             "output_type='pt' output)")
-        levels = self.image_noising_scheduler.config.num_train_timesteps
-        if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level < levels:
-            raise ValueError(f"noise_level: expected an int in [0, {levels}) (a timestep of "
-                             f"image_noising_scheduler), got {noise_level!r}")
-        if I.image_batch(image) != batch:
-            raise ValueError(f"image: got {I.image_batch(image)} images for {batch} prompts (one per prompt)")
+        self._check_low_res(image, batch, noise_level)
         height, width = self._size(height, "height"), self._size(width, "width")
         guided = guidance_scale > 1.0
         context = self._context(prompt, negative_prompt, num_images_per_prompt, guided, prompt_embeds,
@@ -126,19 +119,37 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         _check_generator(generator, n)
         channels = self.unet.config.in_channels // 2
         x = self._noise((n, channels, height, width), generator) * self.scheduler.init_noise_sigma
-        low = I.stage2_image(image)
-        if low.dim() != 4 or low.shape[1] != channels:
-            raise ValueError(f"image: expected (B, {channels}, h, w) images, got shape {tuple(low.shape)}")
-        low = low.to(device=self.device, dtype=self.dtype).repeat_interleave(num_images_per_prompt, dim=0)
-        upscaled = F.interpolate(low, (height, width), mode="bilinear", align_corners=True)
-        levels_t = torch.full((n,), noise_level, device=self.device, dtype=torch.int64)
-        noise = self._noise(upscaled.shape, generator)
-        upscaled = self.image_noising_scheduler.add_noise(upscaled, noise, levels_t)
-        class_labels = torch.cat([levels_t, levels_t]) if guided else levels_t
+        upscaled, class_labels = self._noised_upscale(image, (height, width), num_images_per_prompt,
+                                                      noise_level, generator, guided)
         x = self._denoise(x, steps, context, guidance_scale, generator, extra=upscaled,
                           class_labels=class_labels, cross_attention_kwargs=cross_attention_kwargs,
                           callback=callback, callback_steps=callback_steps, progress=progress)
         return self._finish(x, output_type, return_dict)
+
+    def _check_low_res(self, image, batch, noise_level):
+        if image is None:
+            raise ValueError("image: required (the low-resolution image to upscale, e.g. stage I's "
+                             "output_type='pt' output)")
+        levels = self.image_noising_scheduler.config.num_train_timesteps
+        if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level < levels:
+            raise ValueError(f"noise_level: expected an int in [0, {levels}) (a timestep of "
+                             f"image_noising_scheduler), got {noise_level!r}")
+        if I.image_batch(image) != batch:
+            raise ValueError(f"image: got {I.image_batch(image)} images for {batch} prompts (one per prompt)")
+
+    def _noised_upscale(self, image, size, per_prompt, noise_level, generator, guided):
+        """Noise-conditioning augmentation: (the low-res image upsampled bilinearly (align_corners) to
+        `size` and noised to noise_level, the level per UNet row as class_labels)."""
+        channels = self.unet.config.in_channels // 2
+        low = I.stage2_image(image)
+        if low.dim() != 4 or low.shape[1] != channels:
+            raise ValueError(f"image: expected (B, {channels}, h, w) images, got shape {tuple(low.shape)}")
+        low = low.to(device=self.device, dtype=self.dtype).repeat_interleave(per_prompt, dim=0)
+        upscaled = F.interpolate(low, tuple(size), mode="bilinear", align_corners=True)
+        levels = torch.full((upscaled.shape[0],), noise_level, device=self.device, dtype=torch.int64)
+        noise = self._noise(upscaled.shape, generator)
+        upscaled = self.image_noising_scheduler.add_noise(upscaled, noise, levels)
+        return upscaled, (torch.cat([levels, levels]) if guided else levels)
 
 
 class IFImg2ImgPipeline(IFPipelineBase):
@@ -161,7 +172,10 @@ class IFImg2ImgPipeline(IFPipelineBase):
     def _edit(self, prompt, image, mask_image, strength, num_inference_steps, timesteps, guidance_scale,
               negative_prompt, num_images_per_prompt, generator, prompt_embeds, negative_prompt_embeds,
               output_type, return_dict, callback, callback_steps, clean_caption, cross_attention_kwargs,
-              progress):
+              progress, low_res=None, noise_level=None):
+        """Image-to-image / inpainting of `image` (the original); with `low_res` the super-resolution
+        variants: the UNet is also fed the low-res image upscaled to the original's size and noised to
+        noise_level by image_noising_scheduler (drawn after the original's noise, as diffusers)."""
         per_prompt = num_images_per_prompt
         batch = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                     callback_steps)
@@ -184,8 +198,10 @@ class IFImg2ImgPipeline(IFPipelineBase):
             raise ValueError(f"strength: {strength} x {count} steps leaves no denoising step; raise either")
         size = self.unet.config.sample_size
         pixels = I.stage1_image(image, size).to(device=self.device, dtype=self.dtype)
-        if pixels.dim() != 4 or pixels.shape[1] != self.unet.config.in_channels:
-            raise ValueError(f"image: expected (B, {self.unet.config.in_channels}, H, W) images, "
+        channels = self.unet.config.in_channels // (1 if low_res is None else 2)
+        if pixels.dim() != 4 or pixels.shape[1] != channels:
+            name = "image" if low_res is None else "original_image"
+            raise ValueError(f"{name}: expected (B, {channels}, H, W) images, "
                              f"got shape {tuple(pixels.shape)}")
         n = batch * per_prompt
         mask = None
@@ -198,9 +214,13 @@ class IFImg2ImgPipeline(IFPipelineBase):
         x = self.scheduler.add_noise(pixels, noise, steps[:1].repeat(n))
         if mask is not None:
             x = (1 - mask) * pixels + mask * x
-        x = self._denoise(x, steps, context, guidance_scale, generator, mask=mask,
-                          cross_attention_kwargs=cross_attention_kwargs, callback=callback,
-                          callback_steps=callback_steps, progress=progress)
+        extra = class_labels = None
+        if low_res is not None:
+            extra, class_labels = self._noised_upscale(low_res, pixels.shape[2:], per_prompt, noise_level,
+                                                       generator, guided)
+        x = self._denoise(x, steps, context, guidance_scale, generator, mask=mask, extra=extra,
+                          class_labels=class_labels, cross_attention_kwargs=cross_attention_kwargs,
+                          callback=callback, callback_steps=callback_steps, progress=progress)
         return self._finish(x, output_type, return_dict)
 
 
@@ -227,3 +247,48 @@ def _check_generator(generator, n):
     if isinstance(generator, list) and len(generator) != n:
         raise ValueError(f"generator: got a list of {len(generator)} generators for {n} images "
                          "(prompts x num_images_per_prompt)")
+
+
+class IFImg2ImgSuperResolutionPipeline(IFSuperResolutionPipeline, IFImg2ImgPipeline):
+    """Stage II image-to-image: `original_image` (at the output size) noised to `strength` and
+    denoised, conditioned on the noised upscale of the low-res `image` (diffusers' pipeline of the name)."""
+
+    @torch.no_grad()
+    def __call__(self, image=None, original_image=None, strength=0.8, prompt=None, num_inference_steps=50,
+                 timesteps=None, guidance_scale=4.0, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
+                 generator=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+                 return_dict=True, callback=None, callback_steps=1, cross_attention_kwargs=None,
+                 noise_level=250, clean_caption=True, progress=None):
+        """image: the low-res image (one per prompt); original_image: the image to transform, read as
+        IFImg2ImgPipeline reads its image (PIL resized to the UNet's sample size). The others as
+        IFSuperResolutionPipeline / IFImg2ImgPipeline (defaults: strength 0.8, 50 steps, guidance 4)."""
+        return self._sr_edit(locals(), None)
+
+    def _sr_edit(self, call, mask_image):
+        call = {k: v for k, v in call.items() if k not in ("self", "eta", "__class__")}
+        low_res, original = call.pop("image"), call.pop("original_image")
+        call.pop("mask_image", None)
+        batch = self._check_prompts(call["prompt"], call["negative_prompt"], call["prompt_embeds"],
+                                    call["negative_prompt_embeds"], call["callback_steps"])
+        self._check_low_res(low_res, batch, call["noise_level"])
+        if original is None:
+            raise ValueError("original_image: required (the image to transform at the output size)")
+        return self._edit(image=original, mask_image=mask_image, low_res=low_res, **call)
+
+
+class IFInpaintingSuperResolutionPipeline(IFImg2ImgSuperResolutionPipeline):
+    """Stage II inpainting: repaint `original_image` where mask_image is 1, conditioned on the noised
+    upscale of the low-res `image` (diffusers' pipeline of the name)."""
+
+    @torch.no_grad()
+    def __call__(self, image=None, original_image=None, mask_image=None, strength=0.8, prompt=None,
+                 num_inference_steps=100, timesteps=None, guidance_scale=4.0, negative_prompt=None,
+                 num_images_per_prompt=1, eta=0.0, generator=None, prompt_embeds=None,
+                 negative_prompt_embeds=None, output_type="pil", return_dict=True, callback=None,
+                 callback_steps=1, cross_attention_kwargs=None, noise_level=0, clean_caption=True,
+                 progress=None):
+        """As IFImg2ImgSuperResolutionPipeline plus mask_image (as IFInpaintingPipeline's); defaults:
+        strength 0.8, 100 steps, guidance 4, noise_level 0."""
+        if mask_image is None:
+            raise ValueError("mask_image: required (1 where the image is repainted)")
+        return self._sr_edit(locals(), mask_image)

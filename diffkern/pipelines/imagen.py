@@ -178,13 +178,15 @@ class IFCascadePipeline:
 
 
 _IF_FOLDERS = ("IFPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline", "IFSuperResolutionPipeline",
+               "IFImg2ImgSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline",
                "StableDiffusionUpscalePipeline")
 
 
 def if_folder_pipeline(path, *, img2img=False, inpaint=False):
     """The diffkern pipeline class for a DeepFloyd IF / x4-upscaler diffusers folder (by model_index.json's
     _class_name), or None for any other path. An IF-I folder serves text-to-image, img2img=True and
-    inpaint=True alike (the same weights)."""
+    inpaint=True alike (the same weights); an IF-II folder super-resolution and its img2img / inpaint
+    variants."""
     import json
     import os
 
@@ -201,9 +203,15 @@ def if_folder_pipeline(path, *, img2img=False, inpaint=False):
         if img2img and inpaint:
             raise ValueError("img2img, inpaint: pick one pipeline, not both")
         return P.IFImg2ImgPipeline if img2img else P.IFInpaintingPipeline if inpaint else P.IFPipeline
-    if img2img or inpaint:
-        raise ValueError(f"img2img / inpaint: {path} is a {name} folder (super-resolution), not stage I")
-    return getattr(P, name)
+    if img2img and inpaint:
+        raise ValueError("img2img, inpaint: pick one pipeline, not both")
+    if name == "StableDiffusionUpscalePipeline":
+        if img2img or inpaint:
+            raise ValueError(f"img2img / inpaint: {path} is the x4 upscaler, which has no such variant")
+        return P.StableDiffusionUpscalePipeline
+    if img2img:
+        return P.IFImg2ImgSuperResolutionPipeline
+    return P.IFInpaintingSuperResolutionPipeline if inpaint else P.IFSuperResolutionPipeline
 
 
 def _text_kwargs(pipe, i, embeds, prompt, negative_prompt, per_prompt):

@@ -86,3 +86,41 @@ def test_bad_inputs(parts):
         ours("a cat", image=image, mask_image=torch.ones(1, 1, 16, 16), strength=1.5)
     with pytest.raises(ValueError, match="image: got 2 images for 1 prompts"):
         ours("a cat", image=torch.zeros(2, 3, 16, 16), mask_image=torch.ones(1, 1, 16, 16))
+
+
+@pytest.fixture(scope="module")
+def sr_parts(parts):
+    from tests.pipelines._if_helpers import IF_II_SCHEDULER, NOISING_SCHEDULER, tiny_if_sr_unet
+
+    unet = tiny_if_sr_unet()
+    kw = dict(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"])
+    scheds = lambda: dict(scheduler=diffusers_ddpm(IF_II_SCHEDULER),  # noqa: E731
+                          image_noising_scheduler=diffusers_ddpm(NOISING_SCHEDULER))
+    pairs = {}
+    for name in ("IFImg2ImgSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline"):
+        import diffkern.pipelines as P
+
+        theirs = getattr(diffusers, name)(unet=unet, **kw, **scheds(), **NO_SAFETY)
+        ours = getattr(P, name)(unet=if_unet_for_ours(unet), **kw, **scheds(), **NO_SAFETY)
+        for p in (theirs, ours):
+            p.set_progress_bar_config(disable=True)
+        pairs[name] = (theirs, ours)
+    return pairs
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("IFImg2ImgSuperResolutionPipeline", dict(strength=0.6, num_inference_steps=5, num_images_per_prompt=2)),
+    ("IFInpaintingSuperResolutionPipeline", dict(strength=0.8, num_inference_steps=4, noise_level=100)),
+])
+def test_super_resolution_variants_match_diffusers(sr_parts, name, extra):
+    theirs, ours = sr_parts[name]
+    low = torch.rand(1, 3, 8, 8, generator=_gen(2)) * 2 - 1
+    original = torch.rand(1, 3, 16, 16, generator=_gen(3)) * 2 - 1
+    kw = dict(image=low, original_image=original, prompt="a red cat", **extra)
+    if "Inpainting" in name:
+        mask = torch.zeros(1, 1, 16, 16)
+        mask[..., 2:12, 4:14] = 1
+        kw["mask_image"] = mask
+    assert max_diff(_run(theirs, **kw), _run(ours, **kw)) < TOL
+    with pytest.raises(ValueError, match="noise_level"):
+        ours(**dict(kw, noise_level=-1))

@@ -88,7 +88,9 @@ def test_if_folder_variants_and_errors(folders):
     root, _ = folders
     assert type(load_pipeline(root / "IF-I", img2img=True)) is IFImg2ImgPipeline
     assert type(load_pipeline(root / "IF-I", inpaint=True)) is IFInpaintingPipeline
-    with pytest.raises(ValueError, match="super-resolution"):
-        load_pipeline(root / "IF-II", img2img=True)
+    assert type(load_pipeline(root / "IF-II", img2img=True)).__name__ == "IFImg2ImgSuperResolutionPipeline"
+    assert type(load_pipeline(root / "IF-II", inpaint=True)).__name__ == "IFInpaintingSuperResolutionPipeline"
+    with pytest.raises(ValueError, match="x4 upscaler"):
+        load_pipeline(root / "x4", img2img=True)
     with pytest.raises(ValueError, match="prompt_embeds"):  # IF-II ships no T5
         load_pipeline(root / "IF-II")("a cat", image=torch.zeros(1, 3, 8, 8))
