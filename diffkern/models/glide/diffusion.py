@@ -169,11 +169,12 @@ class GaussianDiffusion:
         if isinstance(fixed_point_iterations, bool) or not isinstance(fixed_point_iterations, int) \
                 or fixed_point_iterations < 0:
             raise ValueError(f"fixed_point_iterations must be an int >= 0, got {fixed_point_iterations!r}")
-        steps = _GlideSteps(self, self.ddim_inverse_scheduler(clip_denoised), {}, list(range(self.num_timesteps)),
-                            model_fn=model_fn, guidance_scale=guidance_scale,
-                            fixed_point_iterations=fixed_point_iterations)
+        steps = _GlideSteps(self, self.ddim_inverse_scheduler(clip_denoised), {},
+                            list(range(self.num_timesteps)), model_fn=model_fn,
+                            guidance_scale=guidance_scale, fixed_point_iterations=fixed_point_iterations)
         return denoise_loop(steps.model_fn, steps, x0, steps.timesteps,
-                            guidance_scale=guidance_scale, progress=progress, callback=_index_callback(callback))
+                            guidance_scale=guidance_scale, progress=progress,
+                            callback=_index_callback(callback))
 
     # -- internals -----------------------------------------------------------------------------------
     def _call(self, model_fn, x, i, guidance_scale):
@@ -254,13 +255,14 @@ class _GlideSteps:
     channel check, cond_fn's gradient (DDPM: mean shift after the step; DDIM: score shift, unclamped),
     denoised_fn, and for DDIM inversion the fixed-point re-evaluations of the model."""
 
-    def __init__(self, diffusion, sched, step_kw, timesteps, *, model_fn, guidance_scale, kind="ddim", clip_denoised=False,
-                 denoised_fn=None, cond_fn=None, unclamped=None, fixed_point_iterations=0):
+    def __init__(self, diffusion, sched, step_kw, timesteps, *, model_fn, guidance_scale, kind="ddim",
+                 clip_denoised=False, denoised_fn=None, cond_fn=None, unclamped=None,
+                 fixed_point_iterations=0):
         self.diffusion, self.sched, self.step_kw, self.kind = diffusion, sched, step_kw, kind
         self.timesteps = timesteps  # the diffusion indices, in the order the loop runs them
         self.user_model_fn, self.guidance_scale = model_fn, guidance_scale
-        self.clip_denoised, self.denoised_fn, self.cond_fn, self.unclamped = clip_denoised, denoised_fn, cond_fn, \
-            unclamped
+        self.clip_denoised, self.denoised_fn = clip_denoised, denoised_fn
+        self.cond_fn, self.unclamped = cond_fn, unclamped
         self.fixed_point_iterations = fixed_point_iterations
 
     def scale_model_input(self, x, i):
@@ -276,7 +278,8 @@ class _GlideSteps:
         d, C = self.diffusion, x.shape[1]
         cond, uncond = model_output, uncond_output
         if cond.shape[1] != 2 * C:
-            raise ValueError(f"model_fn must return 2*C={2 * C} channels (eps, variance values), got {cond.shape[1]}")
+            raise ValueError(f"model_fn must return 2*C={2 * C} channels (eps, variance values), "
+                             f"got {cond.shape[1]}")
         grad = None
         if self.cond_fn is not None:
             t = d.timestep_map[i].to(x.device).expand(x.shape[0])
@@ -285,7 +288,8 @@ class _GlideSteps:
         step_sched, step_kw = self.sched, dict(self.step_kw)
         if self.denoised_fn is None and (grad is None or self.kind == "ddpm"):
             model_out = cond
-            step_kw.update(uncond_output=uncond, guidance_scale=1.0 if guidance_scale is None else guidance_scale)
+            scale = 1.0 if guidance_scale is None else guidance_scale
+            step_kw.update(uncond_output=uncond, guidance_scale=scale)
         else:
             model_out = d._prepared_output(self.sched, self.kind, x, i, cond, uncond, guidance_scale,
                                            self.clip_denoised, self.denoised_fn, grad)
