@@ -9,17 +9,22 @@ import torch
 
 from diffkern.models.checkpoints.karlo import KARLO_DECODER, KARLO_SUPER_RES
 
+# Module constants, so that a smoke test can swap in tiny configurations.
 KARLO_PRIOR = dict(num_attention_heads=32, attention_head_dim=64, num_layers=20, embedding_dim=768)
+DECODER, SUPER_RES = KARLO_DECODER, KARLO_SUPER_RES
+CPU_SIZES = dict(prior_layers=2, decoder_side=16, sr_side=64)
 KINDS = ("unclip-prior", "unclip-decoder", "unclip-sr")
 
 
 def case_specs(full):
     """(name, kind, shape, config) of the three rows."""
-    prior = KARLO_PRIOR if full else dict(KARLO_PRIOR, num_layers=2)
-    side, sr = (64, 256) if full else (16, 64)
-    return [("karlo-prior-step" + ("" if full else " (2 of 20 layers)"), "unclip-prior", (2, 81, 768), prior),
-            ("karlo-decoder-step", "unclip-decoder", (2, 3, side, side), KARLO_DECODER),
-            ("karlo-sr-step", "unclip-sr", (1, 6, sr, sr), KARLO_SUPER_RES)]
+    layers = KARLO_PRIOR["num_layers"] if full else min(CPU_SIZES["prior_layers"], KARLO_PRIOR["num_layers"])
+    prior = dict(KARLO_PRIOR, num_layers=layers)
+    side, sr = (64, 256) if full else (CPU_SIZES["decoder_side"], CPU_SIZES["sr_side"])
+    tag = "" if layers == KARLO_PRIOR["num_layers"] else f" ({layers} of {KARLO_PRIOR['num_layers']} layers)"
+    return [("karlo-prior-step" + tag, "unclip-prior", (2, 81, prior["embedding_dim"]), prior),
+            ("karlo-decoder-step", "unclip-decoder", (2, 3, side, side), DECODER),
+            ("karlo-sr-step", "unclip-sr", (1, 6, sr, sr), SUPER_RES)]
 
 
 def callables(case, device, diffusers):
@@ -40,12 +45,14 @@ def callables(case, device, diffusers):
     t = torch.tensor(500, device=device)
     B = case.shape[0]
     if case.kind == "unclip-prior":
-        x, proj, text = rnd(B, 768), rnd(B, 768), rnd(B, 77, 768)
+        D = case.config["embedding_dim"]
+        x, proj, text = rnd(B, D), rnd(B, D), rnd(B, 77, D)
         mask = torch.ones(B, 77, dtype=torch.bool, device=device)
         mask[:, 20:] = False  # a padded prompt: the causal + padding bias is in play
         call = lambda m: m(x, t, proj, encoder_hidden_states=text, attention_mask=mask)[0]  # noqa: E731
     elif case.kind == "unclip-decoder":
-        x, ctx, temb = rnd(*case.shape), rnd(B, 81, case.config["cross_attention_dim"]), rnd(B, 1280)
+        temb = rnd(B, case.config["block_out_channels"][0] * 4)  # the text projection's additive embedding
+        x, ctx = rnd(*case.shape), rnd(B, 81, case.config["cross_attention_dim"])
         mask = torch.ones(B, 81, dtype=torch.bool, device=device)
         mask[:, 30:] = False
         call = lambda m: _sample(m(sample=x, timestep=t, encoder_hidden_states=ctx, class_labels=temb,  # noqa: E731

@@ -67,12 +67,21 @@ def test_models_suite_runs_on_tiny_configs(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(models_if, "X4_UNET", dict(TINY_UNET, in_channels=7, num_class_embeds=1000,
                                                    cross_attention_dim=32))
     monkeypatch.setattr(models_if, "UPDATE_SHAPES", ((2, 3, 16, 16),))
+    from tests.pipelines._unclip import DECODER as TINY_DECODER, SUPER_RES as TINY_SR
+    from diffkern.bench import models_unclip  # Karlo rows: the tiny unCLIP test components' configs
+
+    monkeypatch.setattr(models_unclip, "KARLO_PRIOR", dict(num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                                           embedding_dim=32))
+    monkeypatch.setattr(models_unclip, "DECODER", TINY_DECODER)
+    monkeypatch.setattr(models_unclip, "SUPER_RES", TINY_SR)
+    monkeypatch.setattr(models_unclip, "CPU_SIZES", dict(prior_layers=1, decoder_side=16, sr_side=16))
     assert bench.main(["--device", "cpu", "--no-compile", "--out", str(tmp_path), "--ops", "models"]) == 0
     (json_file,) = tmp_path.glob("models-*.json")
     rows = json.loads(json_file.read_text())["rows"]
     cases = {r["case"].split()[0] for r in rows}
     assert cases == {"sd15-unet-step", "sd21-unet-step", "sd-vae-decode", "sd15-loop", "glide-base-step",
-                     "glide-upsample-step", "if-I-step", "if-II-step", "if-III-step", "if-update"}
+                     "glide-upsample-step", "if-I-step", "if-II-step", "if-III-step", "if-update",
+                     "karlo-prior-step", "karlo-decoder-step", "karlo-sr-step"}
     for case in cases - {"glide-base-step", "glide-upsample-step"}:
         assert {"reference", "diffkern", "diffusers"} <= {r["backend"] for r in rows if r["case"].startswith(case)}
 
