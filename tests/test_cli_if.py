@@ -79,3 +79,16 @@ def test_missing_weights_exit_2_naming_the_folders(folders, tmp_path, capsys):
     assert "not a diffusers folder" in capsys.readouterr().err
     assert main(_argv(folders, tmp_path / "x.png", 1, "--if-timesteps", "smart51")) == 2
     assert "valid schedules: fast27" in capsys.readouterr().err
+
+
+def test_prompts_file_batch(folders, tmp_path):
+    """--prompts / --outdir through diffkern.distributed: one PNG per line, each seeded by its index."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\nthe moon\n")
+    out = tmp_path / "out"
+    argv = ["generate", "--model", "if", "--stages", "1", "--if-stage1", str(folders / "IF-I"), "--if-steps", "2",
+            "--prompts", str(prompts), "--outdir", str(out), "--quiet"]
+    assert main(argv) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2 and all(np.asarray(Image.open(p)).shape == (16, 16, 3) for p in pngs)
+    assert (out / "manifest.jsonl").is_file()
