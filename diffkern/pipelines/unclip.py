@@ -102,14 +102,12 @@ class UnCLIPPipeline:
         embeds, hidden, mask = stages.encode_prompt(self.text_encoder, self.tokenizer, prompts, device,
                                                     num_images_per_prompt, guided, text_model_output,
                                                     text_attention_mask)
-        batch = embeds.shape[0] // (2 if guided else 1)
         image_embeddings = stages.run_prior(self.prior, self.prior_scheduler, embeds, hidden, mask,
                                             steps=prior_num_inference_steps, guidance_scale=prior_guidance_scale,
                                             guided=guided, generator=generator, latents=prior_latents)
         image_small = self.decode(image_embeddings, embeds, hidden, mask, guided=guided,
                                   steps=decoder_num_inference_steps, guidance_scale=decoder_guidance_scale,
                                   generator=generator, latents=decoder_latents)
-        assert image_small.shape[0] == batch
         image = stages.run_super_res(self.super_res_first, self.super_res_last, self.super_res_scheduler,
                                      image_small, steps=super_res_num_inference_steps, generator=generator,
                                      latents=super_res_latents)
