@@ -97,6 +97,8 @@ class UnCLIPPipeline:
         prompts = self._prompts(prompt, text_model_output)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt: expected an int >= 1, got {num_images_per_prompt!r}")
+        if text_model_output is not None:
+            self._check_text_model_output(text_model_output)
         device = self.device
         guided = prior_guidance_scale > 1.0 or decoder_guidance_scale > 1.0
         embeds, hidden, mask = stages.encode_prompt(self.text_encoder, self.tokenizer, prompts, device,
@@ -113,6 +115,17 @@ class UnCLIPPipeline:
                                      latents=super_res_latents)
         images = stages.to_output(image, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _check_text_model_output(self, out):
+        cfg = self.prior.config
+        dim = cfg.embedding_dim
+        embeds, hidden = out[0], out[1]
+        if (not isinstance(embeds, torch.Tensor) or embeds.dim() != 2
+                or embeds.shape[1] != (cfg.get("embedding_proj_dim") or dim)
+                or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[2] != dim):
+            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (embeds, hidden)]
+            raise ValueError(f"text_model_output: expected (text_embeds (B, {dim}), last_hidden_state (B, T, {dim})) "
+                             f"for the prior's embedding_dim, got {got[0]} and {got[1]}")
 
     def decode(self, image_embeddings, prompt_embeds, hidden, mask, *, guided, steps, guidance_scale, generator,
                latents, scale_latents=True):

@@ -90,6 +90,9 @@ def test_bad_arguments_and_truncation(parts, caplog):
         ours("a cat", prior_latents=torch.randn(1, 5), **STEPS)
     with pytest.raises(ValueError, match="decoder_latents"):
         ours("a cat", decoder_latents=torch.randn(1, 3, 8, 8), **STEPS)
+    with pytest.raises(ValueError, match="text_model_output"):
+        ours(text_model_output=(torch.randn(1, 31), torch.randn(1, 77, 32)), text_attention_mask=torch.ones(1, 77),
+             **STEPS)
     with pytest.raises(ValueError, match="text_attention_mask"):
         ours(text_model_output=(torch.randn(1, 32), torch.randn(1, 77, 32)), **STEPS)
     with caplog.at_level(logging.WARNING):
