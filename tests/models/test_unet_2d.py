@@ -66,3 +66,22 @@ def test_unet_2d_bad_config_and_inputs():
         model(torch.randn(1, 3, 16, 16), 1)
     with pytest.raises(ValueError, match="class_labels"):
         model(torch.randn(1, 6, 16, 16), 1, class_labels=torch.zeros(1, 32))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_unet_2d_half_precision(device):
+    """fp16: our error against the float64 model is at most 2x diffusers' own fp16 error (+ 1e-3)."""
+    import copy
+
+    ref = randomise(diffusers.UNet2DModel(**TINY_SHIFT), seed=8)
+    ours = from_diffusers(ref)
+    g = torch.Generator().manual_seed(9)
+    x, labels = torch.randn(2, 6, 16, 16, generator=g), torch.randn(2, 32, generator=g)
+    with torch.no_grad():
+        truth = copy.deepcopy(ref).double()(x.double(), 250, class_labels=labels.double()).sample
+        x16, l16 = x.to(device, torch.float16), labels.to(device, torch.float16)
+        got = ours.to(device, torch.float16)(x16, 250, class_labels=l16).sample
+        want = copy.deepcopy(ref).to(device, torch.float16)(x16, 250, class_labels=l16).sample
+    assert got.dtype == torch.float16
+    err_ours, err_ref = max_diff(got.cpu(), truth), max_diff(want.cpu(), truth)
+    assert err_ours <= 2 * err_ref + 1e-3, (err_ours, err_ref)

@@ -122,3 +122,21 @@ def test_text_proj_matches_diffusers(guided):
     assert max_diff(got[0], want[0]) < 1e-6 and max_diff(got[1], want[1]) < 1e-6
     with pytest.raises(ValueError, match="image_embeddings"):
         ours(image_embeddings=image[:, :5], **kw)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_prior_half_precision(device):
+    """fp16: our error against the float64 model is at most 2x diffusers' own fp16 error (+ 1e-3)."""
+    import copy
+
+    ref = randomise(diffusers.PriorTransformer(**TINY_PRIOR), seed=7)
+    ours = from_diffusers(ref)
+    x, proj, text, mask = _inputs(TINY_PRIOR)
+    with torch.no_grad():
+        truth = copy.deepcopy(ref).double()(x.double(), 321, proj.double(), text.double(), mask)[0]
+        half = [t.to(device, torch.float16) for t in (x, proj, text)]
+        got = ours.to(device, torch.float16)(half[0], 321, half[1], half[2], mask.to(device))[0]
+        want = copy.deepcopy(ref).to(device, torch.float16)(half[0], 321, half[1], half[2], mask.to(device))[0]
+    assert got.dtype == torch.float16
+    err_ours, err_ref = max_diff(got.cpu(), truth), max_diff(want.cpu(), truth)
+    assert err_ours <= 2 * err_ref + 1e-3, (err_ours, err_ref)
