@@ -39,11 +39,13 @@ def folders(tmp_path_factory):
     diffusers.IFSuperResolutionPipeline(tokenizer=None, text_encoder=None, unet=tiny_if_sr_unet(),
                                         scheduler=diffusers_ddpm(IF_II_SCHEDULER),
                                         image_noising_scheduler=diffusers_ddpm(NOISING_SCHEDULER),
-                                        requires_safety_checker=False, **NO_SAFETY).save_pretrained(root / "IF-II")
+                                        requires_safety_checker=False,
+                                        **NO_SAFETY).save_pretrained(root / "IF-II")
     diffusers.StableDiffusionUpscalePipeline(vae=tiny_x4_vae(), text_encoder=tiny_clip(),
                                              tokenizer=clip_tokenizer(root / "cliptok"), unet=tiny_x4_unet(),
                                              low_res_scheduler=diffusers_ddpm(X4_LOW_RES_SCHEDULER),
-                                             scheduler=ddim(X4_SCHEDULER), **NO_SAFETY).save_pretrained(root / "x4")
+                                             scheduler=ddim(X4_SCHEDULER),
+                                             **NO_SAFETY).save_pretrained(root / "x4")
     return root
 
 
@@ -71,7 +73,8 @@ def test_generate_writes_the_cascades_image(folders, tmp_path, stages, size):
 
 
 def test_missing_weights_exit_2_naming_the_folders(folders, tmp_path, capsys):
-    argv = ["generate", "--model", "if", "--stages", "3", "--if-stage1", str(folders / "IF-I"), "--prompt", "a cat"]
+    argv = ["generate", "--model", "if", "--stages", "3", "--if-stage1", str(folders / "IF-I"),
+            "--prompt", "a cat"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--if-stage2 is missing" in err and "--if-stage3 is missing" in err and "IF-II-L-v1.0" in err
@@ -86,8 +89,8 @@ def test_prompts_file_batch(folders, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\nthe moon\n")
     out = tmp_path / "out"
-    argv = ["generate", "--model", "if", "--stages", "1", "--if-stage1", str(folders / "IF-I"), "--if-steps", "2",
-            "--prompts", str(prompts), "--outdir", str(out), "--quiet"]
+    argv = ["generate", "--model", "if", "--stages", "1", "--if-stage1", str(folders / "IF-I"),
+            "--if-steps", "2", "--prompts", str(prompts), "--outdir", str(out), "--quiet"]
     assert main(argv) == 0
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 2 and all(np.asarray(Image.open(p)).shape == (16, 16, 3) for p in pngs)

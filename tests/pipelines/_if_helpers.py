@@ -60,8 +60,8 @@ def _if_unet(seed, **kw):
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
         up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"], out_channels=6,
         cross_attention_dim=32, encoder_hid_dim=T5_WIDTH, attention_head_dim=8, addition_embed_type="text",
-        addition_embed_type_num_heads=2, cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift",
-        act_fn="gelu", norm_num_groups=4, **kw)
+        addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=4, **kw)
     with torch.no_grad():  # default init zeroes the output convs; perturb so every weight matters
         gen = torch.Generator().manual_seed(seed)
         for p in unet.parameters():
@@ -102,7 +102,8 @@ def uses_diffkern_unet(pipe):
 # stabilityai/stable-diffusion-x4-upscaler's schedulers (DDIM v-prediction; the low-res noising DDPM).
 X4_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
-X4_LOW_RES_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
+X4_LOW_RES_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                            beta_schedule="scaled_linear")
 
 
 def tiny_x4_unet(seed=2, cross_attention_dim=32):
@@ -113,9 +114,9 @@ def tiny_x4_unet(seed=2, cross_attention_dim=32):
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=7, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, norm_num_groups=4, attention_head_dim=2, use_linear_projection=True,
-        num_class_embeds=351).eval()
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+        norm_num_groups=4, attention_head_dim=2, use_linear_projection=True, num_class_embeds=351).eval()
 
 
 def tiny_x4_vae(seed=0):
@@ -124,7 +125,8 @@ def tiny_x4_vae(seed=0):
     torch.manual_seed(seed)
     return AutoencoderKL(block_out_channels=[8, 8], in_channels=3, out_channels=3, latent_channels=4,
                          norm_num_groups=4, down_block_types=["DownEncoderBlock2D"] * 2,
-                         up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32, scaling_factor=0.08333).eval()
+                         up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32,
+                         scaling_factor=0.08333).eval()
 
 
 def ddim(config):

@@ -41,7 +41,8 @@ def _gen(seed=0):
 
 @pytest.fixture(scope="module")
 def parts():
-    return dict(tokenizer=t5_tokenizer(), text_encoder=tiny_t5(), unet1=tiny_if_unet(), unet2=tiny_if_sr_unet())
+    return dict(tokenizer=t5_tokenizer(), text_encoder=tiny_t5(), unet1=tiny_if_unet(),
+                unet2=tiny_if_sr_unet())
 
 
 def _stage1(parts, config=IF_I_SCHEDULER):
@@ -56,7 +57,8 @@ def _stage1(parts, config=IF_I_SCHEDULER):
 
 def _stage2(parts):
     kw = dict(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"],
-              scheduler=diffusers_ddpm(IF_II_SCHEDULER), image_noising_scheduler=diffusers_ddpm(NOISING_SCHEDULER))
+              scheduler=diffusers_ddpm(IF_II_SCHEDULER),
+              image_noising_scheduler=diffusers_ddpm(NOISING_SCHEDULER))
     theirs = diffusers.IFSuperResolutionPipeline(unet=parts["unet2"], **kw, **NO_SAFETY)
     ours = IFSuperResolutionPipeline(unet=if_unet_for_ours(parts["unet2"]), **kw, **NO_SAFETY)
     for p in (theirs, ours):
@@ -152,7 +154,8 @@ def test_bad_inputs(parts):
     with pytest.raises(ValueError, match="image: expected"):
         s2("a cat", image=torch.zeros(1, 4, 8, 8))
     with pytest.raises(ValueError, match="text_encoder"):
-        IFPipeline(parts["tokenizer"], tiny_t5(), tiny_if_unet_wide(), diffusers_ddpm(IF_I_SCHEDULER), **NO_SAFETY)
+        IFPipeline(parts["tokenizer"], tiny_t5(), tiny_if_unet_wide(), diffusers_ddpm(IF_I_SCHEDULER),
+                   **NO_SAFETY)
 
 
 def tiny_if_unet_wide():

@@ -52,15 +52,16 @@ def parts(tmp_path_factory):
 
 def _stage(parts, i):
     if i == 1:
-        s = IFPipeline(parts["tok"], parts["t5"], if_unet_for_ours(parts["u1"]), diffusers_ddpm(IF_I_SCHEDULER),
-                       requires_safety_checker=False)
+        s = IFPipeline(parts["tok"], parts["t5"], if_unet_for_ours(parts["u1"]),
+                       diffusers_ddpm(IF_I_SCHEDULER), requires_safety_checker=False)
     elif i == 2:
-        s = IFSuperResolutionPipeline(None, None, if_unet_for_ours(parts["u2"]), diffusers_ddpm(IF_II_SCHEDULER),
-                                      diffusers_ddpm(NOISING_SCHEDULER), requires_safety_checker=False)
+        s = IFSuperResolutionPipeline(None, None, if_unet_for_ours(parts["u2"]),
+                                      diffusers_ddpm(IF_II_SCHEDULER), diffusers_ddpm(NOISING_SCHEDULER),
+                                      requires_safety_checker=False)
     else:
         s = StableDiffusionUpscalePipeline(from_diffusers(parts["vae"]), parts["clip"], parts["clip_tok"],
-                                           if_unet_for_ours(parts["u3"]), diffusers_ddpm(X4_LOW_RES_SCHEDULER),
-                                           ddim(X4_SCHEDULER))
+                                           if_unet_for_ours(parts["u3"]),
+                                           diffusers_ddpm(X4_LOW_RES_SCHEDULER), ddim(X4_SCHEDULER))
     s.set_progress_bar_config(disable=True)
     return s
 
@@ -71,7 +72,8 @@ def _ours(parts):
 
 def _diffusers_chain(parts, per_prompt=1, stages=3):
     d1 = diffusers.IFPipeline(tokenizer=parts["tok"], text_encoder=parts["t5"], unet=parts["u1"],
-                              scheduler=diffusers_ddpm(IF_I_SCHEDULER), requires_safety_checker=False, **NO_SAFETY)
+                              scheduler=diffusers_ddpm(IF_I_SCHEDULER), requires_safety_checker=False,
+                              **NO_SAFETY)
     d2 = diffusers.IFSuperResolutionPipeline(tokenizer=None, text_encoder=None, unet=parts["u2"],
                                              scheduler=diffusers_ddpm(IF_II_SCHEDULER),
                                              image_noising_scheduler=diffusers_ddpm(NOISING_SCHEDULER),
@@ -89,8 +91,8 @@ def _diffusers_chain(parts, per_prompt=1, stages=3):
     if stages == 1:
         return img
     pe, ne = pe.repeat_interleave(per_prompt, 0), ne.repeat_interleave(per_prompt, 0)
-    img = d2(image=img, prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=STEPS[1], generator=g,
-             output_type="pt").images
+    img = d2(image=img, prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=STEPS[1],
+             generator=g, output_type="pt").images
     prompts = [p for p in PROMPTS for _ in range(per_prompt)]
     return d3(prompts, image=img, noise_level=100, num_inference_steps=STEPS[2], generator=g,
               output_type="np").images
@@ -99,8 +101,8 @@ def _diffusers_chain(parts, per_prompt=1, stages=3):
 @pytest.mark.parametrize("per_prompt", [1, 2])
 def test_cascade_matches_diffusers_stages(parts, per_prompt):
     cascade = IFCascadePipeline(*_ours(parts))
-    out = cascade(PROMPTS, num_images_per_prompt=per_prompt, generator=_gen(), output_type="np", height=8, width=8,
-                  num_inference_steps=STEPS, return_stages=True)
+    out = cascade(PROMPTS, num_images_per_prompt=per_prompt, generator=_gen(), output_type="np", height=8,
+                  width=8, num_inference_steps=STEPS, return_stages=True)
     expected = _diffusers_chain(parts, per_prompt)
     assert out.images.shape == (2 * per_prompt, 32, 32, 3)
     assert max_diff(out.images, expected) < TOL
@@ -123,7 +125,8 @@ def test_sequential_loads_and_frees(parts):
     out = cascade(PROMPTS, generator=_gen(), output_type="np", height=8, width=8, num_inference_steps=STEPS)
     assert made == [1, 2, 3]
     assert max_diff(out.images, _diffusers_chain(parts)) < TOL
-    cascade(PROMPTS, stages=1, generator=_gen(), height=8, width=8, num_inference_steps=STEPS, output_type="np")
+    cascade(PROMPTS, stages=1, generator=_gen(), height=8, width=8, num_inference_steps=STEPS,
+            output_type="np")
     assert made == [1, 2, 3, 1]  # nothing kept between calls
 
 
@@ -133,9 +136,9 @@ def test_stage_count_and_thresholding_override(parts):
     one = cascade(PROMPTS, stages=1, generator=_gen(), height=8, width=8, num_inference_steps=STEPS,
                   output_type="np").images
     assert max_diff(one, _diffusers_chain(parts, stages=1)) < TOL
+    override = {"sample_max_value": 1.0, "dynamic_thresholding_ratio": 0.5}
     ratio = cascade(PROMPTS, stages=1, generator=_gen(), height=8, width=8, num_inference_steps=STEPS,
-                    output_type="np", thresholding=({"sample_max_value": 1.0, "dynamic_thresholding_ratio": 0.5},
-                                                    None, None)).images
+                    output_type="np", thresholding=(override, None, None)).images
     s1.scheduler = type(s1.scheduler).from_config(s1.scheduler.config, sample_max_value=1.0,
                                                   dynamic_thresholding_ratio=0.5)
     pe, ne = s1.encode_prompt(PROMPTS)

@@ -7,8 +7,8 @@ from PIL import Image
 
 from diffkern.pipelines import IFImg2ImgPipeline, IFInpaintingPipeline
 from tests.pipelines import max_diff
-from tests.pipelines._if_helpers import IF_I_SCHEDULER, diffusers_ddpm, if_unet_for_ours, t5_tokenizer, tiny_if_unet, \
-    tiny_t5
+from tests.pipelines._if_helpers import (IF_I_SCHEDULER, diffusers_ddpm, if_unet_for_ours, t5_tokenizer,
+                                         tiny_if_unet, tiny_t5)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -69,7 +69,8 @@ def test_inpainting_matches_diffusers(parts, mask_kind):
     mask[..., 4:12, 2:10] = 1
     if mask_kind == "pil":
         mask = Image.fromarray((mask[0, 0].numpy() * 255).astype("uint8"))
-    kw = dict(prompt="a red cat", image=image, mask_image=mask, num_inference_steps=4, num_images_per_prompt=2)
+    kw = dict(prompt="a red cat", image=image, mask_image=mask, num_inference_steps=4,
+              num_images_per_prompt=2)
     a, b = _run(theirs, **kw), _run(ours, **kw)
     assert max_diff(a, b) < TOL
     keep = (np.asarray(mask if mask_kind == "tensor" else np.asarray(mask) / 255.0).reshape(16, 16) < 0.5)

@@ -45,14 +45,15 @@ def folders(tmp_path_factory):
         "IF-I": diffusers.IFPipeline(tokenizer=tok, text_encoder=t5, unet=tiny_if_unet(),
                                      scheduler=diffusers_ddpm(IF_I_SCHEDULER), requires_safety_checker=False,
                                      **NO_SAFETY),
-        "IF-II": diffusers.IFSuperResolutionPipeline(tokenizer=None, text_encoder=None, unet=tiny_if_sr_unet(),
-                                                     scheduler=diffusers_ddpm(IF_II_SCHEDULER),
-                                                     image_noising_scheduler=diffusers_ddpm(NOISING_SCHEDULER),
-                                                     requires_safety_checker=False, **NO_SAFETY),
-        "x4": diffusers.StableDiffusionUpscalePipeline(vae=tiny_x4_vae(), text_encoder=tiny_clip(),
-                                                       tokenizer=clip_tokenizer(root / "cliptok"), unet=tiny_x4_unet(),
-                                                       low_res_scheduler=diffusers_ddpm(X4_LOW_RES_SCHEDULER),
-                                                       scheduler=ddim(X4_SCHEDULER), **NO_SAFETY),
+        "IF-II": diffusers.IFSuperResolutionPipeline(
+            tokenizer=None, text_encoder=None, unet=tiny_if_sr_unet(),
+            scheduler=diffusers_ddpm(IF_II_SCHEDULER),
+            image_noising_scheduler=diffusers_ddpm(NOISING_SCHEDULER), requires_safety_checker=False,
+            **NO_SAFETY),
+        "x4": diffusers.StableDiffusionUpscalePipeline(
+            vae=tiny_x4_vae(), text_encoder=tiny_clip(), tokenizer=clip_tokenizer(root / "cliptok"),
+            unet=tiny_x4_unet(), low_res_scheduler=diffusers_ddpm(X4_LOW_RES_SCHEDULER),
+            scheduler=ddim(X4_SCHEDULER), **NO_SAFETY),
     }
     for name, pipe in pipes.items():
         pipe.save_pretrained(root / name)

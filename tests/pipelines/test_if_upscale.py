@@ -32,8 +32,9 @@ def pair(tmp_path_factory):
     tok = clip_tokenizer(tmp_path_factory.mktemp("tok"))
     text, unet, vae = tiny_clip(), tiny_x4_unet(), tiny_x4_vae()
     theirs = diffusers.StableDiffusionUpscalePipeline(
-        vae=vae, text_encoder=text, tokenizer=tok, unet=unet, low_res_scheduler=diffusers_ddpm(X4_LOW_RES_SCHEDULER),
-        scheduler=ddim(X4_SCHEDULER), safety_checker=None, feature_extractor=None, watermarker=None)
+        vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+        low_res_scheduler=diffusers_ddpm(X4_LOW_RES_SCHEDULER), scheduler=ddim(X4_SCHEDULER),
+        safety_checker=None, feature_extractor=None, watermarker=None)
     ours = StableDiffusionUpscalePipeline(from_diffusers(vae), text, tok, if_unet_for_ours(unet),
                                           diffusers_ddpm(X4_LOW_RES_SCHEDULER), ddim(X4_SCHEDULER))
     for p in (theirs, ours):

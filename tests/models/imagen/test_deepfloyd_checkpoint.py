@@ -19,23 +19,25 @@ BASE_PARAMS = dict(image_size=16, in_channels=3, out_channels=6, model_channels=
                    num_res_blocks=1, attention_resolutions="8", num_head_channels=16, encoder_dim=24,
                    encoder_channels=32, att_pool_heads=2, activation="gelu", use_scale_shift_norm=True,
                    resblock_updown=True, dropout=0.0, precision="32")
-BASE_CONFIG = dict(sample_size=16, in_channels=3, out_channels=6, block_out_channels=[32, 64], layers_per_block=1,
-                   down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
-                   up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
-                   mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=32, attention_head_dim=16,
-                   encoder_hid_dim=24, cross_attention_norm="group_norm", addition_embed_type="text",
-                   addition_embed_type_num_heads=2, act_fn="gelu", resnet_time_scale_shift="scale_shift",
-                   time_embedding_dim=64)
+BASE_CONFIG = dict(
+    sample_size=16, in_channels=3, out_channels=6, block_out_channels=[32, 64], layers_per_block=1,
+    down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+    up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=32, attention_head_dim=16,
+    encoder_hid_dim=24, cross_attention_norm="group_norm", addition_embed_type="text",
+    addition_embed_type_num_heads=2, act_fn="gelu", resnet_time_scale_shift="scale_shift",
+    time_embedding_dim=64)
 SR_PARAMS = dict(BASE_PARAMS, in_channels=6, num_res_blocks="1,2", disable_self_attentions="8,16",
                  attention_resolutions="8,16", efficient_activation=True, scale_skip_connection=True)
-SR_CONFIG = dict(BASE_CONFIG, in_channels=6, layers_per_block=[1, 2], class_embed_type="timestep",
-                 down_block_types=["SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
-                 up_block_types=["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D"], only_cross_attention=True,
-                 time_embedding_act_fn="gelu", resnet_skip_time_act=True, resnet_out_scale_factor=1 / 0.7071,
-                 mid_block_scale_factor=1 / 0.7071)
+SR_CONFIG = dict(
+    BASE_CONFIG, in_channels=6, layers_per_block=[1, 2], class_embed_type="timestep",
+    down_block_types=["SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"],
+    up_block_types=["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D"], only_cross_attention=True,
+    time_embedding_act_fn="gelu", resnet_skip_time_act=True, resnet_out_scale_factor=1 / 0.7071,
+    mid_block_scale_factor=1 / 0.7071)
 
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 
 def _random_unet(config, seed=0):
@@ -48,7 +50,7 @@ def _random_unet(config, seed=0):
 
 
 def _heads(tensors, head_dim):
-    """Original qkv / encoder_kv rows: per head [part_0 rows; part_1 rows; ...] (how QKVAttention reshapes)."""
+    """Original qkv / encoder_kv rows: per head [part_0 rows; part_1 rows; ...] (QKVAttention's view)."""
     heads = tensors[0].shape[0] // head_dim
     grouped = torch.cat([t.reshape(heads, head_dim, *t.shape[1:]) for t in tensors], dim=1)
     return grouped.reshape(-1, *tensors[0].shape[1:])
@@ -65,7 +67,8 @@ def _write_attention(sd, new, old, out, head_dim, self_attention):
     parts = ["to_q", "to_k", "to_v"] if self_attention else ["to_q"]
     out[f"{old}.qkv.weight"] = _heads([sd[f"{new}.{p}.weight"] for p in parts], head_dim)[..., None]
     out[f"{old}.qkv.bias"] = _heads([sd[f"{new}.{p}.bias"] for p in parts], head_dim)
-    out[f"{old}.encoder_kv.weight"] = _heads([sd[f"{new}.add_{p}_proj.weight"] for p in "kv"], head_dim)[..., None]
+    kv = [sd[f"{new}.add_{p}_proj.weight"] for p in "kv"]
+    out[f"{old}.encoder_kv.weight"] = _heads(kv, head_dim)[..., None]
     out[f"{old}.encoder_kv.bias"] = _heads([sd[f"{new}.add_{p}_proj.bias"] for p in "kv"], head_dim)
     for orig, name in (("norm", "group_norm"), ("norm_encoder", "norm_cross")):
         for p in ("weight", "bias"):
@@ -77,11 +80,13 @@ def _write_attention(sd, new, old, out, head_dim, self_attention):
 def original_layout(unet, blocks, attn_levels, self_attention, head_dim):
     """The state dict deep-floyd/IF's UNetModel would hold, in its construction order."""
     sd, out = unet.state_dict(), {}
-    for old, new in (("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
-                     ("aug_proj.0", "class_embedding.linear_1"), ("aug_proj.2", "class_embedding.linear_2"),
-                     ("input_blocks.0.0", "conv_in"), ("encoder_proj", "encoder_hid_proj"), ("out.0", "conv_norm_out"),
-                     ("out.2", "conv_out"), ("encoder_pooling.0", "add_embedding.norm1"),
-                     ("encoder_pooling.2", "add_embedding.proj"), ("encoder_pooling.3", "add_embedding.norm2")):
+    renames = (("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
+               ("aug_proj.0", "class_embedding.linear_1"), ("aug_proj.2", "class_embedding.linear_2"),
+               ("input_blocks.0.0", "conv_in"), ("encoder_proj", "encoder_hid_proj"),
+               ("out.0", "conv_norm_out"), ("out.2", "conv_out"),
+               ("encoder_pooling.0", "add_embedding.norm1"),
+               ("encoder_pooling.2", "add_embedding.proj"), ("encoder_pooling.3", "add_embedding.norm2"))
+    for old, new in renames:
         for p in ("weight", "bias"):
             if f"{new}.{p}" in sd:
                 out[f"{old}.{p}"] = sd[f"{new}.{p}"]
@@ -93,8 +98,8 @@ def original_layout(unet, blocks, attn_levels, self_attention, head_dim):
         for j in range(blocks[level]):
             _write_resnet(sd, f"down_blocks.{level}.resnets.{j}", f"input_blocks.{i}.0", out)
             if level in attn_levels:
-                _write_attention(sd, f"down_blocks.{level}.attentions.{j}", f"input_blocks.{i}.1", out, head_dim,
-                                 self_attention)
+                _write_attention(sd, f"down_blocks.{level}.attentions.{j}", f"input_blocks.{i}.1", out,
+                                 head_dim, self_attention)
             i += 1
         if level < levels - 1:
             _write_resnet(sd, f"down_blocks.{level}.downsamplers.0", f"input_blocks.{i}.0", out)
@@ -120,10 +125,12 @@ def _original_attention(orig, prefix, x, context, heads, self_attention):
     """deep-floyd/IF AttentionBlock.forward on original weights (written out here, not converted)."""
     b, c, h, w = x.shape
     gn = torch.nn.functional.group_norm
-    qkv = torch.nn.functional.conv1d(gn(x, 32, orig[f"{prefix}.norm.weight"], orig[f"{prefix}.norm.bias"]).view(b, c, -1),
-                                     orig[f"{prefix}.qkv.weight"], orig[f"{prefix}.qkv.bias"])
-    enc = gn(context.permute(0, 2, 1), 32, orig[f"{prefix}.norm_encoder.weight"], orig[f"{prefix}.norm_encoder.bias"])
-    enc = torch.nn.functional.conv1d(enc, orig[f"{prefix}.encoder_kv.weight"], orig[f"{prefix}.encoder_kv.bias"])
+    wt = {k[len(prefix) + 1:]: v for k, v in orig.items() if k.startswith(prefix + ".")}
+    conv1d = torch.nn.functional.conv1d
+    h_in = gn(x, 32, wt["norm.weight"], wt["norm.bias"]).view(b, c, -1)
+    qkv = conv1d(h_in, wt["qkv.weight"], wt["qkv.bias"])
+    enc = gn(context.permute(0, 2, 1), 32, wt["norm_encoder.weight"], wt["norm_encoder.bias"])
+    enc = conv1d(enc, wt["encoder_kv.weight"], wt["encoder_kv.bias"])
     ch = c // heads
     ek, ev = enc.reshape(b * heads, ch * 2, -1).split(ch, dim=1)
     if self_attention:
@@ -133,7 +140,7 @@ def _original_attention(orig, prefix, x, context, heads, self_attention):
         (q,), k, v = qkv.reshape(b * heads, ch, -1).split(ch, dim=1), ek, ev
     weight = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / ch ** 0.5, dim=-1)
     a = torch.einsum("bts,bcs->bct", weight, v).reshape(b, c, -1)
-    out = torch.nn.functional.conv1d(a, orig[f"{prefix}.proj_out.weight"], orig[f"{prefix}.proj_out.bias"])
+    out = conv1d(a, wt["proj_out.weight"], wt["proj_out.bias"])
     return x + out.reshape(b, c, h, w)
 
 

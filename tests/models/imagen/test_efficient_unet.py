@@ -11,8 +11,9 @@ from diffkern.models.imagen import BUDGETS, efficient_unet_config, imagen_unet, 
 
 
 def tiny_config(**kw):
-    kw = dict(dict(cross_attention_dim=32, attention_head_dim=8, encoder_hid_dim=12, addition_embed_type_num_heads=2,
-                   norm_num_groups=8), **kw)
+    base = dict(cross_attention_dim=32, attention_head_dim=8, encoder_hid_dim=12,
+                addition_embed_type_num_heads=2, norm_num_groups=8)
+    kw = dict(base, **kw)
     return efficient_unet_config([16, 32], [1, 2], {1}, sample_size=16, **kw)
 
 
@@ -41,8 +42,10 @@ def test_efficient_order_resample_first_and_last():
     out = unet(x, 10, encoder_hidden_states=torch.randn(2, 5, 12), class_labels=torch.tensor([0, 100]))
     out = out if isinstance(out, torch.Tensor) else out[0]
     assert out.shape == (2, 3, 16, 16)
-    assert seen["down_blocks.0.more_resnets.0"][2:] == (8, 8) and seen["down_blocks.1.more_resnets.1"][2:] == (4, 4)
-    assert seen["up_blocks.1.resnets.0"] == (2, 32 + 16, 8, 8) and seen["up_blocks.1.upsample"][2:] == (16, 16)
+    assert seen["down_blocks.0.more_resnets.0"][2:] == (8, 8)
+    assert seen["down_blocks.1.more_resnets.1"][2:] == (4, 4)
+    assert seen["up_blocks.1.resnets.0"] == (2, 32 + 16, 8, 8)
+    assert seen["up_blocks.1.upsample"][2:] == (16, 16)
 
     up = unet.up_blocks[1]
     h, skip, temb = torch.randn(1, 32, 8, 8), torch.randn(1, 16, 8, 8), torch.randn(1, 64)
@@ -59,8 +62,8 @@ def test_tiny_efficient_unet_trains():
     sched = schedulers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
-    low = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x0, 4), size=(16, 16), mode="bilinear",
-                                          align_corners=True)
+    F = torch.nn.functional
+    low = F.interpolate(F.avg_pool2d(x0, 4), size=(16, 16), mode="bilinear", align_corners=True)
     text, t = torch.randn(4, 5, 12, generator=g), torch.tensor([50, 300, 600, 900])
     noise = torch.randn(x0.shape, generator=g)
     x_in = torch.cat([sched.add_noise(x0, noise, t), low], dim=1)
