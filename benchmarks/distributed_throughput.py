@@ -49,7 +49,19 @@ def build(folder):
     return folder / "sd"
 
 
+def extension_state():
+    """Whether diffkern's compiled extension loads, and its file's mtime: a rebuild between runs changes
+    which backends run (and so the bytes), so the record says it."""
+    code = "from diffkern import _ext, __file__ as f; import glob, os; " \
+           "so = glob.glob(os.path.join(os.path.dirname(f), '_C*.so')); " \
+           "print(_ext.extension() is not None, int(os.path.getmtime(so[0])) if so else None)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout.split()
+    return {"extension_loads": out[:1] == ["True"], "extension_mtime": out[1] if len(out) > 1 else None}
+
+
 def run(label, cmd, threads, outdir):
+    state = extension_state()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -61,7 +73,7 @@ def run(label, cmd, threads, outdir):
     files = {p.name: p.read_bytes() for p in sorted(Path(outdir).glob("*.png"))}
     return {"label": label, "threads_per_process": threads, "images": int(m.group(1)),
             "generation_s": float(m.group(2)), "images_per_s": float(m.group(3)), "wall_s": round(wall, 1),
-            "command": " ".join(str(c) for c in cmd)}, files
+            "command": " ".join(str(c) for c in cmd), **state}, files
 
 
 def main():
@@ -122,6 +134,16 @@ def main():
            "PNG bytes equal to the 1 process x 1 thread run: " + "; ".join(f"{k}: {v}" for k, v in identical.items())
            + " (the same bytes are promised at the same threads per process: the intra-op thread count may "
            "change the order of float reductions).", ""]
+    load = result["load_average_at_end"][0]
+    md += ["Why below 2x: N processes run on the same N cores that one process already uses with N intra-op "
+           "threads; data parallelism only saves the threads' per-op synchronisation (large for ops this small, "
+           "which is why 1 process x N threads can even lose to 1 thread), and the processes compete for the "
+           "same memory bandwidth and caches. Measured against 1 process x 1 thread it would be N x only on "
+           f"idle cores; here the load average was {load:.1f} on {os.cpu_count()} cores (other jobs running), "
+           "so each process got a contended share of a core and the numbers are shares, not capacity. Under "
+           "that contention OpenMP threads of one process wait for each other at every op (one of them is "
+           "usually descheduled), which is why the N-thread run is the slowest. On a GPU box with one GPU per "
+           "rank, images/s scale with the number of GPUs (the ranks share only the final manifest merge).", ""]
     (out / "distributed-throughput-cpu.md").write_text("\n".join(md))
     print("\n".join(md))
 
