@@ -33,6 +33,7 @@ from diffkern.models.outputs import UNet2DConditionOutput
 from diffkern.models.unet_blocks import block_types, build_block
 from diffkern.nn.group_norm import GroupNorm
 from diffkern.nn.resnet import ACTIVATIONS, TimestepEmbedding, activation, timestep_embedding
+from diffkern.nn.transformer import SpatialTransformer
 
 _NAME = "UNet2DConditionModel"
 
@@ -192,6 +193,8 @@ class UNet2DConditionModel(ConfiguredModel):
             self.conv_act = nn.Identity() if fused else activation(cfg.act_fn)  # SiLU runs inside the norm
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, cfg.conv_out_kernel,
                                   padding=cfg.conv_out_kernel // 2)
+        self._needs_text = (self.encoder_hid_proj is not None or cfg.addition_embed_type == "text"
+                            or any(isinstance(m, SpatialTransformer) for m in self.modules()))
 
     def enable_freeu(self, s1, s2, b1, b2):
         """FreeU (https://huggingface.co/papers/2309.11497) on the SD up blocks, as diffusers' enable_freeu:
@@ -297,10 +300,13 @@ class UNet2DConditionModel(ConfiguredModel):
         if not isinstance(sample, torch.Tensor) or sample.dim() != 4 or sample.shape[1] != cfg.in_channels:
             got = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
             raise ValueError(f"{_NAME}: sample must be (B, {cfg.in_channels}, H, W), got {got}")
-        if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3:
-            got = (tuple(encoder_hidden_states.shape) if isinstance(encoder_hidden_states, torch.Tensor)
-                   else type(encoder_hidden_states).__name__)
-            raise ValueError(f"{_NAME}: encoder_hidden_states must be (B, tokens, width), got {got}")
+        # None is diffusers' way to run a UNet whose blocks need no text (no transformers, no text
+        # pooling or projection); the SimpleCrossAttn blocks then attend to the pixels alone.
+        if encoder_hidden_states is not None or self._needs_text:
+            if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3:
+                got = (tuple(encoder_hidden_states.shape) if isinstance(encoder_hidden_states, torch.Tensor)
+                       else type(encoder_hidden_states).__name__)
+                raise ValueError(f"{_NAME}: encoder_hidden_states must be (B, tokens, width), got {got}")
         cross_attention_kwargs = _check_cross_attention_kwargs(cross_attention_kwargs)
         # Sides that do not halve evenly all the way down: each upsampler is told the size of the
         # skip it meets next, instead of doubling (diffusers' forward_upsample_size).

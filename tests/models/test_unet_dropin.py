@@ -218,3 +218,15 @@ def test_freeu_matches_diffusers():
     assert max_diff(got, want) < TOL and max_diff(got, plain) > 1e-3
     ours.disable_freeu()
     assert torch.equal(ours(x, 3, ctx).sample, plain)
+
+
+def test_no_text_for_a_unet_without_cross_attention():
+    """encoder_hidden_states=None runs a UNet whose blocks take no text, as diffusers does; a UNet with
+    transformers still asks for it."""
+    theirs, ours = _pair(down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                         mid_block_type="UNetMidBlock2D")
+    x, _ = _inputs()
+    want, got = _both(theirs, ours, x, 3, None)
+    assert max_diff(got, want) < TOL
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        _pair()[1](x, 3, None)
