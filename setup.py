@@ -44,7 +44,7 @@ def _extensions():
         # serially. torch ships libgomp, so this adds no second OpenMP runtime.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    sources = ["csrc/bindings.cpp", "csrc/cpu/group_norm.cpp", "csrc/cpu/group_norm_avx2.cpp", "csrc/cpu/group_norm_avx512.cpp", "csrc/cpu/dynamic_threshold.cpp", "csrc/cpu/guided_step.cpp", "csrc/cpu/guided_step_avx2.cpp", "csrc/cpu/guided_step_avx512.cpp", "csrc/cpu/sampler_update.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/cpu/group_norm.cpp", "csrc/cpu/group_norm_avx2.cpp", "csrc/cpu/group_norm_avx512.cpp", "csrc/cpu/dynamic_threshold.cpp", "csrc/cpu/guided_step.cpp", "csrc/cpu/guided_step_avx2.cpp", "csrc/cpu/guided_step_avx512.cpp", "csrc/cpu/sampler_update.cpp", "csrc/cpu/sampler_update_avx2.cpp", "csrc/cpu/sampler_update_avx512.cpp"]
     use_cuda, why = _want_cuda()
     if not use_cuda:
         warnings.warn(f"diffkern: building the CPU kernels only, no CUDA kernels: {why}", stacklevel=1)

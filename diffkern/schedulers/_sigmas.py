@@ -72,13 +72,13 @@ class _FusedStep:
     def _fused(self, sample, model_output, row, history=(), *, uncond_output=None, guidance_scale=1.0,
                noise=None, aux=False, clip="none", clip_range=1.0):
         """One sampler_update call with a per-batch coefficient row (python floats)."""
-        B = sample.shape[0]
-        coeffs = torch.tensor([row], dtype=torch.float64).to(torch.float32).expand(B, len(row))
-        if coeffs.device != sample.device:
+        # python floats (doubles) round to float32 once, here; one small tensor per step
+        coeffs = torch.tensor([row] * sample.shape[0], dtype=torch.float32)
+        if sample.device.type != "cpu":
             coeffs = coeffs.to(sample.device)
         cfg = self.config
         return ops.sampler_update(
-            sample, model_output, coeffs.contiguous(), list(history), uncond_output=uncond_output,
+            sample, model_output, coeffs, list(history), uncond_output=uncond_output,
             guidance_scale=guidance_scale, clip=clip, clip_range=clip_range,
             dynamic_percentile=cfg.get("dynamic_thresholding_ratio", 0.995),
             dynamic_max_value=cfg.get("sample_max_value", 1.0), noise=noise, aux=aux)
