@@ -76,7 +76,10 @@ def init_distributed(device=None, *, backend=None, cfg_parallel=False, timeout_s
     world = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kind = torch.device(kind).type
+    try:
+        kind = torch.device(kind).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}") from None
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device: cuda requested but torch sees no CUDA device")
