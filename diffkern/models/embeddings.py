@@ -9,11 +9,28 @@ The SDXL "text_time" embedding is a plain TimestepEmbedding (diffkern.nn.resnet)
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from diffkern import ops
 from diffkern.nn.resnet import TimestepEmbedding
+
+
+class GaussianFourierProjection(nn.Module):
+    """Random Fourier features [sin | cos](2 pi t w) of a (B,) tensor, w ~ N(0, scale^2) frozen
+    (`weight`; diffusers' GaussianFourierProjection with set_W_to_weight=False, log=False) -> (B, 2 * size)."""
+
+    def __init__(self, embedding_size=256, scale=1.0, flip_sin_to_cos=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
+        self.flip_sin_to_cos = flip_sin_to_cos
+
+    def forward(self, t):
+        proj = t[:, None] * self.weight[None, :] * 2 * math.pi
+        sin, cos = torch.sin(proj), torch.cos(proj)
+        return torch.cat([cos, sin] if self.flip_sin_to_cos else [sin, cos], dim=-1)
 
 
 class AttentionPooling(nn.Module):
@@ -103,8 +120,11 @@ def class_embedding(model_name, cfg, timestep_input_dim, time_embed_dim):
     if kind in ("projection", "simple_projection"):
         width = cfg.projection_class_embeddings_input_dim
         if width is None:
-            raise ValueError(f"{model_name}: class_embed_type={kind!r} needs projection_class_embeddings_input_dim")
-        return TimestepEmbedding(width, time_embed_dim) if kind == "projection" else nn.Linear(width, time_embed_dim)
+            raise ValueError(f"{model_name}: class_embed_type={kind!r} needs "
+                             "projection_class_embeddings_input_dim")
+        if kind == "projection":
+            return TimestepEmbedding(width, time_embed_dim)
+        return nn.Linear(width, time_embed_dim)
     return None
 
 

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from diffkern.models._config import ConfiguredModel, per_level, resolve_config
-from diffkern.models.embeddings import addition_embedding, class_embedding, one_width
+from diffkern.models.embeddings import (GaussianFourierProjection, addition_embedding, class_embedding,
+                                        one_width)
 from diffkern.models.outputs import UNet2DConditionOutput
 from diffkern.models.unet_blocks import block_types, build_block
 from diffkern.nn.group_norm import GroupNorm
@@ -65,7 +66,7 @@ UNSUPPORTED = dict(
     encoder_hid_dim_type=(None, "text_proj"), dual_cross_attention=(False,),
     class_embed_type=(None, "timestep", "identity", "projection", "simple_projection"),
     addition_embed_type=(None, "text", "text_image", "text_time"),
-    resnet_time_scale_shift=("default", "scale_shift"), time_embedding_type=("positional",),
+    resnet_time_scale_shift=("default", "scale_shift"), time_embedding_type=("positional", "fourier"),
     attention_type=("default",), cross_attention_norm=(None, "group_norm", "layer_norm"),
 )
 
@@ -133,14 +134,24 @@ class UNet2DConditionModel(ConfiguredModel):
 
         self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], cfg.conv_in_kernel,
                                  padding=cfg.conv_in_kernel // 2)
-        time_embed_dim = cfg.time_embedding_dim or channels[0] * 4
-        self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, act_fn=cfg.act_fn,
+        if cfg.time_embedding_type == "fourier":  # random Fourier features of the noise level (score SDE)
+            time_embed_dim = cfg.time_embedding_dim or channels[0] * 2
+            if time_embed_dim % 2:
+                raise ValueError(f"{_NAME}: time_embedding_dim must be even with fourier features, "
+                                 f"got {time_embed_dim}")
+            self.time_proj = GaussianFourierProjection(time_embed_dim // 2,
+                                                       flip_sin_to_cos=cfg.flip_sin_to_cos)
+            self._time_features = time_embed_dim
+        else:
+            time_embed_dim = cfg.time_embedding_dim or channels[0] * 4
+            self._time_features = channels[0]
+        self.time_embedding = TimestepEmbedding(self._time_features, time_embed_dim, act_fn=cfg.act_fn,
                                                 post_act_fn=cfg.timestep_post_act,
                                                 cond_proj_dim=cfg.time_cond_proj_dim)
         self.encoder_hid_proj = None
         if cfg.encoder_hid_dim_type == "text_proj":
             self.encoder_hid_proj = nn.Linear(cfg.encoder_hid_dim, one_width(_NAME, cfg, "cross_attention_dim"))
-        self.class_embedding = class_embedding(_NAME, cfg, channels[0], time_embed_dim)
+        self.class_embedding = class_embedding(_NAME, cfg, self._time_features, time_embed_dim)
         self.add_embedding = addition_embedding(_NAME, cfg, time_embed_dim)
         self.time_embed_act = activation(cfg.time_embedding_act_fn) if cfg.time_embedding_act_fn else None
 
@@ -224,6 +235,12 @@ class UNet2DConditionModel(ConfiguredModel):
                              f"tensor, got shape {tuple(timestep.shape)}")
         return timestep.expand(sample.shape[0])
 
+    def _time_proj(self, t):
+        """diffusers' `time_proj`: sinusoids (positional) or random Fourier features of t, float32."""
+        if self.config.time_embedding_type == "fourier":
+            return self.time_proj(t)
+        return self._sinusoid(t, self.config.block_out_channels[0])
+
     def _sinusoid(self, t, dim):
         cfg = self.config
         return timestep_embedding(t, dim, flip_sin_to_cos=cfg.flip_sin_to_cos,
@@ -233,7 +250,7 @@ class UNet2DConditionModel(ConfiguredModel):
                    added_cond_kwargs):
         """The time embedding every resnet sees: time (+ class) (+ addition), then time_embed_act."""
         cfg = self.config
-        t = self._sinusoid(self._timesteps(timestep, sample), cfg.block_out_channels[0]).to(sample.dtype)
+        t = self._time_proj(self._timesteps(timestep, sample)).to(sample.dtype)
         emb = self.time_embedding(t, timestep_cond)
         if self.class_embedding is not None:
             if class_labels is None:
@@ -245,7 +262,7 @@ class UNet2DConditionModel(ConfiguredModel):
                            else type(class_labels).__name__)
                     raise ValueError(f"{_NAME}: class_labels must be a (B,) tensor of noise levels "
                                      f"(class_embed_type='timestep'), got {got}")
-                class_labels = self._sinusoid(class_labels, cfg.block_out_channels[0]).to(sample.dtype)
+                class_labels = self._time_proj(class_labels).to(sample.dtype)
             class_emb = self.class_embedding(class_labels).to(sample.dtype)
             emb = torch.cat([emb, class_emb], dim=-1) if cfg.class_embeddings_concat else emb + class_emb
         if cfg.addition_embed_type is not None:

@@ -136,7 +136,7 @@ def test_from_diffusers_keeps_dtype_and_mode():
     ("dual_cross_attention", True),
     ("resnet_time_scale_shift", "spatial"),
     ("act_fn", "tanh"),
-    ("time_embedding_type", "fourier"),
+    ("time_embedding_type", "learned"),
     ("encoder_hid_dim_type", "image_proj"),
     ("down_block_types", ("KDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")),
     ("up_block_types", ("UpBlock2D", "CrossAttnUpBlock2D", "AttnUpBlock2D")),

@@ -230,3 +230,11 @@ def test_no_text_for_a_unet_without_cross_attention():
     assert max_diff(got, want) < TOL
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         _pair()[1](x, 3, None)
+
+
+def test_fourier_time_features_match_diffusers():
+    theirs, ours = _pair(time_embedding_type="fourier", class_embed_type="timestep", flip_sin_to_cos=False)
+    x, ctx = _inputs()
+    want, got = _both(theirs, ours, x, torch.tensor([0.3, 2.5]), ctx, class_labels=torch.tensor([0.1, 0.7]))
+    assert max_diff(got, want) < TOL
+    assert ours.time_proj.weight.shape == (16,) and not ours.time_proj.weight.requires_grad
