@@ -14,10 +14,10 @@ Supported: the block types of diffkern.models.unet_blocks (SD's CrossAttn / plai
 unCLIP's SimpleCrossAttn / ResnetDownsample / ResnetUpsample blocks, and whatever other families
 register); class embeddings (num_class_embeds, "timestep", "identity", "projection",
 "simple_projection", concatenated or added); encoder_hid_dim ("text_proj"); addition embeddings
-"text" (IF's attention pooling), "text_image" and "text_time" (SDXL); timestep_cond; any diffusers
-activation for act_fn / time_embedding_act_fn / timestep_post_act; scale-shift resnets; per-level
-layers, heads, cross-attention widths and transformer depths (per layer too). Options outside these
-raise ValueError naming the option.
+"text" (IF's attention pooling), "text_image" and "text_time" (SDXL); timestep_cond; positional or
+Fourier time features; any diffusers activation for act_fn / time_embedding_act_fn / timestep_post_act;
+scale-shift resnets; per-level layers, heads, cross-attention widths and transformer depths (per layer
+too); FreeU (enable_freeu). Options outside these raise ValueError naming the option.
 """
 
 from __future__ import annotations
