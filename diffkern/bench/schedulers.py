@@ -71,9 +71,10 @@ class _Stepper:
         self.gen = torch.Generator().manual_seed(generator_seed)
         ts = sched.timesteps
         self.kw = {"generator": self.gen} if "generator" in inspect.signature(sched.step).parameters else {}
-        for t in ts[:WARMUP * sched.order]:
+        order = getattr(sched, "order", 1)  # diffusers' UnCLIPScheduler has none
+        for t in ts[:WARMUP * order]:
             self._step(t, scale_input=True)
-        self.t = ts[WARMUP * sched.order]
+        self.t = ts[WARMUP * order]
         sched.scale_model_input(x, self.t)  # sets the step index (and diffusers' is_scale_input_called)
         self.state = self._snapshot()
 

@@ -115,6 +115,14 @@ class _StepIndexed(_FusedStep, _Scheduler):
         self._step_index = None
         self._begin_index = None
 
+    def _sigma(self, i):
+        """float(self.sigmas[i]) from a list cached per sigmas tensor (indexing a tensor per
+        coefficient costs more than the rest of the step's Python)."""
+        if getattr(self, "_sigma_src", None) is not self.sigmas:
+            self._sigma_list = self.sigmas.tolist()
+            self._sigma_src = self.sigmas
+        return self._sigma_list[i]
+
     @property
     def step_index(self):
         """Index of the current timestep; +1 after each step."""

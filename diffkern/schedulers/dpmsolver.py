@@ -140,7 +140,7 @@ class DPMSolverMultistepScheduler(_VPMultistep):
         """([a, b_m0, b_m1, b_m2], std): out = a x + b_m0 x0 + b_m1 m1 + b_m2 m2 + std noise, where x0 is
         this step's data prediction and m1, m2 those of the one and two steps before."""
         i = self.step_index
-        s = [float(self.sigmas[i + 1])] + [float(self.sigmas[i - k]) for k in range(order)]
+        s = [self._sigma(i + 1)] + [self._sigma(i - k) for k in range(order)]
         (alpha_t, sigma_t), (_, sigma_s0) = alpha_sigma(s[0]), alpha_sigma(s[1])
         lam = [np.float64(log_snr(v)) for v in s]  # numpy floats: h = 0 gives inf / nan as in diffusers
         h = lam[0] - lam[1]
@@ -202,7 +202,7 @@ class DPMSolverMultistepScheduler(_VPMultistep):
             model_output = model_output.to(torch.float32)
             uncond_output = None if uncond_output is None else uncond_output.to(torch.float32)
         (a, b0, b1, b2), std = self.step_coefficients(order)
-        cx, cp = self._x0_row(float(self.sigmas[self.step_index]))
+        cx, cp = self._x0_row(self._sigma(self.step_index))
         # before the shift, model_outputs[-1] / [-2] hold the x0 of the one / two previous steps (m1, m2)
         history = [self.model_outputs[-1], self.model_outputs[-2]][: order - 1] if order > 1 else []
         row = [cx, cp, a, b0, *[b1, b2][: len(history)], std]

@@ -124,7 +124,7 @@ class EulerDiscreteScheduler(_KarrasSigmaScheduler):
         self._check_timestep(timestep)
         self._warn_unscaled()
         i = self.step_index
-        sigma = float(self.sigmas[i])
+        sigma = self._sigma(i)
         gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
         out_dtype = model_output.dtype
@@ -138,7 +138,7 @@ class EulerDiscreteScheduler(_KarrasSigmaScheduler):
         cx, cp = self._x0_coeffs(sigma)
         if self.config.prediction_type == "epsilon":
             cp = -sigma_hat
-        dt = float(self.sigmas[i + 1]) - sigma_hat
+        dt = self._sigma(i + 1) - sigma_hat
         k = dt / sigma_hat
         prev, x0 = self._fused(x, model_output, [cx, cp, 1.0 + k, -k, 0.0], uncond_output=uncond_output,
                                guidance_scale=guidance_scale)
@@ -178,7 +178,7 @@ class EulerAncestralDiscreteScheduler(_KarrasSigmaScheduler):
         if self.config.prediction_type == "sample":
             raise NotImplementedError("prediction_type not implemented yet: sample")
         i = self.step_index
-        s_from, s_to = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        s_from, s_to = self._sigma(i), self._sigma(i + 1)
         sigma_up = math.sqrt(max(s_to**2 * (s_from**2 - s_to**2) / s_from**2, 0.0))
         sigma_down = math.sqrt(max(s_to**2 - sigma_up**2, 0.0))
         out_dtype = model_output.dtype

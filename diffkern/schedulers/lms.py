@@ -57,7 +57,7 @@ class LMSDiscreteScheduler(_KarrasSigmaScheduler):
 
     def get_lms_coefficient(self, order, t, current_order):
         """Integral over [sigma_t, sigma_{t+1}] of the Lagrange basis polynomial of point current_order."""
-        s = [float(v) for v in self.sigmas]
+        s = self.sigmas.tolist()
         nodes, weights = np.polynomial.legendre.leggauss(max(order, 1))  # exact for degree < 2 order
         lo, hi = s[t], s[t + 1]
         tau = 0.5 * (hi - lo) * nodes + 0.5 * (hi + lo)
@@ -79,7 +79,7 @@ class LMSDiscreteScheduler(_KarrasSigmaScheduler):
         self._warn_unscaled()
         self._check_timestep(timestep)
         i = self.step_index
-        sigma = float(self.sigmas[i])
+        sigma = self._sigma(i)
         cx, cp = self._x0_coeffs(sigma)
         kept = self.derivatives[-(order - 1):] if order > 1 else []
         n = min(i + 1, order)

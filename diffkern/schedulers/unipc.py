@@ -230,7 +230,7 @@ class UniPCMultistepScheduler(_VPMultistep):
             j = slot(("m", k - 1), prev_preds[k - 1])
             out[j] = out.get(j, 0.0) + m_p[k]
         H = len(history)
-        cx, cp = self._x0_or_eps_row(float(self.sigmas[i]))
+        cx, cp = self._x0_or_eps_row(self._sigma(i))
         row = [cx, cp, out["x"], out["d"], *[out.get(j, 0.0) for j in range(H)], 0.0]
         if use_corrector:
             row += [corr["x"], corr["d"], *[corr.get(j, 0.0) for j in range(H)]]
