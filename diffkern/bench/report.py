@@ -8,12 +8,18 @@
 
 matplotlib is optional: it is imported only when a plot is drawn (with the Agg backend, no display);
 without it the plots are skipped and `plots_unavailable()` says why, the rest is written.
+
+Redraw from results already written (e.g. the committed ones), the JSON being the one source:
+    python -m diffkern.bench.report benchmarks/results/*.json --out benchmarks/results/plots
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -59,28 +65,30 @@ def _pyplot():
     return plt
 
 
-def _grouped_bars(groups, title, ylabel, path, log=False, line=None):
-    """groups: {case: {backend: value}} -> a grouped bar chart at path."""
+def _grouped_bars(groups, title, xlabel, path, log=False, line=None):
+    """groups: {case: {backend: value}} -> horizontal grouped bars at path (one row per case, so that
+    suites with many cases stay readable: the figure grows in height, not width)."""
     plt = _pyplot()
     backends = sorted({b for g in groups.values() for b in g})
     cases = list(groups)
-    width = 0.8 / max(len(backends), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cases) + 2), 4.5))
+    height = 0.8 / max(len(backends), 1)
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.22 * len(cases) * max(1.0, len(backends) / 2)))
     for k, b in enumerate(backends):
-        xs = [i + (k - (len(backends) - 1) / 2) * width for i in range(len(cases))]
-        ys = [groups[c].get(b, float("nan")) for c in cases]
-        ax.bar(xs, ys, width, label=b)
+        ys = [i + (k - (len(backends) - 1) / 2) * height for i in range(len(cases))]
+        ax.barh(ys, [groups[c].get(b, float("nan")) for c in cases], height, label=b)
     if line is not None:
-        ax.axhline(line, color="black", linewidth=0.8)
+        ax.axvline(line, color="black", linewidth=0.8)
     if log:
-        ax.set_yscale("log")
-    ax.set_xticks(range(len(cases)))
-    ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+        ax.set_xscale("log")
+    ax.set_yticks(range(len(cases)))
+    ax.set_yticklabels(cases, fontsize=7)
+    ax.invert_yaxis()  # first case on top, as in the tables
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9, wrap=True)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(axis="x", linewidth=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
 
@@ -153,3 +161,32 @@ def end_to_end_table(rows):
         out.append(f"| {e.get('family', r.case)} | {e.get('size', '')} | {e.get('steps', '')} | {r.backend} | "
                    f"{e['s_per_image']:.3f} | {e.get('denoise_it_s', float('nan')):.2f} | {peak_s} | {ref} |")
     return "\n".join(out)
+
+
+def rows_from_json(path):
+    """(rows as harness.Row, environment) of a results JSON written by diffkern.bench."""
+    from diffkern.bench.harness import Row
+
+    data = json.loads(Path(path).read_text())
+    return [Row(**dict(r, shape=tuple(r["shape"]))) for r in data["rows"]], data.get("environment", {})
+
+
+def main(argv=None):
+    """Redraw CSV + plots for results JSON files; prints the markdown links per file."""
+    p = argparse.ArgumentParser(prog="python -m diffkern.bench.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", nargs="+", help="results files written by diffkern.bench")
+    p.add_argument("--out", default=None, help="folder for the CSV and plots (default: next to each file)")
+    args = p.parse_args(argv)
+    for name in args.json:
+        rows, env = rows_from_json(name)
+        device = "cpu" if str(env.get("device", "cpu")).lower().startswith("cpu") else "cuda"
+        out = Path(args.out) if args.out else Path(name).parent
+        _, md = write_reports(rows, out, Path(name).stem, device, env.get("copy_bandwidth_gbps"),
+                              env.get("matmul_tflops_fp16"))
+        print(f"{name}:\n  " + "\n  ".join(line for line in md if line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

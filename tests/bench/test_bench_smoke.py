@@ -143,3 +143,13 @@ def test_matplotlib_stays_out_of_the_import():
     code = "import sys, diffkern.bench.__main__, diffkern.bench.report; print('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip() \
         == "False"
+
+
+def test_report_redraws_from_a_results_json(tmp_path, capsys):
+    rows = [harness.Row("op", "c1", (2, 3), "float32", "contiguous", b, 5.0, 10.0, s) for b, s in
+            [("reference", 1.0), ("cpu", 3.0)]]
+    env = {"command": "x", "device": "CPU (test)"}
+    json_path, _ = harness.write_results(rows, env, tmp_path, "op-cpu")
+    assert report.main([str(json_path), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "op-cpu.csv").read_text().splitlines()[2].startswith("op,c1,2x3,float32")
+    assert ("op-cpu-speedup.png" in capsys.readouterr().out) == (report.plots_unavailable() is None)
