@@ -36,10 +36,12 @@ class BatchSplitModel(nn.Module):
         except AttributeError:
             return getattr(self._modules["module"], name)
 
-    def forward(self, x, *args, **kwargs):
-        n = x.shape[0]
-        if n % self.parts:
-            return self.module(x, *args, **kwargs)
+    def forward(self, *args, **kwargs):
+        # the batch is the first tensor argument's first dimension (x, or sample= for diffusers-style calls)
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        n = 0 if first is None else first.shape[0]
+        if n == 0 or n % self.parts:
+            return self.module(*args, **kwargs)
         m = n // self.parts
         self.split_calls += 1
         rows = slice(self.part * m, (self.part + 1) * m)
@@ -47,7 +49,7 @@ class BatchSplitModel(nn.Module):
         def cut(v):
             return v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
 
-        out = self.module(cut(x), *[cut(a) for a in args], **{k: cut(v) for k, v in kwargs.items()})
+        out = self.module(*[cut(a) for a in args], **{k: cut(v) for k, v in kwargs.items()})
         out = out if isinstance(out, torch.Tensor) else out[0]  # diffusers models return an output object
         shares = [torch.empty_like(out) for _ in range(self.parts)]
         torch.distributed.all_gather(shares, out.contiguous(), group=self.group)
