@@ -83,8 +83,10 @@ class PNDMScheduler(_FusedStep, _Scheduler):
     def _transfer(self, t, prev_t):
         """(sample coefficient, eps coefficient, v scale sa, v shift s1m) of diffusers' _get_prev_sample:
         prev = c_s S - c_e e', e' = eps (or sa v + s1m S for v_prediction)."""
-        a_t = float(self.alphas_cumprod[t])
-        a_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else float(self.final_alpha_cumprod)
+        if getattr(self, "_acp_src", None) is not self.alphas_cumprod:  # python floats, cached per table
+            self._acp_list, self._acp_src = self.alphas_cumprod.tolist(), self.alphas_cumprod
+        a_t = self._acp_list[t]
+        a_prev = self._acp_list[prev_t] if prev_t >= 0 else float(self.final_alpha_cumprod)
         b_t, b_prev = 1 - a_t, 1 - a_prev
         c_s = math.sqrt(a_prev / a_t)
         denom = a_t * math.sqrt(b_prev) + math.sqrt(a_t * b_t * a_prev)
