@@ -135,15 +135,13 @@ def main():
            + " (the same bytes are promised at the same threads per process: the intra-op thread count may "
            "change the order of float reductions).", ""]
     load = result["load_average_at_end"][0]
-    md += ["Why below 2x: N processes run on the same N cores that one process already uses with N intra-op "
-           "threads; data parallelism only saves the threads' per-op synchronisation (large for ops this small, "
-           "which is why 1 process x N threads can even lose to 1 thread), and the processes compete for the "
-           "same memory bandwidth and caches. Measured against 1 process x 1 thread it would be N x only on "
-           f"idle cores; here the load average was {load:.1f} on {os.cpu_count()} cores (other jobs running), "
-           "so each process got a contended share of a core and the numbers are shares, not capacity. Under "
-           "that contention OpenMP threads of one process wait for each other at every op (one of them is "
-           "usually descheduled), which is why the N-thread run is the slowest. On a GPU box with one GPU per "
-           "rank, images/s scale with the number of GPUs (the ranks share only the final manifest merge).", ""]
+    md += ["Why below 2x: the N processes share the machine's N cores and its memory bandwidth and caches, the "
+           "per-process work (Python, the scheduler, PNG encoding, the final gather) does not shrink, and the cores "
+           f"were not idle (load average {load:.1f} on {os.cpu_count()} cores at the end, our own runs included). "
+           "Why N threads can lose to 1: the ops of this small model take microseconds, so OpenMP's per-op "
+           "fork/join and threads waiting for each other (worse when another job deschedules one) cost more than "
+           "the extra cores give; processes avoid that synchronisation. On a GPU box with one GPU per rank, "
+           "images/s scale with the number of GPUs (the ranks share only the final manifest merge).", ""]
     (out / "distributed-throughput-cpu.md").write_text("\n".join(md))
     print("\n".join(md))
 
