@@ -192,12 +192,14 @@ _fam.register(_dispatch.Backend(
 #   CPU, benchmarks/results/group_norm-cpu-x86-64-2-threads-avx512.md (EPYC, 2026-11-26), x eager:
 #     contiguous     sd15 2.67 / 2.33 / 2.17 / 1.59x, glide (+scale-shift) 3.22 / 3.02 / 2.70 / 2.73x
 #     channels_last  sd15 1.87 / 1.41 / 1.28 / 0.95x, glide (+scale-shift) 2.64 / 2.03 / 2.59 / 1.67x
-#   and benchmarks/results/group_norm-cpu-side-by-side-xeon.md (this Xeon, loaded machine, min times).
-#   The one loss, 0.95x at (2, 1280, 8, 8) channels_last, is 5% slower than eager PyTorch there, whose
-#   channels_last GroupNorm loses all precision when |mean| >> std (x = 1000 + randn, torch 2.13: max
+#   Xeon, benchmarks/results/group_norm-cpu-xeon-2-threads-avx512-run{1,2,3}.md (2026-12-01):
+#     sd15 (2, 320, 64, 64) contiguous 2.57 / 2.72 / 2.68x, channels_last 1.77 / 1.67 / 1.81x,
+#     (2, 1280, 8, 8) channels_last 0.88 / 0.91 / 0.97x.
+#   The one loss, 0.88-0.97x at (2, 1280, 8, 8) channels_last (5-12% slower than eager PyTorch, whose
+#   channels_last GroupNorm loses all precision when |mean| >> std: x = 1000 + randn, torch 2.13: max
 #   error 3.8 at that very shape, 1242 at (2, 64, 24, 24); the kernel 3e-7 and 5e-7; see also
 #   tests/ops/test_group_norm.py::test_large_offset_fp32): the kernel stays first for every CPU input,
-#   as a 5% loss on the smallest SD tensor does not buy a wrong answer on offset data.
+#   as a 5-12% loss (~10 us) on the smallest SD tensor does not buy a wrong answer on offset data.
 #   The Triton interpreter is for tests only and never picked automatically.
 # CUDA: benchmarks/results/group_norm-nvidia-h200.md.
 _fam.priority = {"cpu": ["cpu", "reference"], "cuda": ["cuda", "triton", "reference"]}
