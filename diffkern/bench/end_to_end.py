@@ -94,7 +94,10 @@ def _glide(device, full):
     fp16 = device.type == "cuda"
     base_o, up_o = glide.model_and_diffusion_defaults(), glide.model_and_diffusion_defaults_upsampler()
     if not full:
-        base_o, up_o = dict(base_o, image_size=32), dict(up_o, image_size=64)
+        # half the released sizes, the same widths; channel_mult "" means "the default for image_size",
+        # which exists only for the released sizes: the released lists less their last level
+        base_o = dict(base_o, image_size=32, channel_mult=base_o["channel_mult"] or "1,2,3")
+        up_o = dict(up_o, image_size=64, channel_mult=up_o["channel_mult"] or "1,1,2,2")
     base_r, up_r = ("100", "fast27") if full else ("3", "2")
     torch.manual_seed(0)
     base = glide.create_model(**dict(base_o, use_fp16=fp16)).to(device).eval()
@@ -181,6 +184,7 @@ def run(device, quick=False, compile_reference=False, log=print, full_size=False
                                     {"family": s.family, "size": s.size, "steps": s.steps, "s_per_image": t,
                                      "denoise_it_s": rate, "peak_mib": peak, "peak_is_rss": is_rss}))
         log(f"  {label}: " + ", ".join(f"{b} {m[0]:.2f} s/image {m[1]:.1f} it/s" for b, m in measured.items()))
+        del s  # the next family's models are built after this one's are freed (peak memory, RSS)
     return rows
 
 
