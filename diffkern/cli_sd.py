@@ -24,7 +24,8 @@ NAME = "Stable Diffusion / LDM"
 SELECT = "--checkpoint"
 # cli.py's shared sampling options this family takes
 SHARED = ("negative_prompt", "steps", "height", "width")
-DEFAULTS = {"steps": 50, "guidance": 7.5, "scheduler": "ddim", "eta": 0.0, "strength": 0.8}
+# scheduler None: the one the checkpoint folder names (PNDM for SD 1.5), as diffusers runs it
+DEFAULTS = {"steps": 50, "guidance": 7.5, "eta": 0.0, "strength": 0.8}
 
 WHERE_TO_PUT_WEIGHTS = """\
 diffkern downloads nothing: put the weights on this machine, then pass their path to --checkpoint.
@@ -41,13 +42,33 @@ Example: diffkern generate --checkpoint ./sd15 --prompt "a red fox in the snow" 
 def add_arguments(group):
     """SD / LDM's own options (every default None: a given one is noticed by the other families)."""
     group.add_argument("--checkpoint", help="diffusers pipeline folder, or a single .ckpt / .safetensors file")
-    group.add_argument("--scheduler", choices=["ddim", "ddpm"], default=None, help="sampler (default ddim)")
+    group.add_argument("--scheduler", type=_scheduler_name, default=None, metavar="NAME",
+                       help="sampler: a short name (" + ", ".join(_scheduler_aliases()) + ") or a diffusers "
+                       "class name (EulerDiscreteScheduler, ...); default: the one the checkpoint folder names")
     group.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0: deterministic)")
     group.add_argument("--init-image", default=None, help="image file: run image-to-image from it")
     group.add_argument("--strength", type=float, default=None,
                        help="image-to-image strength in [0, 1] (default 0.8)")
     group.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                        help="override the checkpoint's (single SD 2.x 768-v files need v_prediction)")
+
+
+def _scheduler_aliases():
+    from diffkern.schedulers import ALIASES
+
+    return sorted(ALIASES)
+
+
+def _scheduler_name(name):
+    """argparse type of --scheduler: an alias of diffkern.schedulers.ALIASES or a SCHEDULERS class name."""
+    import argparse
+
+    from diffkern.schedulers import ALIASES, SCHEDULERS
+
+    if name.lower() in ALIASES or name in SCHEDULERS:
+        return name
+    raise argparse.ArgumentTypeError(f"unknown scheduler {name!r}: choose a short name ({', '.join(sorted(ALIASES))}) "
+                                     f"or a class name ({', '.join(sorted(SCHEDULERS))})")
 
 
 def selected_by(args):

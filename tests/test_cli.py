@@ -199,3 +199,28 @@ def test_a_model_family_plugs_in_with_one_registry_line(monkeypatch, tmp_path, c
     assert "--negative-prompt: Stable Diffusion / LDM options, not Toy's" in capsys.readouterr().err
     assert main(["generate", "--model", "sd", "--toy", "t", "--prompt", "p"]) == 2
     assert "--toy: Toy options, not Stable Diffusion / LDM's" in capsys.readouterr().err
+
+
+def test_generate_scheduler_by_alias_draws_what_diffusers_draws(sd_folder, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    folder, reference = sd_folder
+    out = tmp_path / "k.png"
+    argv = ["generate", "--checkpoint", str(folder), "--prompt", PROMPT, "--steps", "3", "--seed", "1",
+            "--scheduler", "dpm++2m_karras", "--height", "32", "--width", "32", "--quiet", "--output", str(out)]
+    assert main(argv) == 0
+    pipe = diffusers.StableDiffusionPipeline(**reference.components)
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(reference.scheduler.config,
+                                                                       use_karras_sigmas=True)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(PROMPT, num_inference_steps=3, height=32, width=32,
+                    generator=torch.Generator().manual_seed(1)).images[0]
+    assert np.abs(_png(out) - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+def test_generate_unknown_scheduler_is_a_usage_error(sd_folder, capsys):
+    folder, _ = sd_folder
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--checkpoint", str(folder), "--prompt", PROMPT, "--scheduler", "nope"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--scheduler" in err and "unknown scheduler 'nope'" in err and "euler_a" in err
