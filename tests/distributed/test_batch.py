@@ -34,7 +34,7 @@ def test_pngs_carry_their_settings_and_equal_single_prompt_runs(sd_dir, tmp_path
     assert [(r["index"], r["file"], r["prompt"], r["seed"]) for r in records] == [
         (i, f"{i:06d}.png", p, 40 + i) for i, p in enumerate(PROMPTS)]
     text = png_text(tmp_path / "b3" / "000001.png")
-    assert text == {"prompt": "a red dog", "seed": "41", "model": "sd", "scheduler": "ddim", "steps": "2",
+    assert text == {"prompt": "a red dog", "seed": "41", "model": "sd", "scheduler": "DDIMScheduler", "steps": "2",
                     "guidance": "6.0", "height": "32", "width": "32", "diffkern_version": diffkern.__version__}
     assert {k: str(v) for k, v in records[1].items() if k not in ("index", "file")} == text
     # each image is the one `--prompt P --seed S` draws alone; in another batch size the same up to float
