@@ -138,10 +138,24 @@ def _check_tensor(t, name, x, shape):
         raise ValueError(f"guided_step: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def _number(v, name):
+def number(op, v, name):
+    """v as a float, or TypeError naming op and argument (bools and non-finite values refused)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise TypeError(f"guided_step: {name} must be a finite number, got {v!r}")
+        raise TypeError(f"{op}: {name} must be a finite number, got {v!r}")
     return float(v)
+
+
+def guidance_and_clip_scalars(op, clip, guidance_scale, clip_range, percentile, max_value):
+    """The scalar arguments guided_step and sampler_update share, checked once: floats back."""
+    guidance_scale = number(op, guidance_scale, "guidance_scale")
+    clip_range = number(op, clip_range, "clip_range")
+    percentile = number(op, percentile, "dynamic_percentile")
+    max_value = number(op, max_value, "dynamic_max_value")
+    if not 0.0 <= percentile <= 1.0:
+        raise ValueError(f"{op}: dynamic_percentile must be in [0, 1], got {percentile!r}")
+    if clip == "static" and clip_range < 0:
+        raise ValueError(f"{op}: clip_range must be >= 0, got {clip_range!r}")
+    return guidance_scale, clip_range, percentile, max_value
 
 
 def _int(v, name, upper):
@@ -167,14 +181,8 @@ def _check(x, m, coeffs, uncond, guidance_scale, prediction_type, clip, clip_ran
         raise ValueError(f"guided_step: clip must be one of {CLIPS}, got {clip!r}")
     if variance not in VARIANCES:
         raise ValueError(f"guided_step: variance must be one of {VARIANCES}, got {variance!r}")
-    guidance_scale = _number(guidance_scale, "guidance_scale")
-    clip_range = _number(clip_range, "clip_range")
-    percentile = _number(percentile, "dynamic_percentile")
-    max_value = _number(max_value, "dynamic_max_value")
-    if not 0.0 <= percentile <= 1.0:
-        raise ValueError(f"guided_step: dynamic_percentile must be in [0, 1], got {percentile!r}")
-    if clip == "static" and clip_range < 0:
-        raise ValueError(f"guided_step: clip_range must be >= 0, got {clip_range!r}")
+    guidance_scale, clip_range, percentile, max_value = guidance_and_clip_scalars(
+        OP, clip, guidance_scale, clip_range, percentile, max_value)
     B, C = x.shape[:2]
     learned = variance == "learned_range"
     m_shape = (B, 2 * C if learned else C) + tuple(x.shape[2:])

@@ -7,7 +7,6 @@ sample, the denoised prediction of this step and tensors kept from earlier steps
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,7 @@ import torch
 from diffkern import _dispatch, _ext
 from diffkern.kernels import reference_multistep as reference
 from diffkern.ops import _backends
-from diffkern.ops.guided_step import thresholds_by_selection
+from diffkern.ops.guided_step import guidance_and_clip_scalars, thresholds_by_selection
 
 OP = "sampler_update"
 CLIPS = ("none", "static", "dynamic")
@@ -105,12 +104,6 @@ def _check_tensor(t, name, x):
         raise ValueError(f"sampler_update: {name} must have sample's shape {tuple(x.shape)}, got {tuple(t.shape)}")
 
 
-def _number(v, name):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise TypeError(f"sampler_update: {name} must be a finite number, got {v!r}")
-    return float(v)
-
-
 def _check(x, m, coeffs, history, uncond, guidance_scale, clip, clip_range, percentile, max_value, noise, aux):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"sampler_update: sample must be a Tensor, got {type(x).__name__}")
@@ -122,14 +115,8 @@ def _check(x, m, coeffs, history, uncond, guidance_scale, clip, clip_range, perc
         raise ValueError(f"sampler_update: clip must be one of {CLIPS}, got {clip!r}")
     if not isinstance(aux, bool):
         raise TypeError(f"sampler_update: aux must be a bool, got {aux!r}")
-    guidance_scale = _number(guidance_scale, "guidance_scale")
-    clip_range = _number(clip_range, "clip_range")
-    percentile = _number(percentile, "dynamic_percentile")
-    max_value = _number(max_value, "dynamic_max_value")
-    if not 0.0 <= percentile <= 1.0:
-        raise ValueError(f"sampler_update: dynamic_percentile must be in [0, 1], got {percentile!r}")
-    if clip == "static" and clip_range < 0:
-        raise ValueError(f"sampler_update: clip_range must be >= 0, got {clip_range!r}")
+    guidance_scale, clip_range, percentile, max_value = guidance_and_clip_scalars(
+        OP, clip, guidance_scale, clip_range, percentile, max_value)
     _check_tensor(m, "model_output", x)
     if uncond is not None:
         _check_tensor(uncond, "uncond_output", x)
