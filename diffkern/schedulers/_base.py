@@ -211,6 +211,15 @@ class _Scheduler(ConfigMixin):
         return SchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
 
 
+    def _ancestral_step(self, sample, model_output, coeffs, t, *, uncond_output, guidance_scale, generator,
+                        variance_noise, return_dict, learned):
+        """DDPM-style posterior step (DDPM, unCLIP): noise drawn for t > 0, eps from the clipped x0."""
+        noise = self._noise(sample.shape, model_output, generator, variance_noise) if t > 0 else None
+        return self._call_step(sample, model_output, coeffs, uncond_output=uncond_output,
+                               guidance_scale=guidance_scale, noise=noise, eps_from_clipped=True,
+                               return_dict=return_dict, variance="learned_range" if learned else "fixed")
+
+
 def coeff_rows(batch, values):
     """(B, len(values)) float32 coefficients computed in float64."""
     return (

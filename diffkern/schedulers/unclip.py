@@ -139,17 +139,6 @@ class UnCLIPScheduler(_Scheduler):
             )
         t = int(timestep)
         coeffs = self.step_coefficients(t, prev_timestep, sample.shape[0])
-        noise = None
-        if t > 0:
-            noise = self._noise(sample.shape, model_output, generator, variance_noise)
-        return self._call_step(
-            sample,
-            model_output,
-            coeffs,
-            uncond_output=uncond_output,
-            guidance_scale=guidance_scale,
-            noise=noise,
-            eps_from_clipped=True,
-            return_dict=return_dict,
-            variance="learned_range" if learned else "fixed",
-        )
+        return self._ancestral_step(sample, model_output, coeffs, t, uncond_output=uncond_output,
+                                    guidance_scale=guidance_scale, generator=generator,
+                                    variance_noise=variance_noise, return_dict=return_dict, learned=learned)
