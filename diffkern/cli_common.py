@@ -21,6 +21,14 @@ def flag(dest):
     return "--" + dest.replace("_", "-")
 
 
+def fill_defaults(args, defaults):
+    """Set each option the user left at None to the family's default (None marks "not given", so that
+    --model auto can tell which family's options were passed)."""
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def output_paths(output, n):
     """The files to write: `output`, or NAME-0.EXT ... for n > 1 (UsageError without an image suffix)."""
     from PIL import Image

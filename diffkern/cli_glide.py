@@ -24,6 +24,7 @@ from diffkern.cli_common import (
     UsageError,
     backend_context,
     check_backend,
+    fill_defaults,
     flag,
     output_paths,
     pick_device,
@@ -230,9 +231,7 @@ def _load(args, device, batch):
     from diffkern.pipelines.glide import GlidePipeline
 
     clip, inpaint = _check_args(args, batch)
-    for name, value in GLIDE_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    fill_defaults(args, GLIDE_DEFAULTS)
     if args.guidance is None and not clip:
         args.guidance = 5.0 if inpaint else 3.0  # OpenAI's notebooks (inpaint, text2im)
     base_options = _model_options(args.base_options, "--base-options")

@@ -15,6 +15,7 @@ from diffkern.cli_common import (
     UsageError,
     backend_context,
     check_backend,
+    fill_defaults,
     output_paths,
     pick_device,
     write_images,
@@ -76,12 +77,6 @@ def selected_by(args):
     return args.checkpoint is not None
 
 
-def _fill_defaults(args):
-    for name, value in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-
-
 def _check(args, batch):
     if not args.checkpoint:
         raise UsageError("no checkpoint given (--checkpoint PATH).\n" + WHERE_TO_PUT_WEIGHTS)
@@ -121,7 +116,7 @@ def generate(args):
     """One prompt (--prompt, --output): the written paths."""
     import torch
 
-    _fill_defaults(args)
+    fill_defaults(args, DEFAULTS)
     _check(args, batch=False)
     paths = output_paths(args.output, args.num_images)
     pipe = _load(args, pick_device(args.device), img2img=args.init_image is not None)
@@ -148,7 +143,7 @@ def make_runner(args, device):
     """A prompt file (--prompts, --outdir): the diffkern.distributed runner of the loaded pipeline."""
     from diffkern.distributed import SDRunner
 
-    _fill_defaults(args)
+    fill_defaults(args, DEFAULTS)
     _check(args, batch=True)
     if args.strength is not None and args.strength != DEFAULTS["strength"]:
         raise UsageError("--strength: image-to-image takes one --prompt, not --prompts")

@@ -20,6 +20,7 @@ from diffkern.cli_common import (
     UsageError,
     backend_context,
     check_backend,
+    fill_defaults,
     output_paths,
     pick_device,
     write_images,
@@ -74,12 +75,6 @@ def add_arguments(group):
 def selected_by(args):
     """--model auto: unCLIP when --karlo is given."""
     return args.karlo is not None
-
-
-def _fill_defaults(args):
-    for name, value in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
 
 
 def _mode(args):
@@ -178,7 +173,7 @@ def generate(args):
     """One --prompt (or --image / --interpolate / --text-diff) to --output: the written paths."""
     import torch
 
-    _fill_defaults(args)
+    fill_defaults(args, DEFAULTS)
     mode = _check(args, batch=False)
     pipe = _load(args, pick_device(args.device), mode)
     try:
@@ -212,7 +207,7 @@ class UnCLIPRunner:
 
 def make_runner(args, device):
     """A prompt file (--prompts, --outdir): text-to-image only."""
-    _fill_defaults(args)
+    fill_defaults(args, DEFAULTS)
     if args.image is not None or args.interpolate is not None or args.text_diff is not None:
         raise UsageError("--prompts: unCLIP batches are text-to-image; --image / --interpolate / --text-diff take "
                          "no prompt file")
