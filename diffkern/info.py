@@ -32,6 +32,7 @@ def collect():
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability_torch": torch.backends.cpu.get_cpu_capability(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "dispatch_table": _dispatch.dispatch_table_status("cuda"),
         "extension": _ext.build_info() or {"built": False, "error": _ext.extension_error()},
         "ops": {},
     }
@@ -42,6 +43,8 @@ def collect():
             "unusable": _dispatch.unavailable_reasons(op),
             "priority": fam.priority,
         }
+        if torch.cuda.is_available():  # the order a GPU call tries: the device's table (if any), then the safe list
+            info["ops"][op]["automatic_cuda"] = _dispatch.automatic_order(fam, None, "cuda")
     return info
 
 
@@ -62,6 +65,8 @@ def main(argv=None):
             print(f"  not usable: {name:9s} {why}")
         for dev, order in d["priority"].items():
             print(f"  automatic on {dev:6s}  {' > '.join(order)}")
+        if "automatic_cuda" in d and d["automatic_cuda"] != d["priority"].get("cuda"):
+            print(f"  with the table, cuda  {' > '.join(d['automatic_cuda'])}")
 
 
 if __name__ == "__main__":
