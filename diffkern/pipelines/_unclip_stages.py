@@ -31,9 +31,13 @@ def tensor_of(out):
 
 
 def unclip_scheduler(scheduler, name):
-    """diffkern's UnCLIPScheduler as given, or built from another scheduler's config (a diffusers
-    UnCLIPScheduler converts by its config: same semantics, fused steps)."""
+    """diffkern's UnCLIPScheduler (or Karlo's own KarloSampler) as given, or built from another scheduler's
+    config (a diffusers UnCLIPScheduler converts by its config: same semantics, fused steps)."""
     if isinstance(scheduler, UnCLIPScheduler):
+        return scheduler
+    from diffkern.models.checkpoints.karlo import KarloSampler
+
+    if isinstance(scheduler, KarloSampler):  # Karlo's own sampler (load_karlo, original files): kept as given
         return scheduler
     config = getattr(scheduler, "config", scheduler if isinstance(scheduler, dict) else None)
     if config is None:

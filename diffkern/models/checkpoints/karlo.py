@@ -24,18 +24,27 @@ facts of diffusers' scripts/convert_kakao_brain_unclip_to_diffusers.py):
            -> embedding_proj; clip_emb -> clip_image_embeddings_project_to_time_embeddings; cf_param ->
            learned_classifier_free_guidance_embeddings.
 Every key problem of a file (missing, unexpected, mis-shaped) is listed in one CheckpointError.
+
+Sampling. Models loaded from the original files sample as Karlo's own code does (KarloSampler below,
+the facts of karlo/modules/diffusion/{gaussian_diffusion,respace}.py): Karlo's respacing
+(space_timesteps: a stride accumulated in floats, Python's round), every coefficient of the respaced
+process computed in float64 and rounded to float32 once, the prior's x0 clamped to [-10, 10]
+(Karlo's denoised_fn; diffusers' conversion chose 5), the decoder's and SR's x0 to [-1, 1], learned-range
+variance between posterior_log_variance_clipped and log(beta). Diffusers folders of Karlo
+(kakaobrain/karlo-v1-alpha) keep diffusers' UnCLIPScheduler (float32 coefficients, x0 clamp 5).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffkern.models.compvis import CheckpointError
 
-__all__ = ["KARLO_PRIOR", "KARLO_DECODER", "KARLO_SUPER_RES", "KARLO_SCHEDULERS", "convert_prior", "convert_decoder",
-           "convert_super_res", "load_karlo", "read_clip_stats"]
+__all__ = ["KARLO_PRIOR", "KARLO_DECODER", "KARLO_SUPER_RES", "KARLO_SCHEDULERS", "KARLO_SAMPLERS", "KarloSampler",
+           "convert_prior", "convert_decoder", "convert_super_res", "karlo_spacing", "load_karlo", "read_clip_stats"]
 
 KARLO_PRIOR = {}  # diffusers' PriorTransformer defaults are Karlo's prior
 KARLO_DECODER = dict(
@@ -54,6 +63,176 @@ KARLO_SCHEDULERS = dict(
                          clip_sample_range=5.0),
     decoder_scheduler=dict(variance_type="learned_range", prediction_type="epsilon", num_train_timesteps=1000),
     super_res_scheduler=dict(variance_type="fixed_small_log", prediction_type="epsilon", num_train_timesteps=1000))
+
+# What Karlo's own sampler does per stage (configs/*.yaml diffusion: + the models' forward): prior
+# predict_xstart, sigma_small, x0 clamped by denoised_fn to [-10, 10], clip_denoised False; decoder eps,
+# learn_sigma (learned range), clip_denoised; improved SR eps, sigma_small, clip_denoised.
+KARLO_SAMPLERS = dict(
+    prior_scheduler=dict(prediction_type="sample", variance_type="fixed_small_log", clip_range=10.0),
+    decoder_scheduler=dict(prediction_type="epsilon", variance_type="learned_range", clip_range=1.0),
+    super_res_scheduler=dict(prediction_type="epsilon", variance_type="fixed_small_log", clip_range=1.0))
+
+
+def karlo_spacing(num_train_timesteps, steps):
+    """The kept timesteps, ascending: Karlo's space_timesteps(T, str(steps)) with one section (a stride
+    (T - 1) / (steps - 1) accumulated in floats and rounded by Python's round, as Karlo does; diffusers'
+    round(i * stride) can differ by one for some step counts)."""
+    T = num_train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"num_inference_steps: expected an int in [1, {T}], got {steps!r}")
+    stride = 1 if steps <= 1 else (T - 1) / (steps - 1)
+    taken, cur = [], 0.0
+    for _ in range(steps):
+        taken.append(round(cur))
+        cur += stride
+    return sorted(set(taken))
+
+
+def _karlo_cosine_betas(T):
+    """Karlo's squaredcos_cap_v2 betas (betas_for_alpha_bar, max_beta 0.999), float64."""
+    import math
+
+    def abar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=np.float64)
+
+
+class _Config(dict):
+    """A sampler's settings, by key or attribute (as diffusers' FrozenDict configs are read)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _StepOutput(dict):
+    """(prev_sample, pred_original_sample), by attribute, key or index (diffusers' output contract)."""
+
+    def __init__(self, prev_sample, pred_original_sample):
+        super().__init__(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        self.prev_sample, self.pred_original_sample = prev_sample, pred_original_sample
+
+    def __getitem__(self, key):
+        return (self.prev_sample, self.pred_original_sample)[key] if isinstance(key, int) else super().__getitem__(key)
+
+
+class KarloSampler:
+    """Karlo's own ancestral sampler (its SpacedDiffusion.p_sample) behind the unCLIP scheduler interface the
+    diffkern unCLIP pipelines call (set_timesteps / timesteps / step(model_output, t, sample, prev_timestep,
+    generator, uncond_output=, guidance_scale=) / init_noise_sigma).
+
+    set_timesteps(N): Karlo's respacing (karlo_spacing); the respaced betas 1 - abar_t / abar_prev and every
+    coefficient derived from them in float64 (`coefficients`, numpy), rounded to float32 once per use, then
+    applied in Karlo's order of float32 operations: guidance uncond + s * (cond - uncond) on the prediction
+    channels (variance channels from the conditional half), x0 = c1 * x_t - c2 * eps (or the model's x0),
+    clamped to [-clip_range, clip_range], mean = coef1 * x0 + coef2 * x_t, learned range
+    log var = frac * log(beta) + (1 - frac) * posterior_log_variance_clipped, x = mean + exp(0.5 log var) * z
+    (no noise at the last step). Noise z is drawn from `generator` as diffusers draws it (or variance_noise).
+    """
+
+    order = 1
+    init_noise_sigma = 1.0
+
+    def __init__(self, prediction_type="epsilon", variance_type="fixed_small_log", clip_range=1.0,
+                 num_train_timesteps=1000):
+        if prediction_type not in ("epsilon", "sample"):
+            raise ValueError(f"KarloSampler: prediction_type must be 'epsilon' or 'sample', got {prediction_type!r}")
+        if variance_type not in ("fixed_small_log", "learned_range"):
+            raise ValueError("KarloSampler: variance_type must be 'fixed_small_log' or 'learned_range', "
+                             f"got {variance_type!r}")
+        if clip_range is not None and not clip_range > 0:
+            raise ValueError(f"KarloSampler: clip_range must be positive or None, got {clip_range!r}")
+        self.prediction_type, self.variance_type, self.clip_range = prediction_type, variance_type, clip_range
+        self.num_train_timesteps = num_train_timesteps
+        self.base_betas = _karlo_cosine_betas(num_train_timesteps)
+        self.base_alphas_cumprod = np.cumprod(1.0 - self.base_betas)
+        self.alphas_cumprod = torch.from_numpy(self.base_alphas_cumprod).float()  # what DDIM inverters read
+        self.config = _Config(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type,
+                           variance_type=variance_type, clip_sample_range=clip_range, beta_schedule="squaredcos_cap_v2",
+                           sampler="karlo")
+        self.num_inference_steps = None
+        self.set_timesteps(num_train_timesteps)
+
+    def __repr__(self):
+        return (f"KarloSampler(prediction_type={self.prediction_type!r}, variance_type={self.variance_type!r}, "
+                f"clip_range={self.clip_range})")
+
+    def set_timesteps(self, num_inference_steps, device=None):
+        kept = karlo_spacing(self.num_train_timesteps, num_inference_steps)
+        abar = self.base_alphas_cumprod[kept]
+        betas = 1.0 - abar / np.append(1.0, abar[:-1])  # SpacedDiffusion's new betas (float64)
+        self.coefficients = _karlo_coefficients(betas)
+        self.num_inference_steps = num_inference_steps
+        self._index = {t: i for i, t in enumerate(kept)}
+        self.timesteps = torch.tensor(kept[::-1], dtype=torch.int64, device=device)
+
+    def _f32(self, name, i, like):
+        return torch.tensor(float(self.coefficients[name][i]), dtype=torch.float32, device=like.device)
+
+    def step(self, model_output, timestep, sample, prev_timestep=None, generator=None, return_dict=True, *,
+             uncond_output=None, guidance_scale=1.0, variance_noise=None):
+        t = int(timestep)
+        if t not in self._index:
+            raise ValueError(f"KarloSampler.step: timestep {t} is not one of the {self.num_inference_steps} kept "
+                             "by set_timesteps")
+        i = self._index[t]
+        if prev_timestep is not None and (i == 0 or int(prev_timestep) != int(self.timesteps[-i])):
+            raise ValueError(f"KarloSampler.step: prev_timestep {int(prev_timestep)} is not the step after {t}")
+        C = sample.shape[1]
+        learned = self.variance_type == "learned_range"
+        if model_output.shape[1] != (2 * C if learned else C):
+            raise ValueError(f"KarloSampler: model_output must have {2 * C if learned else C} channels for "
+                             f"variance_type={self.variance_type!r}, got {model_output.shape[1]}")
+        pred, rest = model_output[:, :C], model_output[:, C:]
+        if uncond_output is not None:  # Karlo's guided_model_fn
+            u = uncond_output[:, :C]
+            scale = torch.full((pred.shape[0],) + (1,) * (pred.dim() - 1), float(guidance_scale),
+                               dtype=torch.float32, device=pred.device)
+            pred = u + scale * (pred - u)
+        x = sample
+        if learned:
+            min_log = self._f32("posterior_log_variance_clipped", i, x)
+            max_log = self._f32("log_betas", i, x)
+            frac = (rest + 1) / 2
+            log_var = frac * max_log + (1 - frac) * min_log
+        else:
+            log_var = self._f32("posterior_log_variance_clipped", i, x)
+        if self.prediction_type == "sample":
+            x0 = pred
+        else:
+            x0 = self._f32("sqrt_recip_alphas_cumprod", i, x) * x - self._f32("sqrt_recipm1_alphas_cumprod", i, x) * pred
+        if self.clip_range is not None:
+            x0 = x0.clamp(-self.clip_range, self.clip_range)
+        mean = self._f32("posterior_mean_coef1", i, x) * x0 + self._f32("posterior_mean_coef2", i, x) * x
+        if i == 0:
+            prev = mean
+        else:
+            if variance_noise is None:
+                from diffkern.schedulers._base import randn_like_diffusers
+
+                variance_noise = randn_like_diffusers(tuple(x.shape), generator, x.device, x.dtype)
+            prev = mean + torch.exp(0.5 * log_var) * variance_noise
+        prev = prev.to(sample.dtype)
+        return _StepOutput(prev, x0) if return_dict else (prev, x0)
+
+
+def _karlo_coefficients(betas):
+    """GaussianDiffusion.__init__'s float64 arrays for `betas` (the respaced process)."""
+    alphas = 1.0 - betas
+    abar = np.cumprod(alphas)
+    abar_prev = np.append(1.0, abar[:-1])
+    posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+    clipped = np.log(np.append(posterior_variance[1], posterior_variance[1:])) if len(betas) > 1 else \
+        np.log(np.maximum(posterior_variance, 1e-20))
+    return dict(betas=betas, alphas_cumprod=abar, sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),
+                sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1), posterior_variance=posterior_variance,
+                posterior_log_variance_clipped=clipped, log_betas=np.log(betas),
+                posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+                posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar))
+
 
 _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
            "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -286,7 +465,6 @@ def load_karlo(prior_ckpt, decoder_ckpt, sr_ckpt, clip_stats, clip, *, dtype=Non
     from diffkern.models.unet_2d import UNet2DModel
     from diffkern.models.unet_2d_condition import UNet2DConditionModel
     from diffkern.pipelines.unclip import UnCLIPPipeline
-    from diffkern.schedulers import UnCLIPScheduler
 
     stats = read_clip_stats(clip_stats)
     sd = _read(prior_ckpt, "prior")
@@ -303,6 +481,7 @@ def load_karlo(prior_ckpt, decoder_ckpt, sr_ckpt, clip_stats, clip, *, dtype=Non
     first, last = _build([UNet2DModel, UNet2DModel], [scfg, scfg], list(convert_super_res(sd, scfg)), sr_ckpt, sd,
                          dtype, device)
     text_encoder, tokenizer = _clip_parts(clip, dtype, device)
-    schedulers = {k: UnCLIPScheduler(**v) for k, v in KARLO_SCHEDULERS.items()}
+    # Karlo's own sampling (KarloSampler), not the diffusers conversion's (UnCLIPScheduler(**KARLO_SCHEDULERS))
+    schedulers = {k: KarloSampler(**v) for k, v in KARLO_SAMPLERS.items()}
     return UnCLIPPipeline(prior=prior, decoder=decoder, text_encoder=text_encoder, tokenizer=tokenizer,
                           text_proj=text_proj, super_res_first=first, super_res_last=last, **schedulers)

@@ -159,7 +159,9 @@ def test_load_karlo_matches_the_diffusers_models(karlo_files):
         s6 = torch.randn(1, 6, 32, 32, generator=g)
         for ours, ref in ((pipe.super_res_first, c["super_res_first"]), (pipe.super_res_last, c["super_res_last"])):
             assert max_diff(ours(s6, 999).sample, ref(s6, 999).sample) < 1e-4
-    assert pipe.prior_scheduler.config.clip_sample_range == 5.0
+    # original files sample as Karlo's code does (x0 clamp 10, float64 coefficients; test_karlo_sampling.py)
+    assert type(pipe.prior_scheduler).__name__ == "KarloSampler"
+    assert pipe.prior_scheduler.config.clip_sample_range == 10.0
     assert pipe.decoder_scheduler.config.variance_type == "learned_range"
 
 
