@@ -28,6 +28,9 @@ from diffkern.pipelines.deepfloyd_if import (
 from diffkern.pipelines.glide import GlidePipeline
 from diffkern.pipelines.imagen import IFCascadeOutput, IFCascadePipeline, ImagenPipeline
 from diffkern.pipelines.latent_diffusion import LDMTextToImagePipeline
+from diffkern.pipelines.ldm import LDMClassConditionalPipeline, LDMPipeline, LDMSuperResolutionPipeline
+from diffkern.pipelines.stable_diffusion_xl import (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
+                                                    StableDiffusionXLPipeline)
 from diffkern.pipelines.stable_diffusion import (
     LatentDiffusionPipelineBase,
     StableDiffusionImg2ImgPipeline,
@@ -64,6 +67,12 @@ def load_pipeline(path, *, dtype=None, device="cpu", scheduler=None, img2img=Fal
     if unclip is not None:
         cls = UnCLIPPipeline if unclip == "UnCLIPPipeline" else UnCLIPImageVariationPipeline
         return cls.from_pretrained(path, dtype=dtype, device=device, variant=load_kwargs.get("variant"))
+
+    from diffkern.pipelines.ldm._components import folder_pipeline_class
+
+    ldm_or_sdxl = folder_pipeline_class(path, img2img=img2img, inpaint=inpaint)  # diffusers LDM / SDXL folders
+    if ldm_or_sdxl is not None:
+        return ldm_or_sdxl.from_pretrained(path, torch_dtype=dtype, variant=load_kwargs.get("variant")).to(device)
 
     from diffkern.pipelines.imagen import if_folder_pipeline
 
@@ -102,6 +111,12 @@ __all__ = [
     "ImagePipelineOutput",
     "ImagenPipeline",
     "LDMTextToImagePipeline",
+    "LDMClassConditionalPipeline",
+    "LDMPipeline",
+    "LDMSuperResolutionPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionXLPipeline",
     "LatentDiffusionPipelineBase",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
