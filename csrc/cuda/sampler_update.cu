@@ -19,6 +19,12 @@ constexpr int kThreads = 256;
 constexpr int64_t kChunk = 4096;
 constexpr int64_t kMaxGridY = 65535;
 
+// clamp(v, lo, hi) that keeps a NaN v (fminf / fmaxf return the other operand): clipping never turns
+// a NaN d into a bound (as guided_step.cu)
+__device__ __forceinline__ float clamp_keep_nan(float v, float lo, float hi) {
+  return v != v ? v : fminf(fmaxf(v, lo), hi);
+}
+
 template <typename T, bool STATS>
 __global__ void __launch_bounds__(kThreads) sampler_update_kernel(SamplerUpdateArgs a) {
   const int64_t b = blockIdx.y;
@@ -48,9 +54,9 @@ __global__ void __launch_bounds__(kThreads) sampler_update_kernel(SamplerUpdateA
       continue;
     }
     if (a.clip == 1) {
-      d = fminf(fmaxf(d, -a.clip_range), a.clip_range);
+      d = clamp_keep_nan(d, -a.clip_range, a.clip_range);
     } else if (a.clip == 2) {
-      d = fminf(fmaxf(d, -thr), thr) / thr;
+      d = clamp_keep_nan(d, -thr, thr) / thr;  // a NaN thr: fminf/fmaxf pass d, / thr gives NaN
     }
     float o = ca * x + cb * d;
     float q = a2 * x + b2 * d;

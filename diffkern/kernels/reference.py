@@ -118,19 +118,23 @@ def seeded_noise(shape, seed, offset=0, device=None, dtype=torch.float32):
 
 
 def row_quantile(mag, q):
-    """Per row, torch.quantile(mag, q, dim=1)'s 'linear' interpolation between the two order
-    statistics around position q * (n - 1) (in mag's dtype, as torch.quantile computes it), with two
-    differences that make it the semantics every backend follows: no interpolation when both order
-    statistics are equal (torch's lerp makes quantile 1.0 of a row holding +inf NaN, 0 * inf), and
-    any n (torch.quantile stops at 2^24). A row holding a NaN gives NaN, as torch.quantile does."""
+    """Per row, the q quantile of mag (B, n) with torch.quantile's 'linear' rule, as every kernel backend
+    computes it: position pos = q * (n - 1) in float64, order statistics of ranks floor(pos) and
+    ceil(pos), s = v_lo + (pos - lo) * (v_hi - v_lo) in float64 (s = v_lo when the weight is 0 or both
+    are equal), returned in mag's dtype. Unlike torch.quantile: no 0 * inf NaN when an order statistic
+    is inf and the weight is 0 or the two are equal (inf when v_hi = inf and the weight is > 0: torch's
+    lerp gives NaN there for weights >= 0.5), and any n (torch.quantile stops at 2^24). A row holding a
+    NaN gives NaN, as torch.quantile does."""
     n = mag.shape[1]
-    pos = float(torch.tensor(q, dtype=mag.dtype) * (n - 1))
+    pos = float(q) * (n - 1)
     lo = min(int(math.floor(pos)), n - 1)
-    hi = min(lo + 1, n - 1)
-    v_lo = mag.kthvalue(lo + 1, dim=1).values
-    v_hi = mag.kthvalue(hi + 1, dim=1).values
-    s = torch.where(v_lo == v_hi, v_lo, torch.lerp(v_lo, v_hi, pos - lo))
-    return torch.where(torch.isnan(mag).any(1), torch.full_like(s, float("nan")), s)
+    hi = min(int(math.ceil(pos)), n - 1)
+    w = pos - lo
+    v_lo = mag.kthvalue(lo + 1, dim=1).values.double()
+    v_hi = mag.kthvalue(hi + 1, dim=1).values.double()
+    s = v_lo if (hi == lo or w == 0.0) else torch.where(v_lo == v_hi, v_lo, v_lo + w * (v_hi - v_lo))
+    s = torch.where(torch.isnan(mag).any(1), torch.full_like(s, float("nan")), s)
+    return s.to(mag.dtype)
 
 
 def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_scale=1.0,
@@ -180,7 +184,8 @@ def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_sc
         else:
             std = sigma
         prev = prev + std * noise.to(work)
-    return prev.to(out_dtype).contiguous(), x0.to(out_dtype).contiguous()
+    # fresh outputs: x0 = pred can be a view of model_output ("sample" prediction, no clipping)
+    return prev.to(out_dtype).contiguous(), x0.to(out_dtype, copy=True).contiguous()
 
 
 def dynamic_threshold(x, percentile=0.995, max_value=None, *, upcast=False):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from diffkern.kernels.reference import row_quantile
+
 
 def layout(num_history, aux=False):
     """Column indices of the sampler_update coefficient row for H history tensors:
@@ -41,7 +43,9 @@ def sampler_update(sample, model_output, coeffs, history=(), *, uncond_output=No
     if clip == "static":
         d = d.clamp(-clip_range, clip_range)
     elif clip == "dynamic":  # diffusers' _threshold_sample
-        s = torch.quantile(d.abs().reshape(d.shape[0], -1), dynamic_percentile, dim=1)
+        # the quantile rule of every backend (kthvalue, float64 interpolation): torch.quantile gives
+        # NaN for a row whose order statistics are inf and stops at 2^24 elements
+        s = row_quantile(d.abs().reshape(d.shape[0], -1), dynamic_percentile)
         s = torch.clamp(s, min=1, max=dynamic_max_value).reshape((-1,) + (1,) * (x.dim() - 1))
         d = torch.clamp(d, -s, s) / s
     hs = [h.to(work) for h in history]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,11 @@ def attention(q, k, v, *, attn_bias=None, causal=False, scale=None, kv_prefix=No
             float16, bfloat16 or float32 (float64 on the reference and sdpa backends). The Triton
             kernel runs float32 inputs in full float32 (no tf32) and accumulates in float32.
         attn_bias: additive float bias, or bool keep-mask (True = attend, SDPA's meaning),
-            broadcastable to (B, H, Sq, Sp + Sk): key-padding masks, relative position biases.
+            broadcastable to (B, H, Sq, Sp + Sk) with at most 4 dims (a 1-d bias is per key, a 2-d one
+            (Sq, Sp + Sk)): key-padding masks, relative position biases.
         causal: query i sees main key j <= i (top-left, as SDPA's is_causal, also for Sq != Sk);
             prefix keys stay visible.
-        scale: softmax scale, default D ** -0.5.
+        scale: softmax scale, a finite number (0 and negative included), default D ** -0.5.
         kv_prefix: (kp, vp), each (B, H, Sp, D): keys/values attended before k/v, never
             concatenated by the Triton kernel (GLIDE / DALL-E 2 / Imagen ``encoder_kv``).
         backend: "triton", "sdpa", "xformers" or "reference"; None chooses (see diffkern.use_backend).
@@ -137,12 +139,17 @@ def _check(q, k, v, attn_bias, causal, scale, kv_prefix):
         except RuntimeError:
             raise ValueError(f"attention: attn_bias of shape {tuple(attn_bias.shape)} does not broadcast to "
                              f"(B, H, Sq, Sp + Sk) = {full}") from None
+        # one rank for every backend: a lower-rank bias (a per-key (Sk,) bias, a (Sq, Sk) mask) becomes a
+        # 4-d view, so that the backends' mask algebra indexes dims -1 / -2 as (Sq, keys) (issue 22)
+        attn_bias = attn_bias[(None,) * (4 - attn_bias.dim())]
     if not isinstance(causal, bool):
         raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
     if scale is None:
-        scale = D ** -0.5
+        scale = D ** -0.5 if D > 0 else 1.0  # D = 0: every score is 0 whatever the scale
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"attention: scale must be a number or None, got {type(scale).__name__}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"attention: scale must be finite, got {scale!r}")
     return _Call(q, k, v, attn_bias, causal, float(scale), kp, vp)
 
 
@@ -212,7 +219,9 @@ def _nan_rows(c, k):
 
 def _run_sdpa(c):
     k, v = _with_prefix(c)
-    if c.bias is None and (not c.causal or c.kp is None):
+    # torch's is_causal path returns NaN rows for scale <= 0 (it scales the -inf mask: 0 * -inf), so
+    # a non-positive scale takes the explicit-mask path below (issue 22)
+    if c.bias is None and (not c.causal or (c.kp is None and c.scale > 0)):
         out = F.scaled_dot_product_attention(c.q, k, v, is_causal=c.causal, scale=c.scale)
         if c.q.device.type == "cpu" and k.shape[2] > 0:
             # torch's CPU SDPA (its flash kernel, at some shapes) takes a row whose scores are all NaN for

@@ -41,7 +41,7 @@ def guided_step(sample, model_output, coeffs, *, uncond_output=None, guidance_sc
         clip: "none", "static" (x0 clamped to [-clip_range, clip_range]) or "dynamic" (Imagen
             dynamic thresholding as diffusers' _threshold_sample: per sample s = the
             dynamic_percentile quantile of |x0| (linear interpolation), clamped to
-            [1, dynamic_max_value]; x0 = clamp(x0, -s, s) / s).
+            [1, dynamic_max_value] (dynamic_max_value >= 1); x0 = clamp(x0, -s, s) / s).
         variance: "fixed" (std = sigma) or "learned_range" (std = exp(0.5 * (f max_log +
             (1 - f) min_log)), f = (v + 1) / 2, per element).
         noise: None (no noise term) or a tensor of x's shape, dtype and device.
@@ -155,6 +155,8 @@ def guidance_and_clip_scalars(op, clip, guidance_scale, clip_range, percentile, 
         raise ValueError(f"{op}: dynamic_percentile must be in [0, 1], got {percentile!r}")
     if clip == "static" and clip_range < 0:
         raise ValueError(f"{op}: clip_range must be >= 0, got {clip_range!r}")
+    if clip == "dynamic" and max_value < 1.0:  # s is clamped to [1, max]: below 1 divides by <= 0
+        raise ValueError(f"{op}: dynamic_max_value must be >= 1 with clip='dynamic', got {max_value!r}")
     return guidance_scale, clip_range, percentile, max_value
 
 
@@ -233,15 +235,8 @@ def thresholds_by_selection(abs_x0, percentile, max_value):
             abs_x0.device.type == "cpu" or (abs_x0.device.type == "cuda" and _ext.build_info().get("cuda"))):
         # the radix-select kernel of diffkern.ops.dynamic_threshold, thresholds only (no apply pass)
         return ext.dynamic_threshold_forward(abs_x0, percentile, max_value, None, False)[1]
-    n = abs_x0.shape[1]
-    # rank in float32 as torch.quantile computes it for float32 input
-    rank = float(torch.tensor(percentile, dtype=torch.float32) * (n - 1))
-    lo = min(int(math.floor(rank)), n - 1)
-    hi = min(lo + 1, n - 1)
-    a = torch.kthvalue(abs_x0, lo + 1, dim=1).values
-    if hi != lo and rank != lo:
-        a = torch.lerp(a, torch.kthvalue(abs_x0, hi + 1, dim=1).values, rank - lo)
-    s = a
+    # no extension (or a CUDA tensor without CUDA kernels): the reference's rule, which is the kernels'
+    s = reference.row_quantile(abs_x0, percentile)
     return torch.clamp(s, min=1, max=max_value).contiguous()
 
 

@@ -38,7 +38,8 @@ def sampler_update(sample, model_output, coeffs, history=(), *, uncond_output=No
         uncond_output: None, or the unconditional output: pred = uncond + guidance_scale * (cond - uncond).
         clip: "none", "static" (d clamped to [-clip_range, clip_range]) or "dynamic" (Imagen dynamic
             thresholding, diffusers' _threshold_sample: per sample s = clamp(quantile(|d|,
-            dynamic_percentile), 1, dynamic_max_value), d = clamp(d, -s, s) / s).
+            dynamic_percentile), 1, dynamic_max_value), d = clamp(d, -s, s) / s; dynamic_max_value
+            must be >= 1, the quantile is `dynamic_threshold`'s).
         noise: None, or a tensor of x's shape (the `std` term).
         aux: also return a second combination (e.g. LMS's derivative, UniPC's corrected sample).
         backend: "reference", "cpu", "triton" or "cuda"; None picks one (`sampler_update_backend`).
@@ -47,7 +48,14 @@ def sampler_update(sample, model_output, coeffs, history=(), *, uncond_output=No
         d   = clip(cx * x + cp * pred)                  (x0 from eps / v / sample in any parameterisation)
         out = a * x + b * d + sum_j c_j * h_j + std * noise
         aux = a2 * x + b2 * d + sum_j d_j * h_j
-    A zero coefficient drops its term (so an inf / nan history slot with coefficient 0 is harmless).
+    A zero coefficient c_j, d_j or std drops its own term (an inf / NaN history slot or noise with
+    coefficient 0 is harmless, in out and aux separately); cx, cp, a, b, a2 and b2 follow IEEE
+    arithmetic (0 * NaN = NaN).
+
+    NaN / Inf (every backend alike; tests/ops/test_random_arguments.py): element-wise, a NaN in an
+    input that a kept term reads makes the outputs it feeds NaN there; clipping never turns a NaN into
+    a bound. With clip="dynamic" a NaN d anywhere in sample b makes all of sample b's d, out and aux
+    NaN (its threshold is NaN), and +-inf are ordered like any value (as `dynamic_threshold`).
 
     Returns:
         (out, d) or (out, d, aux): x's shape and dtype, contiguous. Inputs are never modified.
@@ -195,7 +203,7 @@ _fam = _dispatch.op_family(OP)
 _fam.register(_dispatch.Backend(
     "reference", _run_reference, lambda: "",
     _backends.takes("sample", None, KERNEL_DTYPES + (torch.float64,)),
-    "eager PyTorch, one elementwise op per term (torch.quantile for dynamic thresholding)"))
+    "eager PyTorch, one elementwise op per term (kthvalue quantile for dynamic thresholding)"))
 _fam.register(_dispatch.Backend(
     "cpu", _kernel_runner(_launch_compiled), _backends.extension_unavailable("sampler_update_forward"),
     _backends.takes("sample", ("cpu",), KERNEL_DTYPES),

@@ -9,6 +9,9 @@ the unused pointer slots get a dummy and are never loaded. With STATS_ONLY the p
 import triton
 import triton.language as tl
 
+# clamps keep NaN (tl.minimum / tl.maximum drop it by default): a NaN d stays NaN, never a bound
+_NAN: tl.constexpr = tl.PropagateNan.ALL
+
 
 @triton.jit
 def _history_term(acc, acc2, h_ptr, cp, J: tl.constexpr, H: tl.constexpr, AUX: tl.constexpr, base, offs, mask):
@@ -20,9 +23,12 @@ def _history_term(acc, acc2, h_ptr, cp, J: tl.constexpr, H: tl.constexpr, AUX: t
         d = 0.0
     if (c != 0) | (d != 0):
         h = tl.load(h_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        acc += c * h
+        # each zero coefficient drops its own term: 0 * inf would be NaN (issue 22)
+        if c != 0:
+            acc += c * h
         if AUX:
-            acc2 += d * h
+            if d != 0:
+                acc2 += d * h
     return acc, acc2
 
 
@@ -54,10 +60,10 @@ def _sampler_update_kernel(
         tl.store(abs_ptr + base + offs, tl.abs(d), mask=mask)
     else:
         if CLIP == 1:
-            d = tl.minimum(tl.maximum(d, -clip_range), clip_range)
+            d = tl.minimum(tl.maximum(d, -clip_range, propagate_nan=_NAN), clip_range, propagate_nan=_NAN)
         elif CLIP == 2:
             s = tl.load(thr_ptr + b)
-            d = tl.minimum(tl.maximum(d, -s), s) / s
+            d = tl.minimum(tl.maximum(d, -s, propagate_nan=_NAN), s, propagate_nan=_NAN) / s
         out = tl.load(cp + 2) * x + tl.load(cp + 3) * d
         if AUX:
             aux = tl.load(cp + 5 + H) * x + tl.load(cp + 6 + H) * d
