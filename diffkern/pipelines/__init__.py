@@ -28,7 +28,8 @@ from diffkern.pipelines.deepfloyd_if import (
 from diffkern.pipelines.glide import GlidePipeline
 from diffkern.pipelines.imagen import IFCascadeOutput, IFCascadePipeline, ImagenPipeline
 from diffkern.pipelines.latent_diffusion import LDMTextToImagePipeline
-from diffkern.pipelines.ldm import LDMClassConditionalPipeline, LDMPipeline, LDMSuperResolutionPipeline
+from diffkern.pipelines.ldm import (LDMClassConditionalPipeline, LDMInpaintPipeline, LDMPipeline,
+                                    LDMSuperResolutionPipeline)
 from diffkern.pipelines.stable_diffusion_xl import (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
                                                     StableDiffusionXLPipeline)
 from diffkern.pipelines.stable_diffusion import (
@@ -112,6 +113,7 @@ __all__ = [
     "ImagenPipeline",
     "LDMTextToImagePipeline",
     "LDMClassConditionalPipeline",
+    "LDMInpaintPipeline",
     "LDMPipeline",
     "LDMSuperResolutionPipeline",
     "StableDiffusionXLImg2ImgPipeline",

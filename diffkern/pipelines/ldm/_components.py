@@ -150,6 +150,7 @@ _FOLDER_TABLE = {
     "LDMPipeline": ("LDMPipeline", None, None),
     "LDMSuperResolutionPipeline": ("LDMSuperResolutionPipeline", None, None),
     "LDMClassConditionalPipeline": ("LDMClassConditionalPipeline", None, None),
+    "LDMInpaintPipeline": ("LDMInpaintPipeline", None, "LDMInpaintPipeline"),
 }
 
 
