@@ -19,7 +19,14 @@ import argparse
 import importlib
 import sys
 
-from diffkern.cli_common import DTYPES, UsageError, flag  # noqa: F401 (UsageError, flag: re-exported)
+from diffkern.cli_common import (  # noqa: F401 (UsageError, flag: re-exported)
+    DTYPES,
+    UsageError,
+    check_finite,
+    check_positive,
+    check_writable_dir,
+    flag,
+)
 
 # Model families of `diffkern generate`: name -> module. To add one, write diffkern/cli_<name>.py
 # with the attributes below and add ONE line here; nothing else in this file changes.
@@ -41,7 +48,13 @@ from diffkern.cli_common import DTYPES, UsageError, flag  # noqa: F401 (UsageErr
 #                             batches, seeds, writes PNG + manifest; for --cfg-parallel it wraps
 #                             the denoisers (unet / base_model / upsampler_model) of runner.pipe, or
 #                             of each pipeline in runner.cfg_parallel_pipes (a list) when given.
-# Raise cli_common.UsageError for anything the user can fix (printed as one line, exit status 2).
+#   optional, for --prompts files, checked before make_runner loads anything:
+#   LINE_KEYS: tuple of str     the per-line keys its runner takes (others refused with the line number)
+#   STEPS_AS_TEXT: bool         a line's "steps" may be a string (GLIDE's respacing "ddim50"); else ints only
+#   check_line(spec, args)      -> None, or what is wrong with a line's values (said with its line number)
+# Raise cli_common.UsageError for anything the user can fix (printed as one line, exit status 2), and
+# check everything (options, files, the --output / --outdir folder) BEFORE loading a model: a run that
+# fails on its arguments must fail before it spends minutes loading or generating.
 FAMILIES = {
     "sd": "diffkern.cli_sd",  # Stable Diffusion 1.x / 2.x, LDM text2im (--checkpoint)
     "glide": "diffkern.cli_glide",  # GLIDE 64 -> 256, CLIP guidance, inpainting (--base)
@@ -133,8 +146,17 @@ def _family(args):
     return name
 
 
+def _check_values(args):
+    """The shared options' values (before any family looks at them, so before anything is loaded)."""
+    check_positive(args, "steps", "height", "width", "num_images", "batch_size")
+    check_finite(args, "guidance")
+    if not -2 ** 63 <= args.seed < 2 ** 63 - 2 ** 32:  # seed + image index must still fit in 64 bits
+        raise UsageError(f"--seed: must fit in 64 bits, got {args.seed}")
+
+
 def _check_modes(args):
     """--prompt/--output (one prompt) or --prompts/--outdir (a file); fills the mode's defaults."""
+    _check_values(args)
     if args.prompts is None:
         for dest in ("outdir", "cfg_parallel", "resume"):
             if getattr(args, dest):
@@ -153,13 +175,14 @@ def _check_modes(args):
     args.batch_size = 1 if args.batch_size is None else args.batch_size
     if args.num_images < 1 or args.batch_size < 1:
         raise UsageError("--num-images and --batch-size must be positive")
+    check_writable_dir(args.outdir, "--outdir")
     return True
 
 
 def generate(args):
     """Run `diffkern generate` with parsed arguments; returns the written paths (or the batch result)."""
     module = families()[_family(args)]
-    if _check_modes(args):
+    if _check_modes(args):  # every check of the command line and its files comes before a model is loaded
         from diffkern.cli_batch import generate_batch
 
         return generate_batch(module, args)

@@ -7,6 +7,7 @@ diffkern.cli: cli.py imports the families, so the helpers live below both (no im
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -39,6 +40,75 @@ def output_paths(output, n):
     if n == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def _nearest_existing(path):
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(folder, option):
+    """UsageError unless `folder` is (or can be made as) a folder this process can write into; makes nothing."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{option}: {folder} exists and is not a folder")
+    base = _nearest_existing(folder)
+    if not base.is_dir():
+        raise UsageError(f"{option}: {folder} cannot be made: {base} is a file, not a folder")
+    import tempfile
+
+    try:  # a real probe: permission bits say nothing to root or about read-only mounts
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".diffkern-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{option}: cannot write in {base} ({e.strerror or e})") from None
+
+
+def check_output(output, n=1):
+    """The paths of output_paths(output, n), after checking they can be written (before any model is loaded)."""
+    paths = output_paths(output, n)
+    for path in paths:
+        if path.is_dir():
+            raise UsageError(f"--output: {path} is a folder; give an image file name (e.g. {path / 'out.png'})")
+    check_writable_dir(paths[0].parent, "--output")
+    for path in paths:
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UsageError(f"--output: {path} exists and is not writable")
+    return paths
+
+
+def check_image(path, option):
+    """UsageError unless `path` is an image file PIL can read (checked before any model is loaded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise UsageError(f"{option}: no such file: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UsageError(f"{option}: {path} is not a readable image ({e})") from None
+
+
+def check_positive(args, *dests, minimum=1):
+    """UsageError naming the option for each given (not None) int option below `minimum`."""
+    for dest in dests:
+        value = getattr(args, dest, None)
+        if value is not None and value < minimum:
+            raise UsageError(f"{flag(dest)}: must be at least {minimum}, got {value}")
+
+
+def check_finite(args, *dests):
+    """UsageError naming the option for a given float option that is NaN or infinite."""
+    import math
+
+    for dest in dests:
+        value = getattr(args, dest, None)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag(dest)}: must be a finite number, got {value}")
 
 
 def check_backend(name):

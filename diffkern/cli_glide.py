@@ -24,9 +24,11 @@ from diffkern.cli_common import (
     UsageError,
     backend_context,
     check_backend,
+    check_finite,
+    check_image,
+    check_output,
     fill_defaults,
     flag,
-    output_paths,
     pick_device,
     write_images,
 )
@@ -52,6 +54,10 @@ NAME = "GLIDE"
 SELECT = "--base"
 SHARED = ()  # GLIDE samples with --base-respacing; its sizes are the checkpoints'; no negative prompt
 OTHER_OPTIONS_HINT = " (GLIDE samples with --base-respacing / --upsample-respacing; its sizes are the checkpoints')"
+
+# --prompts: the per-line keys GlideRunner takes; "steps" may be a respacing string ("100", "ddim50")
+LINE_KEYS = ("steps", "guidance")
+STEPS_AS_TEXT = True
 
 GLIDE_DEFAULTS = {"base_respacing": "100", "upsample_respacing": "fast27", "upsample_temp": 0.997,
                   "clip_guidance_scale": 3.0}
@@ -110,7 +116,10 @@ def _model_options(text, option):
     if not text.lstrip().startswith("{"):
         if not Path(text).is_file():
             raise UsageError(f"{option}: neither a JSON object nor a file: {text!r}")
-        text = Path(text).read_text()
+        try:
+            text = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{option}: cannot read {text} ({e})") from None
     try:
         options = json.loads(text)
     except json.JSONDecodeError as e:
@@ -128,8 +137,11 @@ def _check_respacing(respacing, options, option):
     from diffkern.schedulers.schedules import space_timesteps
 
     steps = (options or {}).get("diffusion_steps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"diffusion_steps: expected a positive int, got {steps!r}")
     try:
-        space_timesteps(steps, respacing)
+        if not space_timesteps(steps, respacing):
+            raise ValueError("no steps")
     except ValueError as e:
         raise UsageError(f"{option}: {respacing!r} does not respace {steps} diffusion steps: {e}") from None
 
@@ -193,11 +205,25 @@ def _check_args(args, batch=False):
         raise UsageError("CLIP guidance is for text-to-image; inpainting uses classifier-free guidance "
                          "(--guidance)")
     for option in ("inpaint_image", "mask"):
-        if getattr(args, option) is not None and not Path(getattr(args, option)).is_file():
-            raise UsageError(f"{flag(option)}: no such file: {getattr(args, option)}")
+        if getattr(args, option) is not None:
+            check_image(getattr(args, option), flag(option))
+    check_finite(args, "upsample_temp", "clip_guidance_scale")
+    if args.upsample_temp is not None and args.upsample_temp <= 0:
+        raise UsageError(f"--upsample-temp: must be positive, got {args.upsample_temp}")
     if args.backend is not None:
         check_backend(args.backend)
     return clip, inpaint
+
+
+def check_line(spec, args):
+    """A --prompts line's "steps" must respace the base model's diffusion steps (checked before loading)."""
+    if "steps" not in spec:
+        return None
+    try:
+        _check_respacing(str(spec["steps"]), _model_options(args.base_options, "--base-options"), '"steps"')
+    except UsageError as e:
+        return str(e)
+    return None
 
 
 def _inpaint_inputs(args):
@@ -240,7 +266,7 @@ def _load(args, device, batch):
     if args.upsampler is not None:
         _check_respacing(args.upsample_respacing, upsampler_options, "--upsample-respacing")
     if not batch:
-        output_paths(args.output, args.num_images)  # a bad --output fails before the weights are read
+        check_output(args.output, args.num_images)  # a bad --output fails before the weights are read
     tokenizer, clip_tokenizer = _tokenizers(args, clip)
     try:
         pipe = GlidePipeline.from_checkpoints(
@@ -269,9 +295,13 @@ def generate(args):
     import torch
 
     device = pick_device(args.device)
+    if args.inpaint_image is not None and args.mask is not None:
+        _check_args(args)
+        inputs = _inpaint_inputs(args)  # read before the weights: a bad image fails first
+    else:
+        inputs = ()
     pipe, clip, inpaint = _load(args, device, batch=False)
-    paths = output_paths(args.output, args.num_images)
-    inputs = _inpaint_inputs(args) if inpaint else ()
+    paths = check_output(args.output, args.num_images)
     kw = dict(guidance_scale=args.guidance, batch_size=args.num_images, base_respacing=args.base_respacing,
               upsample_respacing=args.upsample_respacing, upsample_temp=args.upsample_temp,
               generator=torch.Generator().manual_seed(args.seed), output_type="pil", progress=not args.quiet)

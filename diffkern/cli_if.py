@@ -19,7 +19,7 @@ from diffkern.cli_common import (
     UsageError,
     backend_context,
     check_backend,
-    output_paths,
+    check_output,
     pick_device,
     write_images,
 )
@@ -27,6 +27,8 @@ from diffkern.cli_common import (
 NAME = "DeepFloyd IF"
 SELECT = "--if-stage1"
 SHARED = ("negative_prompt",)
+# --prompts: the per-line keys IFRunner takes
+LINE_KEYS = ("guidance", "negative_prompt")
 FOLDERS = {1: ("if_stage1", "IF-I-XL-v1.0 (or IF-I-L / IF-I-M)", "DeepFloyd/IF-I-XL-v1.0"),
            2: ("if_stage2", "IF-II-L-v1.0 (or IF-II-M)", "DeepFloyd/IF-II-L-v1.0"),
            3: ("if_stage3", "stable-diffusion-x4-upscaler", "stabilityai/stable-diffusion-x4-upscaler")}
@@ -114,11 +116,41 @@ def _settings(args, stages):
         timesteps = _per_stage(args.if_timesteps, "if-timesteps", 3, schedule)
     except UsageError as e:
         raise UsageError(f"{e}; valid schedules: {', '.join(TIMESTEPS)}") from None
-    guidance = list(_per_stage(args.if_guidance, "if-guidance", 3, float, offset=1))
+    guidance = list(_per_stage(args.if_guidance, "if-guidance", 3, _finite, offset=1))
     guidance[0] = args.guidance
-    return dict(stages=stages, num_inference_steps=_per_stage(args.if_steps, "if-steps", 3, int),
-                guidance_scale=tuple(guidance), timesteps=timesteps,
-                noise_level=_per_stage(args.if_noise_levels, "if-noise-levels", 3, int, offset=1))
+    steps = _per_stage(args.if_steps, "if-steps", 3, int)
+    for i, n in enumerate(steps):
+        if n is not None and n < 1:
+            raise UsageError(f"--if-steps: stage {'I' * (i + 1)} needs at least 1 step, got {n}")
+    noise = _per_stage(args.if_noise_levels, "if-noise-levels", 3, int, offset=1)
+    for i, (level, top) in enumerate(zip(noise[1:], (999, _max_noise_level(args.if_stage3, stages))), 2):
+        if level is not None and not 0 <= level <= top:
+            raise UsageError(f"--if-noise-levels: stage {'I' * i}'s must be in [0, {top}], got {level}")
+    return dict(stages=stages, num_inference_steps=steps, guidance_scale=tuple(guidance), timesteps=timesteps,
+                noise_level=noise)
+
+
+def _finite(text):
+    import math
+
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def _max_noise_level(folder, stages):
+    """Stage III's max_noise_level (the x4 upscaler's model_index.json; 350 as released), read before loading."""
+    import json
+
+    if folder is None or stages < 3:
+        return 350
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+        level = index.get("max_noise_level", 350) if isinstance(index, dict) else 350
+        return level if isinstance(level, int) and not isinstance(level, bool) else 350
+    except (OSError, ValueError):
+        return 350  # the loader then names the unreadable file
 
 
 def _load(args, device, stages):
@@ -144,6 +176,7 @@ def generate(args):
     settings = _settings(args, stages)
     if args.backend is not None:
         check_backend(args.backend)
+    paths = check_output(args.output, args.num_images)  # before loading: a bad --output fails first
     cascade = _load(args, pick_device(args.device), stages)
     try:
         with backend_context(args.backend):
@@ -152,7 +185,9 @@ def generate(args):
                           progress=not args.quiet, **settings)
     except ValueError as e:  # argument problems the pipelines found (sizes, noise levels, ...)
         raise UsageError(str(e)) from e
-    return write_images(out.images, output_paths(args.output, len(out.images)))
+    if len(out.images) != len(paths):
+        raise RuntimeError(f"the cascade returned {len(out.images)} images for --num-images {args.num_images}")
+    return write_images(out.images, paths)
 
 
 class IFRunner:
@@ -182,4 +217,7 @@ class IFRunner:
 def make_runner(args, device):
     """A prompt file (--prompts, --outdir): text-to-image through the stages asked for."""
     stages = _stages(args)
-    return IFRunner(_load(args, device, stages), args, _settings(args, stages))
+    settings = _settings(args, stages)  # checked before the stages are loaded
+    if args.backend is not None:
+        check_backend(args.backend)
+    return IFRunner(_load(args, device, stages), args, settings)

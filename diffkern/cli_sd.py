@@ -15,8 +15,10 @@ from diffkern.cli_common import (
     UsageError,
     backend_context,
     check_backend,
+    check_finite,
+    check_image,
+    check_output,
     fill_defaults,
-    output_paths,
     pick_device,
     write_images,
 )
@@ -27,6 +29,8 @@ SELECT = "--checkpoint"
 SHARED = ("negative_prompt", "steps", "height", "width")
 # scheduler None: the one the checkpoint folder names (PNDM for SD 1.5), as diffusers runs it
 DEFAULTS = {"steps": 50, "guidance": 7.5, "eta": 0.0, "strength": 0.8}
+# --prompts: the per-line keys SDRunner takes (checked with check_line before the model is loaded)
+LINE_KEYS = ("steps", "guidance", "height", "width", "negative_prompt")
 
 WHERE_TO_PUT_WEIGHTS = """\
 diffkern downloads nothing: put the weights on this machine, then pass their path to --checkpoint.
@@ -86,13 +90,37 @@ def _check(args, batch):
         raise UsageError("--prompt: give the text to draw")
     if args.steps < 1 or args.num_images < 1:
         raise UsageError("--steps and --num-images must be positive")
+    for dest in ("height", "width"):
+        problem = _size_problem(dest, getattr(args, dest))
+        if problem:
+            raise UsageError(f"--{problem}")
+    check_finite(args, "guidance", "eta", "strength")
+    if not 0.0 <= args.strength <= 1.0:
+        raise UsageError(f"--strength: must be in [0, 1], got {args.strength}")
+    if args.eta < 0:
+        raise UsageError(f"--eta: must be >= 0, got {args.eta}")
     if args.init_image is not None:
         if batch:
             raise UsageError("--init-image: image-to-image takes one --prompt, not --prompts")
-        if not Path(args.init_image).is_file():
-            raise UsageError(f"--init-image: no such file: {args.init_image}")
+        check_image(args.init_image, "--init-image")
     if args.backend is not None:
         check_backend(args.backend)
+
+
+def _size_problem(key, value):
+    """What is wrong with a height / width (None: nothing): SD's UNet and VAE need multiples of 8."""
+    if value is not None and (value < 8 or value % 8):
+        return f"{key}: must be a positive multiple of 8 (the VAE downsamples by 8), got {value}"
+    return None
+
+
+def check_line(spec, args):
+    """A --prompts line's values this family refuses (before the model is loaded): sizes not a multiple of 8."""
+    for key in ("height", "width"):
+        problem = _size_problem(key, spec.get(key))
+        if problem:
+            return f'"{problem.split(":")[0]}"' + problem[len(key):]
+    return None
 
 
 def _load(args, device, img2img=False):
@@ -118,7 +146,7 @@ def generate(args):
 
     fill_defaults(args, DEFAULTS)
     _check(args, batch=False)
-    paths = output_paths(args.output, args.num_images)
+    paths = check_output(args.output, args.num_images)
     pipe = _load(args, pick_device(args.device), img2img=args.init_image is not None)
     kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
               guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height,

@@ -20,6 +20,9 @@ from diffkern.cli_common import (
     UsageError,
     backend_context,
     check_backend,
+    check_finite,
+    check_image,
+    check_output,
     fill_defaults,
     output_paths,
     pick_device,
@@ -29,6 +32,8 @@ from diffkern.cli_common import (
 NAME = "unCLIP / Karlo"
 SELECT = "--karlo"
 SHARED = ()
+# --prompts: the per-line keys UnCLIPRunner takes ("steps" = decoder steps)
+LINE_KEYS = ("steps", "guidance")
 DEFAULTS = {"guidance": 8.0, "prior_guidance": 4.0, "prior_steps": 25, "decoder_steps": 25, "super_res_steps": 7,
             "ddim_eta": 1.0, "steps_between": 3, "thetas": "0,0.25,0.5", "inversion_iterations": 3,
             "variation_mode": "inverted"}
@@ -97,15 +102,48 @@ def _check(args, batch):
     if not Path(args.karlo).is_dir():
         raise UsageError(f"Karlo weights not found: {args.karlo}\n" + WHERE_TO_PUT_WEIGHTS)
     mode = "text" if batch else _mode(args)
-    for name in ("prior_steps", "decoder_steps", "super_res_steps", "num_images"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: must be positive")
-    for path in [args.image] + list(args.interpolate or []):
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"no such image file: {path}")
+    if args.num_images < 1:
+        raise UsageError("--num-images: must be positive")
+    for name in ("prior_steps", "decoder_steps", "super_res_steps"):
+        if getattr(args, name) < 2:  # the unCLIP spacing divides by steps - 1
+            raise UsageError(f"--{name.replace('_', '-')}: must be at least 2, got {getattr(args, name)}")
+    for name in ("steps_between", "inversion_iterations"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(args, name)}")
+    check_finite(args, "guidance", "prior_guidance", "ddim_eta")
+    if args.ddim_eta < 0:
+        raise UsageError(f"--ddim-eta: must be >= 0, got {args.ddim_eta}")
+    if mode == "text_diff":
+        _thetas(args)
+    if args.image is not None:
+        check_image(args.image, "--image")
+    for path in args.interpolate or []:
+        check_image(path, "--interpolate")
+    if not batch:
+        check_output(args.output)  # its name, folder and permissions, before anything is loaded
     if args.backend is not None:
         check_backend(args.backend)
     return mode
+
+
+def _thetas(args):
+    import math
+
+    try:
+        thetas = [float(t) for t in args.thetas.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--thetas: expected comma-separated numbers, got {args.thetas!r}") from None
+    if not thetas or not all(math.isfinite(t) and 0.0 <= t <= 1.0 for t in thetas):
+        raise UsageError(f"--thetas: expected comma-separated numbers in [0, 1], got {args.thetas!r}")
+    return thetas
+
+
+def check_line(spec, args):
+    """A --prompts line's "steps" (decoder steps) must be at least 2 (checked before loading)."""
+    steps = spec.get("steps")
+    if isinstance(steps, int) and steps < 2:
+        return f'"steps": must be at least 2 for unCLIP, got {steps}'
+    return None
 
 
 def _load(args, device, mode):
@@ -161,10 +199,7 @@ def _images_of(pipe, args, mode, generator):
     if mode == "interpolate":
         a, b = (Image.open(p).convert("RGB") for p in args.interpolate)
         return m.interpolate(a, b, steps_between=args.steps_between, generator=generator, **steps).images
-    try:
-        thetas = [float(t) for t in args.thetas.split(",") if t.strip()]
-    except ValueError:
-        raise UsageError(f"--thetas: expected comma-separated numbers, got {args.thetas!r}") from None
+    thetas = _thetas(args)
     return m.text_diff(Image.open(args.image).convert("RGB"), *args.text_diff, thetas=thetas, generator=generator,
                        **steps).images
 
@@ -194,7 +229,7 @@ class UnCLIPRunner:
 
         self.pipe, self.args = pipe, args
         self.defaults = {"steps": args.decoder_steps, "guidance": args.guidance}
-        self.metadata = {"model": Path(args.karlo).name, "scheduler": "UnCLIPScheduler",
+        self.metadata = {"model": Path(args.karlo).name, "scheduler": type(pipe.decoder_scheduler).__name__,
                          "diffkern_version": diffkern.__version__}
 
     def __call__(self, jobs, generators):

@@ -75,17 +75,28 @@ class RankLog:
         self._file.close()
 
 
-def read_records(path):
-    """Records of a manifest or rank log, skipping a torn last line (a rank killed mid-write)."""
+def read_records(path, *, bad=None):
+    """Records of a manifest or rank log: the lines that are JSON objects with an int "index" and a str
+    "file". Others (a torn last line of a rank killed mid-write, a corrupted or hand-edited manifest) are
+    skipped; their 1-based line numbers are appended to `bad` when given."""
     path = Path(path)
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
             continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if (isinstance(rec, dict) and isinstance(rec.get("index"), int) and not isinstance(rec["index"], bool)
+                and rec["index"] >= 0 and isinstance(rec.get("file"), str) and rec["file"]
+                and Path(rec["file"]).name == rec["file"]):
+            records.append(rec)
+        elif bad is not None:
+            bad.append(n)
     return records
 
 
@@ -94,9 +105,15 @@ def merge_manifest(outdir, records):
     (an interrupted run), then `records`, one per image index (later ones win), sorted by index, only
     for images that exist. Removes the rank logs it merged. Returns the merged records."""
     outdir = Path(outdir)
-    merged = {}
+    merged, bad = {}, []
     logs = sorted((outdir / LOG_DIR).glob("rank-*.jsonl"))
-    for rec in read_records(outdir / MANIFEST) + [r for log in logs for r in read_records(log)] + list(records):
+    earlier = read_records(outdir / MANIFEST, bad=bad)
+    if bad:
+        import sys
+
+        print(f"diffkern: {outdir / MANIFEST}: skipped {len(bad)} unreadable line(s) ({', '.join(map(str, bad[:10]))}"
+              f"{', ...' if len(bad) > 10 else ''}); the new manifest keeps the readable records", file=sys.stderr)
+    for rec in earlier + [r for log in logs for r in read_records(log)] + list(records):
         merged[rec["index"]] = rec
     kept = [merged[i] for i in sorted(merged) if (outdir / merged[i]["file"]).is_file()]
     tmp = outdir / f".{MANIFEST}.tmp"

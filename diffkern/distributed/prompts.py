@@ -14,6 +14,7 @@ ran: `diffkern generate --prompt P --seed S` redraws the image of seed S.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,16 @@ def _json_line(text, path, n):
     for key in ("height", "width"):
         if key in spec and spec[key] <= 0:
             raise ValueError(f"{where}: \"{key}\" must be positive, got {spec[key]}")
+    steps = spec.get("steps")
+    if isinstance(steps, int) and steps < 1:
+        raise ValueError(f"{where}: \"steps\" must be at least 1, got {steps}")
+    if isinstance(steps, str) and not steps.strip():
+        raise ValueError(f"{where}: \"steps\" is an empty string")
+    guidance = spec.get("guidance")
+    if guidance is not None and not math.isfinite(guidance):
+        raise ValueError(f"{where}: \"guidance\" must be a finite number, got {guidance!r}")
+    if "seed" in spec and not -2 ** 63 <= spec["seed"] < 2 ** 63:
+        raise ValueError(f"{where}: \"seed\" must fit in 64 bits (torch.Generator.manual_seed), got {spec['seed']}")
     return spec
 
 
