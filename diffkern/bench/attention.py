@@ -93,27 +93,15 @@ def run(device, quick=False, compile_reference=True, log=print):
     for case in cases(device, quick):
         flops = 4 * case.B * case.H * case.Sq * (case.Sk + case.Sp) * case.D
         label = f"{case.name} ({case.B}, {case.H}, {case.Sq}, {case.Sk}, {case.D})" + (f" +{case.Sp}" if case.Sp else "")
-        times = {}
         with torch.no_grad():
             cands = candidates(case, device)
-            for name, fn, _ in cands:
-                try:
-                    times[name] = harness.time_fn(fn, device)
-                except RuntimeError as e:  # e.g. an SDPA backend that does not take this shape
-                    times[name] = None
-                    log(f"  {name} failed on {label}: {str(e).splitlines()[0][:100]}")
-        peers = [t for n, t in times.items() if t and (n.startswith("sdpa") or n == "xformers")]
-        best_peer = min(peers) if peers else None
-        t_ref = times.get("reference")
-        for name, fn, note in cands:
-            t = times[name]
-            rows.append(harness.Row(
-                "attention", label, (case.B, case.H, case.Sq, case.Sk, case.D, case.Sp), str(case.dtype)[6:],
-                "causal" if case.causal else "-", name, float("nan") if t is None else t * 1e6,
-                None, (t_ref / t) if (t and t_ref) else None,
-                (best_peer / t) if (t and best_peer and name == "triton") else None, note,
-                {"tflops": None if t is None else flops / t / 1e12}))
-        log(f"  {label} {str(case.dtype)[6:]}: " + ", ".join(f"{n} {t * 1e6:.0f}us" for n, t in times.items() if t))
+            times = harness.timing.interleaved({n: fn for n, fn, _ in cands}, device,
+                                               log=lambda m: log(f"{m} on {label}"))
+        peers = [n for n in times if n.startswith("sdpa") or n in ("xformers", "torch-sdpa")]
+        rows += harness.case_rows("attention", (case.B, case.H, case.Sq, case.Sk, case.D, case.Sp),
+                                  (label, str(case.dtype)[6:], "causal" if case.causal else "-"), cands, times,
+                                  peers, flops=flops)
+        log(f"  {label} {str(case.dtype)[6:]}: " + ", ".join(f"{n} {t.median * 1e6:.0f}us" for n, t in times.items() if t))
     return rows
 
 
@@ -123,13 +111,12 @@ def targets(rows, device, copy_gbps):
         return []
     out = []
     for r in rows:
-        if r.backend != "triton" or r.speedup_vs_best_peer is None:
+        if r.backend != "triton" or r.median_us != r.median_us:
             continue
         D = r.shape[4]
         need = 1.0 if D in (64, 128) else 1.2
-        text = f"triton {r.case} {r.dtype}: {r.speedup_vs_best_peer:.2f}x best peer (target {need}x)"
-        ok = r.speedup_vs_best_peer >= need
-        if r.shape[:5] == (2, 16, 4096, 4096, 128):
+        text, ok = harness.target(f"triton {r.case} {r.dtype} vs best peer", r.speedup_vs_best_peer, need, r)
+        if r.shape[:5] == (2, 16, 4096, 4096, 128) and ok is not None:
             tf = r.extra["tflops"]
             text += f", {tf:.0f} TFLOP/s (target 450)"
             ok = ok and tf >= 450

@@ -70,6 +70,6 @@ def targets(rows, device, copy_gbps):
         return out  # no GPU target stated yet: the table is the record
     for r in rows:
         if r.backend == "cpu" and tuple(r.shape) == TARGET_SHAPE and r.dtype == "float32":
-            text = f"cpu {r.case} fp32: {r.speedup_vs_reference:.1f}x torch.quantile (target {CPU_TARGET}x)"
-            out.append((text, r.speedup_vs_reference >= CPU_TARGET))
+            out.append(harness.target(f"cpu {r.case} fp32 vs torch.quantile", r.speedup_vs_reference, CPU_TARGET,
+                                      r, "{:.1f}x"))
     return out

@@ -12,7 +12,8 @@ per call with classifier-free guidance:
 On a CPU the sizes are reduced (SD 64x64 pixels x 3 steps; GLIDE base 32x32 x 3 steps, upsampler
 64x64 x 2 steps; full channel widths) so that the suite takes a minute or two, and "peak memory" is
 the process's RSS high-water mark (it only grows: read it as an upper bound per row).
-Each pipeline runs once to warm up, then is timed (median of 3 runs on a GPU, 1 on a CPU) on the
+Each pipeline runs once to warm up, then is timed interleaved with the others (median of 5 runs on
+a GPU, 3 on a CPU; `make bench`'s quick suite: SD only, 2 steps) on the
 reference backend (plain PyTorch ops: the speed-up baseline), on diffkern's automatic backends
 and, for SD, diffusers. Add a family: a function (device, full) -> Setup in FAMILIES.
 """
@@ -29,6 +30,7 @@ import diffkern
 from diffkern.bench import harness
 
 OP = "end_to_end"
+ROUNDS = {"cuda": 5, "cpu": 3}  # interleaved calls per backend (after one warm-up call each)
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Setup:
     notes: dict = field(default_factory=dict)
 
 
-def _sd15(device, full):
+def _sd15(device, full, steps=None):
     from diffkern.bench.models import SD15_UNET, SD_VAE, _diffusers
     from diffkern.models import from_diffusers
     from diffkern.pipelines import StableDiffusionPipeline
@@ -50,7 +52,7 @@ def _sd15(device, full):
     from diffkern.schedulers import DDIMScheduler
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    px, steps = (512, 50) if full else (64, 3)
+    px, steps = (512, steps or 50) if full else (64, steps or 3)
     d = _diffusers()
     torch.manual_seed(0)
     sched_cfg = sd_scheduler_config(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -131,9 +133,9 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _measure(fn, module, device, repeats):
-    """(seconds per call, denoising steps per second, peak MiB, peak is RSS) of fn; the step rate from
-    the start times of the denoiser's forward calls (n calls = n - 1 whole steps between them)."""
+def _measure_once(fn, module, device):
+    """(seconds, denoising steps per second, peak MiB) of one call of fn; the step rate from the start
+    times of the denoiser's forward calls (n calls = n - 1 whole steps between them)."""
     starts = []
 
     def stamp(*_):  # returns None: a pre-hook's return value would replace the module's inputs
@@ -142,48 +144,52 @@ def _measure(fn, module, device, repeats):
 
     hook = module.register_forward_pre_hook(stamp)
     try:
-        fn()  # warm-up
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times, rates = [], []
-        for _ in range(repeats):
-            starts.clear()
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-            if len(starts) > 1:
-                rates.append((len(starts) - 1) / (starts[-1] - starts[0]))
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        t = time.perf_counter() - t0
     finally:
         hook.remove()
-    median = sorted(times)[len(times) // 2]
-    rate = sorted(rates)[len(rates) // 2] if rates else float("nan")
-    if device.type == "cuda":
-        return median, rate, torch.cuda.max_memory_allocated(device) / 2 ** 20, False
-    return median, rate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, True
+    rate = (len(starts) - 1) / (starts[-1] - starts[0]) if len(starts) > 1 else float("nan")
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+    return t, rate, peak
 
 
 def run(device, quick=False, compile_reference=False, log=print, full_size=False):
-    """Rows of every family (quick: sd15 only); compile_reference is not used (no compiled peer here)."""
+    """Rows of every family (quick: sd15 only, 2 steps); compile_reference is not used (no compiled peer).
+    The backends of a family run interleaved, one call each per round (3 rounds on a CPU, 5 on a GPU),
+    after one warm-up call each."""
     full = device.type == "cuda" or full_size
+    rounds = ROUNDS.get(device.type, 3)
     rows = []
     for name, make in FAMILIES.items():
         if quick and name != "sd15":
             continue
-        s = make(device, full)
-        measured = {}
+        s = make(device, full, **({"steps": 2} if quick and not full else {}))
+        samples = {b: [] for b in s.calls}
         with torch.inference_mode():
-            for backend, fn in s.calls.items():
-                measured[backend] = _measure(fn, s.denoiser[backend], device, 3 if device.type == "cuda" else 1)
-        t_ref = measured["reference"][0]
+            for b, fn in s.calls.items():
+                fn()  # warm-up
+            order = list(s.calls)
+            for r in range(rounds):
+                for i in range(len(order)):
+                    b = order[(i + r) % len(order)]
+                    samples[b].append(_measure_once(s.calls[b], s.denoiser[b], device))
+        times = {b: harness.timing.Timing([m[0] for m in ms]) for b, ms in samples.items()}
         label = f"{s.family} {s.size} x{s.steps} steps"
-        for backend, (t, rate, peak, is_rss) in measured.items():
-            rows.append(harness.Row(OP, label, (1,), str(s.dtype)[6:], "pipeline", backend, t * 1e6, None,
-                                    t_ref / t, None, s.notes.get(backend, ""),
-                                    {"family": s.family, "size": s.size, "steps": s.steps, "s_per_image": t,
-                                     "denoise_it_s": rate, "peak_mib": peak, "peak_is_rss": is_rss}))
-        log(f"  {label}: " + ", ".join(f"{b} {m[0]:.2f} s/image {m[1]:.1f} it/s" for b, m in measured.items()))
+        for b, ms in samples.items():
+            t = times[b]
+            rates = sorted(m[1] for m in ms)
+            extra = {"family": s.family, "size": s.size, "steps": s.steps, "s_per_image": t.median,
+                     "denoise_it_s": rates[len(rates) // 2], "peak_mib": max(m[2] for m in ms),
+                     "peak_is_rss": device.type != "cuda"}
+            rows.append(harness.timed_row(OP, label, (1,), str(s.dtype)[6:], "pipeline", b, t, times["reference"],
+                                          None, s.notes.get(b, ""), extra))
+        log(f"  {label}: " + ", ".join(f"{b} {t.median:.2f} s/image" for b, t in times.items()))
         del s  # the next family's models are built after this one's are freed (peak memory, RSS)
     return rows
 

@@ -1,10 +1,12 @@
 """Benchmark harness: timing, environment record, and one row definition that produces the printed
 table, the JSON and the markdown.
 
-CPU timing: the median of torch.utils.benchmark's blocked_autorange, every candidate of a case timed
-in the same process one after another, with glibc's allocator pinned (see `pin_cpu_allocator`).
-GPU timing: triton.testing.do_bench's median (warm-up, L2 flushed before every repetition), or CUDA
-events when Triton is absent.
+Timing (diffkern.bench.timing): every candidate of a case is timed interleaved, round by round, and
+each row reports its median, quartiles and spread (IQR / median); a row whose spread, or whose
+baseline's, exceeds timing.SPREAD_BOUND is marked unreliable and prints no speed-up. On a CPU glibc's
+allocator is pinned (see `pin_cpu_allocator`); on a GPU each call is timed by CUDA events after the
+L2 cache is overwritten. `time_fn` (one candidate alone: blocked_autorange / do_bench) remains for
+measurements that are not side-by-side rows (copy bandwidth, matmul rate).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from diffkern.bench import timing
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -104,6 +108,50 @@ class Row:
     speedup_vs_best_peer: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
+    q1_us: float | None = None        # quartiles of the per-round samples
+    q3_us: float | None = None
+    spread: float | None = None       # (q3 - q1) / median
+    rounds: int | None = None
+    reliable: bool = True             # spread <= timing.SPREAD_BOUND (and so is the baseline's, for the speed-up)
+    speedup_iqr: tuple | None = None  # quartiles of the per-round ratios to the reference (error bars)
+
+
+def timed_row(op, case, shape, dtype, layout, name, t, ref, peer, note="", extra=None, nbytes=None, flops=None):
+    """The Row of candidate `name` timed `t` (timing.Timing or None: failed) beside baseline `ref` and
+    best peer `peer` (Timings or None). Speed-ups are set only where both sides are reliable; otherwise
+    the note says which spread was too wide."""
+    extra = dict(extra or {})
+    if t is None:
+        return Row(op, case, tuple(shape), dtype, layout, name, float("nan"), None, None, None, note, extra)
+    med = t.median
+    if flops is not None:
+        extra["tflops"] = flops / med / 1e12
+    vs_ref = vs_peer = iqr = None
+    why = timing.verdict(ref, t) if ref is not None else timing.verdict(None, t)
+    if ref is not None and not why:
+        vs_ref, lo, hi = timing.ratio(ref, t)
+        iqr = (lo, hi)
+    if peer is not None and peer is not t and not timing.verdict(peer, t):
+        vs_peer = peer.median / med
+    if why:
+        note = f"{note}; {why}" if note else why
+    return Row(op, case, tuple(shape), dtype, layout, name, med * 1e6, None if nbytes is None else nbytes / med / 1e9,
+               vs_ref, vs_peer, note, extra, t.q1 * 1e6, t.q3 * 1e6, t.spread, len(t.samples), not why, iqr)
+
+
+def weakest(*rows):
+    """The first unreliable row of those a ratio rests on, else the first (for `target`'s verdict)."""
+    return next((r for r in rows if not r.reliable), rows[0])
+
+
+def target(text, value, need, row=None, fmt="{:.2f}x"):
+    """(line, verdict) of one acceptance target: verdict True / False, or None (unreliable) when the
+    measured value is missing because a row it rests on is unreliable (row.reliable False)."""
+    if row is not None and not row.reliable:
+        return f"{text}: unreliable, spread too wide (target {fmt.format(need)})", None
+    if value is None:
+        return f"{text}: not measured (target {fmt.format(need)})", None
+    return f"{text}: {fmt.format(value)} (target {fmt.format(need)})", value >= need
 
 
 def git_sha():
@@ -146,8 +194,17 @@ def environment(device, allocator):
     return env
 
 
+def _speedup_cell(r):
+    if r.speedup_vs_reference is None:
+        return "unreliable" if not r.reliable else ""
+    if r.speedup_iqr and r.backend != "reference":
+        return f"{r.speedup_vs_reference:.2f} ({r.speedup_iqr[0]:.2f}-{r.speedup_iqr[1]:.2f})"
+    return f"{r.speedup_vs_reference:.2f}"
+
+
 def format_table(rows):
-    head = ["case", "dtype", "layout", "backend", "median us", "GB/s or TFLOP/s", "x ref", "x best peer", "note"]
+    head = ["case", "dtype", "layout", "backend", "median us", "IQR %", "GB/s or TFLOP/s", "x ref (IQR)",
+            "x best peer", "note"]
 
     def rate(r):
         if r.gbps is not None:
@@ -155,9 +212,10 @@ def format_table(rows):
         tf = r.extra.get("tflops")
         return "" if tf is None else f"{tf:.2f} TF"
 
-    body = [[r.case, r.dtype, r.layout, r.backend, f"{r.median_us:.1f}", rate(r),
-             "" if r.speedup_vs_reference is None else f"{r.speedup_vs_reference:.2f}",
-             "" if r.speedup_vs_best_peer is None else f"{r.speedup_vs_best_peer:.2f}", r.note] for r in rows]
+    body = [[r.case, r.dtype, r.layout, r.backend, f"{r.median_us:.1f}",
+             "" if r.spread is None else ("-" if r.spread == float("inf") else f"{100 * r.spread:.0f}"), rate(r),
+             _speedup_cell(r), "" if r.speedup_vs_best_peer is None else f"{r.speedup_vs_best_peer:.2f}", r.note]
+            for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body])
@@ -213,28 +271,36 @@ def kernel_backends(op, device, would_run):
     return names
 
 
-def run_cases(op, cases, make_candidates, device, describe, log=print):
-    """Time every candidate of every case side by side (inference mode) and build the rows.
+def run_cases(op, cases, make_candidates, device, describe, log=print, peers=("torch.compile",)):
+    """Time every candidate of every case interleaved (inference mode) and build the rows.
 
     make_candidates(case) -> ([(name, fn or None, note)], bytes moved); one candidate is named
-    "reference" (the speed-up baseline) and one may be "torch.compile" (the peer).
+    "reference" (the speed-up baseline); `peers` name the others users would pick instead (the best
+    of them is the "best peer" column).
     describe(case) -> (label, dtype name, layout)."""
     rows = []
     for case in cases:
-        times = {}
         with torch.no_grad():
             cands, nbytes = make_candidates(case)
-            for name, fn, _ in cands:
-                times[name] = time_fn(fn, device) if fn is not None else None
-        t_ref, t_peer = times["reference"], times.get("torch.compile")
-        label, dtype, layout = describe(case)
-        for name, _, note in cands:
-            t = times[name]
-            if t is None:
-                rows.append(Row(op, label, tuple(case.shape), dtype, layout, name, float("nan"), None, None, None, note))
-                continue
-            peer = (t_peer / t) if (t_peer and name != "torch.compile") else None
-            rows.append(Row(op, label, tuple(case.shape), dtype, layout, name, t * 1e6, nbytes / t / 1e9, t_ref / t,
-                            peer, note))
-        log(f"  {label} {dtype} {layout}: " + ", ".join(f"{n} {t * 1e6:.0f}us" for n, t in times.items() if t))
+            times = timing.interleaved({name: fn for name, fn, _ in cands}, device, log=log)
+        rows += case_rows(op, case.shape, describe(case), cands, times, peers, nbytes=nbytes)
+        log(f"  {describe(case)[0]} {describe(case)[1]} {describe(case)[2]}: " + ", ".join(
+            f"{n} {t.median * 1e6:.0f}us +-{100 * t.spread / 2:.0f}%" for n, t in times.items() if t))
     return rows
+
+
+def best_of(times, names):
+    """The fastest Timing among `names` (None if none ran)."""
+    got = [times[n] for n in names if times.get(n) is not None]
+    return min(got, key=lambda t: t.median) if got else None
+
+
+def case_rows(op, shape, described, cands, times, peers, nbytes=None, flops=None, baseline="reference",
+              extras=None):
+    """Rows of one case from its candidates [(name, fn, note)] and {name: Timing or None}."""
+    label, dtype, layout = described
+    ref = times.get(baseline)
+    peer = best_of(times, [n for n in times if n in peers])
+    return [timed_row(op, label, shape, dtype, layout, name, times.get(name), ref,
+                      None if name in peers else peer, note, (extras or {}).get(name), nbytes, flops)
+            for name, _, note in cands]

@@ -198,10 +198,10 @@ def _time_case(case, device, compile_peers):
                 cands.append(("reference+compile", c, why or "torch.compile (inductor) of the reference backend"))
             c, why = harness.compile_checked(fns[name])
             cands.append((f"{name}+compile", c, why or "torch.compile (inductor)"))
-    times, mems = {}, {}
-    for name, fn, _ in cands:
-        times[name] = harness.time_fn(fn, device) if fn is not None else None
-        mems[name] = _peak_mb(fn, device) if fn is not None else None
+    # a model step takes 0.1-2 s on a CPU: few rounds, one call each (the spread still shows the noise)
+    times = harness.timing.interleaved({n: fn for n, fn, _ in cands}, device, min_rounds=5, max_rounds=15,
+                                       case_seconds=3.0 if device.type == "cpu" else 2.0)
+    mems = {name: _peak_mb(fn, device) if times.get(name) is not None else None for name, fn, _ in cands}
     return cands, times, mems
 
 
@@ -215,22 +215,13 @@ def run(device, quick=False, compile_reference=True, log=print, full_size=False)
     for case in cases(device, quick, full_size):
         with torch.inference_mode():
             cands, times, mems = _time_case(case, device, compile_reference)
-        peers = [times[n] for n in ("diffusers", "diffusers+compile") if times.get(n)]
-        best_peer = min(peers) if peers else None
         label = f"{case.name} {tuple(case.shape)}" + (f" x{case.steps} steps" if case.kind == "loop" else "")
-        for name, _, note in cands:
-            t = times[name]
-            if mems[name] is not None:
-                note = f"{note}; peak {mems[name]:.0f} MiB".lstrip("; ")
-            if t is None:
-                rows.append(harness.Row(OP, label, case.shape, str(case.dtype)[6:], case.kind, name, float("nan"),
-                                        None, None, None, note))
-                continue
-            rows.append(harness.Row(OP, label, case.shape, str(case.dtype)[6:], case.kind, name, t * 1e6, None,
-                                    times["reference"] / t,
-                                    best_peer / t if best_peer and not name.startswith("diffusers") else None,
-                                    note, {"peak_mib": mems[name]}))
-        log(f"  {label}: " + ", ".join(f"{n} {t * 1e3:.1f}ms" for n, t in times.items() if t))
+        notes = [(n, fn, f"{note}; peak {mems[n]:.0f} MiB".lstrip("; ") if mems[n] is not None else note)
+                 for n, fn, note in cands]
+        rows += harness.case_rows(OP, case.shape, (label, str(case.dtype)[6:], case.kind), notes, times,
+                                  ("diffusers", "diffusers+compile"),
+                                  extras={n: {"peak_mib": mems[n]} for n in mems if times.get(n) is not None})
+        log(f"  {label}: " + ", ".join(f"{n} {t.median * 1e3:.1f}ms" for n, t in times.items() if t))
     return rows
 
 
@@ -247,12 +238,12 @@ def targets(rows, device, copy_gbps):
             continue
         by = {x.backend: x for x in rows if x.case == r.case}
         if "diffusers" in by:
-            out.append((f"SD 1.5 UNet step {r.dtype}: {by['diffusers'].median_us / r.median_us:.2f}x diffusers eager "
-                        "(target 1.5x)", by["diffusers"].median_us / r.median_us >= 1.5))
+            out.append(harness.target(f"SD 1.5 UNet step {r.dtype} vs diffusers eager",
+                                      by["diffusers"].median_us / r.median_us, 1.5, harness.weakest(r, by["diffusers"])))
         if "diffusers+compile" in by and by["diffusers+compile"].median_us == by["diffusers+compile"].median_us:
-            ratio = by["diffusers+compile"].median_us / r.median_us
-            out.append((f"SD 1.5 UNet step {r.dtype}: {ratio:.2f}x diffusers under torch.compile (target 1.15x)",
-                        ratio >= 1.15))
+            out.append(harness.target(f"SD 1.5 UNet step {r.dtype} vs diffusers under torch.compile",
+                                      by["diffusers+compile"].median_us / r.median_us, 1.15,
+                                      harness.weakest(r, by["diffusers+compile"])))
         if by.get("diffusers") and r.extra.get("peak_mib") is not None:
             ok = r.extra["peak_mib"] <= by["diffusers"].extra.get("peak_mib", float("inf"))
             out.append((f"SD 1.5 UNet step peak memory {r.extra['peak_mib']:.0f} MiB vs diffusers "

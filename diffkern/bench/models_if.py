@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from diffkern.bench import harness
 from diffkern.models.checkpoints.deepfloyd import convert_deepfloyd_config
 
 KINDS = ("if-unet", "if-update")
@@ -149,9 +150,8 @@ def targets(rows, device):
         if r.case.startswith("if-II-step") and r.backend == "diffkern" and device.type == "cuda":
             ref = by.get((r.case, "diffusers"))
             if ref is not None:
-                ratio = ref.median_us / r.median_us
-                out.append((f"IF stage II step {r.dtype}: {ratio:.2f}x diffusers eager (target 1.5x)",
-                            ratio >= 1.5))
+                out.append(harness.target(f"IF stage II step {r.dtype} vs diffusers eager",
+                                          ref.median_us / r.median_us, 1.5, harness.weakest(r, ref)))
     upd = [r for r in rows if r.case.startswith("if-update") and "256, 256" in r.case]
     if step is not None and upd:
         for side in ("diffusers", "diffkern"):

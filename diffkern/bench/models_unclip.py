@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from diffkern.bench import harness
 from diffkern.models.checkpoints.karlo import KARLO_DECODER, KARLO_SUPER_RES
 
 # Module constants, so that a smoke test can swap in tiny configurations.
@@ -78,6 +79,6 @@ def targets(rows, device):
             continue
         ref = next((x for x in rows if x.case == r.case and x.backend == "diffusers"), None)
         if ref is not None:
-            ratio = ref.median_us / r.median_us
-            out.append((f"Karlo decoder step {r.dtype}: {ratio:.2f}x diffusers eager (target 1.5x)", ratio >= 1.5))
+            out.append(harness.target(f"Karlo decoder step {r.dtype} vs diffusers eager", ref.median_us / r.median_us,
+                                      1.5, harness.weakest(r, ref)))
     return out

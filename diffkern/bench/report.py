@@ -65,32 +65,51 @@ def _pyplot():
     return plt
 
 
-def _grouped_bars(groups, title, xlabel, path, log=False, line=None):
+def _grouped_bars(groups, title, xlabel, path, log=False, line=None, errors=None, panels=None):
     """groups: {case: {backend: value}} -> horizontal grouped bars at path (one row per case, so that
-    suites with many cases stay readable: the figure grows in height, not width)."""
+    suites with many cases stay readable: the figure grows in height, not width). errors: {case:
+    {backend: (low, high)}} drawn as error bars. panels: more (groups, title, xlabel, errors) drawn
+    side by side on the same cases."""
     plt = _pyplot()
-    backends = sorted({b for g in groups.values() for b in g})
-    cases = list(groups)
-    height = 0.8 / max(len(backends), 1)
-    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.22 * len(cases) * max(1.0, len(backends) / 2)))
-    for k, b in enumerate(backends):
-        ys = [i + (k - (len(backends) - 1) / 2) * height for i in range(len(cases))]
-        ax.barh(ys, [groups[c].get(b, float("nan")) for c in cases], height, label=b)
-    if line is not None:
-        ax.axvline(line, color="black", linewidth=0.8)
-    if log:
-        ax.set_xscale("log")
+    panels = [(groups, title, xlabel, errors)] + list(panels or [])
+    cases = list(dict.fromkeys(c for g, *_ in panels for c in g))
+    nb = max(len({b for g in p[0].values() for b in g}) for p in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels) ** 0.5 + 2 * (len(panels) - 1),
+                                                      1.6 + 0.22 * len(cases) * max(1.0, nb / 2)),
+                             squeeze=False, sharey=True)
+    for ax, (g, t, xl, err) in zip(axes[0], panels):
+        _bars_on(ax, g, cases, err, log, line)
+        ax.set_xlabel(xl)
+        ax.set_title(t, fontsize=9, wrap=True)
+    ax = axes[0][0]
     ax.set_yticks(range(len(cases)))
     ax.set_yticklabels(cases, fontsize=7)
     ax.invert_yaxis()  # first case on top, as in the tables
-    ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=9, wrap=True)
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(axis="x", linewidth=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def _bars_on(ax, groups, cases, errors, log, line):
+    backends = sorted({b for g in groups.values() for b in g})
+    height = 0.8 / max(len(backends), 1)
+    for k, b in enumerate(backends):
+        ys = [i + (k - (len(backends) - 1) / 2) * height for i in range(len(cases))]
+        vals = [groups.get(c, {}).get(b, float("nan")) for c in cases]
+        xerr = None
+        if errors:
+            lo_hi = [(errors.get(c, {}).get(b) or (v, v)) for c, v in zip(cases, vals)]
+            xerr = [[max(0.0, v - lo) if v == v else 0.0 for v, (lo, _) in zip(vals, lo_hi)],
+                    [max(0.0, hi - v) if v == v else 0.0 for v, (_, hi) in zip(vals, lo_hi)]]
+        ax.barh(ys, vals, height, label=b, xerr=xerr, error_kw=dict(elinewidth=0.8, capsize=2))
+    if line is not None:
+        ax.axvline(line, color="black", linewidth=0.8)
+    if log:
+        ax.set_xscale("log")
+    if backends:
+        ax.legend(fontsize=7, loc="best")
+    ax.grid(axis="x", linewidth=0.3)
 
 
 def _case_label(r):
@@ -98,15 +117,24 @@ def _case_label(r):
 
 
 def plot_speedups(rows, path, title):
-    """Speed-up over the reference (log scale; 1 = the reference) per case and backend; None when
-    there is nothing to plot or no matplotlib."""
-    groups = {}
+    """Speed-up over the reference (log scale; 1 = the reference) per case and backend, the quartiles
+    of the per-round ratios as error bars, and beside it the speed-up over the best peer; unreliable
+    rows have no bar. None when there is nothing to plot or no matplotlib."""
+    groups, errors, peers = {}, {}, {}
     for r in rows:
         if r.backend != "reference" and r.speedup_vs_reference and r.speedup_vs_reference == r.speedup_vs_reference:
             groups.setdefault(_case_label(r), {})[r.backend] = r.speedup_vs_reference
+            if r.speedup_iqr:
+                errors.setdefault(_case_label(r), {})[r.backend] = tuple(r.speedup_iqr)
+        if r.speedup_vs_best_peer and r.speedup_vs_best_peer == r.speedup_vs_best_peer and r.backend != "reference":
+            peers.setdefault(_case_label(r), {})[r.backend] = r.speedup_vs_best_peer
     if not groups or plots_unavailable():
         return None
-    return _grouped_bars(groups, title, "speed-up over the reference (x)", path, log=True, line=1.0)
+    skipped = sum(1 for r in rows if not r.reliable)
+    note = f" ({skipped} unreliable rows not drawn)" if skipped else ""
+    panels = [(peers, "over the best peer", "speed-up over the best peer (x)", None)] if peers else []
+    return _grouped_bars(groups, title + note, "speed-up over the reference (x), bars: per-round IQR", path,
+                         log=True, line=1.0, errors=errors, panels=panels)
 
 
 def plot_roofline(rows, path, title, copy_gbps, matmul_tflops):
@@ -146,6 +174,38 @@ def write_reports(rows, out_dir, stem, device_type, copy_gbps=None, matmul_tflop
     return paths, md
 
 
+def write_index(suites, summary, env, out_dir, stem):
+    """One markdown page linking every suite's table, CSV and plots, with the run's machine state and the
+    targets' verdicts. suites: [(op, md path, json path, report paths, n rows, n unreliable)]."""
+    out_dir = Path(out_dir)
+    md = [f"# diffkern benchmarks: {env.get('device')} ({env.get('suite', '')} suite)", "",
+          f"Command: `{env.get('command')}`; git {env.get('git_sha')}; {env.get('date')}; torch {env.get('torch')}, "
+          f"triton {env.get('triton')}.", "",
+          f"CPU {env.get('cpu_model')} ({env.get('cpu_count')} CPUs), load average at the start "
+          f"{env.get('load_average')}. Rows whose spread (IQR / median) exceeds "
+          f"{100 * env.get('spread_bound', timing_bound()):.0f}% are unreliable and print no speed-up.", "",
+          "| suite | table | CSV | plots | rows | unreliable |", "|---|---|---|---|---|---|"]
+    for op, md_path, json_path, paths, n, bad in suites:
+        rel = lambda p: Path(p).name  # noqa: E731  (the index sits beside the suites' files)
+        plots = " ".join(f"[{Path(p).stem.rsplit('-', 1)[-1]}]({rel(p)})" for p in paths if str(p).endswith(".png"))
+        csvs = " ".join(f"[csv]({rel(p)})" for p in paths if str(p).endswith(".csv"))
+        md.append(f"| {op} | [{rel(md_path)}]({rel(md_path)}) ([json]({rel(json_path)})) | {csvs} | {plots} | "
+                  f"{n} | {bad} |")
+    md += ["", "## Targets", ""]
+    md += [f"- {'unreliable' if ok is None else 'met' if ok else 'MISSED'} ({op}): {text}" for op, text, ok in summary]
+    for op, _, _, paths, _, _ in suites:
+        md += ["", f"## {op}", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in paths if str(p).endswith(".png")]
+    path = out_dir / f"{stem}.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+def timing_bound():
+    from diffkern.bench import timing
+
+    return timing.SPREAD_BOUND
+
+
 def end_to_end_table(rows):
     """Markdown: per family, size, steps and backend, s/image, denoising it/s and peak memory (rows of
     the end_to_end suite, whose `extra` holds these numbers)."""
@@ -168,7 +228,9 @@ def rows_from_json(path):
     from diffkern.bench.harness import Row
 
     data = json.loads(Path(path).read_text())
-    return [Row(**dict(r, shape=tuple(r["shape"]))) for r in data["rows"]], data.get("environment", {})
+    return [Row(**dict(r, shape=tuple(r["shape"]), **({"speedup_iqr": tuple(r["speedup_iqr"])}
+                                                      if r.get("speedup_iqr") else {})))
+            for r in data["rows"]], data.get("environment", {})
 
 
 def main(argv=None):
