@@ -201,4 +201,5 @@ def dynamic_threshold(x, percentile=0.995, max_value=None, *, upcast=False):
         s = s.clamp(max=max_value)
     s = s.unsqueeze(1)
     y = (torch.clamp(a, -s, s) / s).reshape(x.shape)
-    return y if upcast else y.to(x.dtype)
+    # contiguous as the op promises (a transposed x would otherwise hand its strides on)
+    return (y if upcast else y.to(x.dtype)).contiguous()
