@@ -212,3 +212,90 @@ def test_if_i_xl_config_has_its_4_3b_parameters():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**convert_deepfloyd_config(params))
     assert abs(sum(p.numel() for p in unet.parameters()) / 4.3e9 - 1) < 0.01
+
+
+# ------------------------------------------------------------------------------------------------
+# Every config form IF's own UNetModel reads, against IF's own model ($IF_SRC or the extracted reference)
+# ------------------------------------------------------------------------------------------------
+
+def _if_unet_class():
+    import os
+    import sys
+    from pathlib import Path
+
+    for src in (os.environ.get("IF_SRC"), "/work/ext/deep-floyd+IF"):
+        if src and (Path(src) / "deepfloyd_if" / "model" / "unet.py").is_file():
+            if src not in sys.path:
+                sys.path.insert(0, src)
+            from deepfloyd_if.model.unet import UNetModel
+
+            return UNetModel
+    pytest.skip("DeepFloyd IF's code is not importable (set IF_SRC to a deep-floyd/IF checkout)")
+
+
+TINY = dict(image_size=16, in_channels=3, out_channels=6, model_channels=32, num_res_blocks=1, encoder_dim=24,
+            encoder_channels=32, att_pool_heads=2, use_scale_shift_norm=True, resblock_updown=True)
+
+
+@pytest.mark.parametrize("params", [
+    # a list of attention_resolutions is read as downsample factors; num_heads (not num_head_channels) with
+    # head widths that change per level; gelu_jit (tanh GELU); disable_self_attentions=True with a list
+    dict(TINY, channel_mult=[1, 2, 3], attention_resolutions=[2, 4], num_heads=2, activation="gelu_jit",
+         disable_self_attentions=True, efficient_activation=True, scale_skip_connection=True),
+    # a string of resolutions; disable_self_attentions=True with a string disables nothing in IF's code
+    dict(TINY, channel_mult="1,2", attention_resolutions="8", num_head_channels=8, activation="silu",
+         disable_self_attentions=True),
+    # disable_self_attentions as a list of downsample factors, per-level res blocks, IF's default channel_mult
+    dict(TINY, image_size=32, num_res_blocks=[1, 2, 1, 1], attention_resolutions="16,8,4",
+         num_head_channels=8, activation="gelu", disable_self_attentions=[4, 8]),
+], ids=["list-ds-num_heads-gelu_jit", "str-res-silu", "disable-list-default-mult"])
+def test_config_forms_match_ifs_own_unet(tmp_path, params):
+    UNetModel = _if_unet_class()
+    torch.manual_seed(0)
+    ref = UNetModel(**params).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.yml").write_text(yaml.safe_dump({"params": params}))
+    ours = load_deepfloyd_unet(tmp_path)
+    size = params["image_size"]
+    x, t, text = torch.randn(2, 3, size, size), torch.tensor([10, 700]), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        want = ref(x, t, text)
+        got = ours(x, t, encoder_hidden_states=text)
+    got = got if isinstance(got, torch.Tensor) else got[0]
+    assert (got - want).abs().max() < 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_hostile_config_files_are_checkpoint_errors_naming_the_file(tmp_path):
+    from diffkern.models import CheckpointError, load
+
+    UNetModel = _if_unet_class()
+    params = dict(TINY, channel_mult="1,2", attention_resolutions="8", num_head_channels=8, activation="gelu")
+    torch.manual_seed(0)
+    torch.save(UNetModel(**params).state_dict(), tmp_path / "pytorch_model.bin")
+    cases = [
+        ("- just\n- a list\n", "expected a `params:` mapping"),
+        ("params: [1, 2\n", "cannot read the YAML file"),
+        (yaml.safe_dump({"params": dict(params, num_head_channels=0)}), "num_head_channels must be positive"),
+        (yaml.safe_dump({"params": dict(params, attention_resolutions="0")}), "attention_resolutions must be positive"),
+        (yaml.safe_dump({"params": dict(params, num_res_blocks="abc")}), "'abc' is not an integer"),
+        (yaml.safe_dump({"params": dict(params, widht=3)}), "unknown UNet argument(s) widht"),
+        (yaml.safe_dump({"params": dict(params, activation="swishy")}), "activation 'swishy' is not supported"),
+        (yaml.safe_dump({"params": dict(params, num_head_channels=-1, num_heads=3)}), "not divisible by num_heads"),
+        # q only where self-attention is disabled, but the file has q, k and v
+        (yaml.safe_dump({"params": dict(params, disable_self_attentions="8")}), "do not fit the config.yml's UNet"),
+        (yaml.safe_dump({"params": {k: v for k, v in params.items() if k != "att_pool_heads"}}), "att_pool_heads"),
+    ]
+    for text, expected in cases:
+        (tmp_path / "config.yml").write_text(text)
+        for loader in (load_deepfloyd_unet, load):
+            with pytest.raises(CheckpointError) as err:
+                loader(tmp_path)
+            assert expected in str(err.value) and ("config.yml" in str(err.value) or str(tmp_path) in str(err.value)), \
+                (text, str(err.value))
+    (tmp_path / "config.yml").write_text(yaml.safe_dump({"params": params}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02not a pickle at all")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot read"):
+        load_deepfloyd_unet(tmp_path)
