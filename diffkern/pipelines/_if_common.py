@@ -270,7 +270,7 @@ class IFPipelineBase:
         """The reverse process over `timesteps` from x. Under guidance one UNet call on [x; x]; the
         scheduler's fused step takes (cond, uncond) and combines the eps channels only (the variance
         channels come from the text branch). `extra`: channels appended to the UNet input (stage II's
-        noised upscale); `mask`: inpainting's blend, x = (1 - m) x_prev + m x_new after each step."""
+        noised upscale), or a function returning them for the whole guided batch at each call; `mask`: inpainting's blend, x = (1 - m) x_prev + m x_new after each step."""
         guided = guidance_scale > 1.0
         C_img = x.shape[1]
         learned = self.scheduler.config.variance_type in ("learned", "learned_range")
@@ -278,8 +278,11 @@ class IFPipelineBase:
         from diffkern.schedulers.sampling import _progress
 
         for i, t in enumerate(_progress(timesteps, enabled, len(timesteps))):
-            x_in = torch.cat([x, extra], dim=1) if extra is not None else x
-            x_in = torch.cat([x_in, x_in]) if guided else x_in
+            if callable(extra):  # drawn afresh per call, one block of rows per guidance half
+                x_in = torch.cat([torch.cat([x, x]) if guided else x, extra()], dim=1)
+            else:
+                x_in = torch.cat([x, extra], dim=1) if extra is not None else x
+                x_in = torch.cat([x_in, x_in]) if guided else x_in
             x_in = self.scheduler.scale_model_input(x_in, t)
             out = unet_call(self.unet, x_in, t, context, class_labels, cross_attention_kwargs)
             if not learned:  # a fixed-variance scheduler reads the eps channels only

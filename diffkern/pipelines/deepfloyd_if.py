@@ -25,6 +25,9 @@ from diffkern.pipelines._if_common import IFPipelineBase, IFPipelineOutput, as_d
 from diffkern.pipelines.stable_diffusion import check_strength
 
 logger = logging.getLogger(__name__)
+# stage II's noise-conditioning augmentation: diffusers noises the upscaled image once ("once"); DeepFloyd IF's
+# own SuperResUNetModel re-noises it at every model call, per guidance half ("per_call")
+LOW_RES_NOISE = ("once", "per_call")
 
 __all__ = ["IFPipeline", "IFSuperResolutionPipeline", "IFImg2ImgPipeline", "IFInpaintingPipeline",
            "IFImg2ImgSuperResolutionPipeline", "IFInpaintingSuperResolutionPipeline",
@@ -96,7 +99,7 @@ class IFSuperResolutionPipeline(IFPipelineBase):
                  timesteps=None, guidance_scale=4.0, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
                  generator=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
                  return_dict=True, callback=None, callback_steps=1, cross_attention_kwargs=None,
-                 noise_level=250, clean_caption=True, progress=None):
+                 noise_level=250, clean_caption=True, progress=None, low_res_noise="once"):
         """Upscale `image` following `prompt` (or `prompt_embeds`): diffusers'
         IFSuperResolutionPipeline.__call__.
 
@@ -105,8 +108,13 @@ class IFSuperResolutionPipeline(IFPipelineBase):
                 (B, 3, h, w) in [-1, 1], PIL images, or (B, h, w, 3) arrays in [-1, 1].
             height, width: output pixels (default unet.config.sample_size).
             noise_level: the augmentation timestep in [0, image_noising_scheduler's num_train_timesteps).
+            low_res_noise: "once" (diffusers: the upscaled image is noised once, the same noise for every
+                step and both guidance halves) or "per_call" (DeepFloyd IF's own SuperResUNetModel: fresh
+                noise at every UNet call, drawn separately for the conditional and unconditional halves).
             The others as IFPipeline (defaults: 50 steps, guidance 4.0; timesteps e.g. "super27").
         """
+        if low_res_noise not in LOW_RES_NOISE:
+            raise ValueError(f"low_res_noise: expected one of {LOW_RES_NOISE}, got {low_res_noise!r}")
         batch = self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                     callback_steps)
         self._check_low_res(image, batch, noise_level)
@@ -120,7 +128,8 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         channels = self.unet.config.in_channels // 2
         x = self._noise((n, channels, height, width), generator) * self.scheduler.init_noise_sigma
         upscaled, class_labels = self._noised_upscale(image, (height, width), num_images_per_prompt,
-                                                      noise_level, generator, guided)
+                                                      noise_level, generator, guided,
+                                                      per_call=low_res_noise == "per_call")
         x = self._denoise(x, steps, context, guidance_scale, generator, extra=upscaled,
                           class_labels=class_labels, cross_attention_kwargs=cross_attention_kwargs,
                           callback=callback, callback_steps=callback_steps, progress=progress)
@@ -137,9 +146,11 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         if I.image_batch(image) != batch:
             raise ValueError(f"image: got {I.image_batch(image)} images for {batch} prompts (one per prompt)")
 
-    def _noised_upscale(self, image, size, per_prompt, noise_level, generator, guided):
+    def _noised_upscale(self, image, size, per_prompt, noise_level, generator, guided, per_call=False):
         """Noise-conditioning augmentation: (the low-res image upsampled bilinearly (align_corners) to
-        `size` and noised to noise_level, the level per UNet row as class_labels)."""
+        `size` and noised to noise_level, the level per UNet row as class_labels). per_call: instead of
+        the noised image, a function drawing it afresh for every UNet call, per guidance half ([uncond;
+        cond] rows, uncond's noise drawn first), as IF's SuperResUNetModel.forward re-noises its input."""
         channels = self.unet.config.in_channels // 2
         low = I.stage2_image(image)
         if low.dim() != 4 or low.shape[1] != channels:
@@ -147,9 +158,18 @@ class IFSuperResolutionPipeline(IFPipelineBase):
         low = low.to(device=self.device, dtype=self.dtype).repeat_interleave(per_prompt, dim=0)
         upscaled = F.interpolate(low, tuple(size), mode="bilinear", align_corners=True)
         levels = torch.full((upscaled.shape[0],), noise_level, device=self.device, dtype=torch.int64)
+        labels = torch.cat([levels, levels]) if guided else levels
+        if per_call:
+            clean = upscaled
+
+            def fresh():
+                return torch.cat([self.image_noising_scheduler.add_noise(clean, self._noise(clean.shape, generator),
+                                                                         levels) for _ in range(2 if guided else 1)])
+
+            return fresh, labels
         noise = self._noise(upscaled.shape, generator)
         upscaled = self.image_noising_scheduler.add_noise(upscaled, noise, levels)
-        return upscaled, (torch.cat([levels, levels]) if guided else levels)
+        return upscaled, labels
 
 
 class IFImg2ImgPipeline(IFPipelineBase):

@@ -124,6 +124,38 @@ def test_stage2_matches_diffusers(parts, kw):
     assert _both(theirs, ours, "np", prompt=PROMPTS, image=low, **kw) < TOL
 
 
+def test_stage2_low_res_noise_per_call_as_deepfloyd(parts):
+    """low_res_noise="per_call" (IF's SuperResUNetModel): every UNet call sees the upscaled image noised afresh,
+    with different noise for the two guidance halves; "once" (default) is diffusers' single draw."""
+    import torch.nn.functional as F
+
+    _, ours = _stage2(parts)
+    low = torch.rand(1, 3, 8, 8, generator=_gen(3)) * 2 - 1
+    seen = []
+    hook = ours.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0][:, 3:].clone()))
+    try:
+        for mode in ("once", "per_call"):
+            seen.clear()
+            ours(prompt="a cat", image=low, num_inference_steps=3, noise_level=250, generator=_gen(),
+                 output_type="pt", low_res_noise=mode)
+            calls = list(seen)
+            assert len(calls) == 3 and all(c.shape[0] == 2 for c in calls)  # guided: [uncond; cond]
+            clean = F.interpolate(low, calls[0].shape[2:], mode="bilinear", align_corners=True)
+            abar = ours.image_noising_scheduler.alphas_cumprod[250].item()
+            z = [(c - abar ** 0.5 * clean) / (1 - abar) ** 0.5 for c in calls]  # the noise each row carries
+            for zi in z:
+                assert abs(zi.mean().item()) < 0.2 and abs(zi.std().item() - 1) < 0.2
+            if mode == "once":
+                assert all(torch.equal(c, calls[0]) for c in calls) and torch.equal(calls[0][0], calls[0][1])
+            else:
+                assert not torch.allclose(calls[0][0], calls[0][1])  # the halves: separate noise
+                assert not torch.allclose(calls[0], calls[1]) and not torch.allclose(calls[1], calls[2])
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="low_res_noise"):
+        ours(prompt="a cat", image=low, num_inference_steps=2, low_res_noise="always")
+
+
 def test_stage2_pil_input_and_chain(parts):
     """Stage I's output_type="pt" feeds stage II; a PIL low-res image is read as diffusers reads it."""
     _, s1 = _stage1(parts)
