@@ -90,7 +90,8 @@ class VQModel(ModelMixin, ConfigMixin):
                              f"block_out_channels entry, got {list(block_out_channels)}")
         # diffkern's KL encoder / decoder read these fields; the encoder's output is single (double_z=False).
         blocks = SimpleNamespace(in_channels=in_channels, out_channels=out_channels,
-                                 block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                                 block_out_channels=tuple(block_out_channels),
+                                 layers_per_block=layers_per_block,
                                  norm_num_groups=norm_num_groups, latent_channels=latent_channels,
                                  mid_block_add_attention=mid_block_add_attention)
         self.encoder = Encoder(blocks)

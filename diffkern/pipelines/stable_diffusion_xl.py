@@ -4,7 +4,8 @@ UNet (diffkern UNet2DConditionModel with the "text_time" micro-conditioning), VA
 and scheduler (diffkern's class of the same name) run on diffkern's kernels. The two text encoders
 (CLIP ViT-L and OpenCLIP bigG with projection) and tokenizers are transformers', as in diffusers.
 
-    base = StableDiffusionXLPipeline.from_pretrained("stable-diffusion-xl-base-1.0", torch_dtype=torch.float16)
+    base = StableDiffusionXLPipeline.from_pretrained("stable-diffusion-xl-base-1.0",
+                                                     torch_dtype=torch.float16)
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
         "stable-diffusion-xl-refiner-1.0", text_encoder_2=base.text_encoder_2, vae=base.vae,
         torch_dtype=torch.float16)
@@ -22,7 +23,8 @@ import diffusers
 
 from diffkern.pipelines.ldm._components import DiffkernComponentsMixin
 
-__all__ = ["StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"]
+__all__ = ["StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+           "StableDiffusionXLInpaintPipeline"]
 
 
 class StableDiffusionXLPipeline(DiffkernComponentsMixin, diffusers.StableDiffusionXLPipeline):

@@ -4,9 +4,9 @@ The first tests build tiny models with CompVis's own classes (the latent-diffusi
 UNetModel, the autoencoder Encoder / Decoder, DDIMSampler), save them as the release does ({"state_dict": ...}
 under model.diffusion_model / first_stage_model / cond_stage_model, with a cin256-v2-style .yaml) and compare
 diffkern's outputs and a guided DDIM run against CompVis's. They skip where that repository (set
-DIFFKERN_COMPVIS_LDM, default /work/ext/CompVis+latent-diffusion) or its einops / omegaconf dependencies are absent. The
-last tests need no CompVis code: files written in the CompVis layout from diffusers-layout weights, and the
-errors for the families not supported yet.
+DIFFKERN_COMPVIS_LDM, default /work/ext/CompVis+latent-diffusion) or its einops / omegaconf dependencies are
+absent. The last tests need no CompVis code: files written in the CompVis layout from diffusers-layout
+weights, and the errors for the families not supported yet.
 """
 
 import importlib
@@ -90,13 +90,15 @@ class _CompVisLDM(torch.nn.Module):
 
         acp = np.cumprod(1.0 - betas)
         self.num_timesteps = 1000
-        self.betas, self.alphas_cumprod = torch.tensor(betas, dtype=torch.float32), torch.tensor(acp, dtype=torch.float32)
+        self.betas = torch.tensor(betas, dtype=torch.float32)
+        self.alphas_cumprod = torch.tensor(acp, dtype=torch.float32)
         self.alphas_cumprod_prev = torch.tensor(np.append(1.0, acp[:-1]), dtype=torch.float32)
 
     def state_dict_as_released(self):
         sd = {f"model.diffusion_model.{k}": v for k, v in self.unet.state_dict().items()}
         for part in ("encoder", "decoder", "quant_conv", "post_quant_conv"):
-            sd.update({f"first_stage_model.{part}.{k}": v for k, v in getattr(self, part).state_dict().items()})
+            sd.update({f"first_stage_model.{part}.{k}": v
+                       for k, v in getattr(self, part).state_dict().items()})
         sd["first_stage_model.quantize.embedding.weight"] = self.codebook.weight.detach().clone()
         sd["cond_stage_model.embedding.weight"] = self.embedding.weight.detach().clone()
         sd["betas"] = self.betas  # schedule buffers a LatentDiffusion checkpoint carries too
@@ -154,7 +156,8 @@ def test_compvis_checkpoint_matches_compvis_code(ldm, tmp_path):
     uc = ref.embedding(torch.full((2,), N_CLASSES - 1))[:, None]
     with torch.no_grad():
         samples, _ = Sampler(ref).sample(S=4, conditioning=ctx, batch_size=2, shape=(3, 8, 8), eta=0.0, x_T=x,
-                                         unconditional_guidance_scale=3.0, unconditional_conditioning=uc, verbose=False)
+                                         unconditional_guidance_scale=3.0, unconditional_conditioning=uc,
+                                         verbose=False)
         want = torch.clamp((ref.decode(samples) + 1.0) / 2.0, 0.0, 1.0)
     pipe.set_progress_bar_config(disable=True)
     got = pipe(labels, guidance_scale=3.0, num_inference_steps=4, latents=x, output_type="pt").images
@@ -186,14 +189,17 @@ def test_written_in_the_compvis_layout_without_compvis_code(tmp_path):
     cfg = _config()
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=16, attention_head_dim=[4, 8])
     vq = diffusers.VQModel(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
-                           up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=3, num_vq_embeddings=N_EMBED,
+                           up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=3,
+                           num_vq_embeddings=N_EMBED,
                            layers_per_block=1)
     vq_sd = dict(vq.state_dict())
     codebook = vq_sd.pop("quantize.embedding.weight")
-    sd = {f"model.diffusion_model.{k}": v for k, v in compvis.unet_to_compvis(unet.state_dict(), unet.config).items()}
+    unet_sd = compvis.unet_to_compvis(unet.state_dict(), unet.config)
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet_sd.items()}
     sd.update({f"first_stage_model.{k}": v for k, v in compvis.vae_to_compvis(vq_sd).items()})
     sd["first_stage_model.quantize.embedding.weight"] = codebook
     sd["cond_stage_model.embedding.weight"] = torch.randn(N_CLASSES, 16)

@@ -23,8 +23,9 @@ def _unet(time_ids, in_channels=4, seed=2, cross=2 * WIDTH):
     # SDXL's layout shrunk: no attention at the top level, per-level heads and depths, linear projections.
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, in_channels=in_channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        in_channels=in_channels, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
         cross_attention_dim=cross, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
         projection_class_embeddings_input_dim=POOLED + time_ids * TIME_DIM)
@@ -34,9 +35,10 @@ def _unet(time_ids, in_channels=4, seed=2, cross=2 * WIDTH):
 def _encoders(tok):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=WIDTH, intermediate_size=37,
-                         num_attention_heads=2, num_hidden_layers=2, vocab_size=len(tok),
-                         max_position_embeddings=77, projection_dim=POOLED, hidden_act="gelu")
+    cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=WIDTH,
+                         intermediate_size=37, num_attention_heads=2, num_hidden_layers=2,
+                         vocab_size=len(tok), max_position_embeddings=77, projection_dim=POOLED,
+                         hidden_act="gelu")
     torch.manual_seed(0)
     return CLIPTextModel(cfg).eval(), CLIPTextModelWithProjection(cfg).eval()
 
@@ -76,12 +78,14 @@ def _image(seed=0, size=32):
 
 
 def test_text_to_image_matches_diffusers(parts):
-    theirs, ours = _pair(StableDiffusionXLPipeline, diffusers.StableDiffusionXLPipeline, unet=_unet(6), **parts)
+    theirs, ours = _pair(StableDiffusionXLPipeline, diffusers.StableDiffusionXLPipeline, unet=_unet(6),
+                         **parts)
     assert _diffkern_parts(ours) == {"unet": "diffkern", "vae": "diffkern", "scheduler": "diffkern"}
     # both prompts, a negative prompt, two images per prompt, and micro-conditioning ids off their defaults
-    _same(theirs, ours, prompt="a photo of a cat", prompt_2="a red dog", negative_prompt="blue", num_inference_steps=2,
-          height=32, width=32, guidance_scale=5.0, output_type="np", num_images_per_prompt=2,
-          original_size=(64, 48), crops_coords_top_left=(4, 8), negative_original_size=(32, 32))
+    _same(theirs, ours, prompt="a photo of a cat", prompt_2="a red dog", negative_prompt="blue",
+          num_inference_steps=2, height=32, width=32, guidance_scale=5.0, output_type="np",
+          num_images_per_prompt=2, original_size=(64, 48), crops_coords_top_left=(4, 8),
+          negative_original_size=(32, 32))
 
 
 def test_base_to_refiner_hand_off_matches_diffusers(parts):
@@ -94,7 +98,8 @@ def test_base_to_refiner_hand_off_matches_diffusers(parts):
     args = dict(prompt="an astronaut on the moon", num_inference_steps=4, height=32, width=32)
     lat_t = base_theirs(**args, denoising_end=0.6, output_type="latent",
                         generator=torch.Generator().manual_seed(0)).images
-    lat_o = base(**args, denoising_end=0.6, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    lat_o = base(**args, denoising_end=0.6, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).images
     assert max_diff(lat_o, lat_t) < 1e-5 * lat_t.abs().max().item()  # latents of ~30 at random weights
     ref_args = dict(prompt=args["prompt"], num_inference_steps=4, denoising_start=0.6, output_type="np",
                     aesthetic_score=7.0, negative_aesthetic_score=2.0)

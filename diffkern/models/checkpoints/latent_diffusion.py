@@ -67,24 +67,28 @@ def _first_stage(sd, section, scale_factor):
     dd = params.get("ddconfig") or {}
     name = target.rsplit(".", 1)[-1]
     if name not in ("VQModelInterface", "VQModel", "AutoencoderKL"):
-        raise CheckpointError(f"config: first_stage_config target {target} is not a CompVis VQ / KL autoencoder")
+        raise CheckpointError(f"config: first_stage_config target {target} is not a CompVis VQ / KL "
+                              "autoencoder")
     if dd.get("attn_resolutions"):
-        raise CheckpointError(f"first_stage_model: attention at resolutions {dd['attn_resolutions']} (diffusers' "
-                              "AttnDownEncoderBlock2D / AttnUpDecoderBlock2D) is not supported by diffkern's "
-                              "autoencoders yet")
+        raise CheckpointError(f"first_stage_model: attention at resolutions {dd['attn_resolutions']} "
+                              "(diffusers' AttnDownEncoderBlock2D / AttnUpDecoderBlock2D) is not supported "
+                              "by diffkern's autoencoders yet")
     if dd.get("attn_type", "vanilla") not in ("vanilla", "none"):
         raise CheckpointError(f"first_stage_model: attn_type {dd['attn_type']!r} is not supported")
     levels = len(dd["ch_mult"])
     config = dict(in_channels=dd.get("in_channels", 3), out_channels=dd.get("out_ch", 3),
-                  down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
-                  block_out_channels=[dd["ch"] * m for m in dd["ch_mult"]], layers_per_block=dd["num_res_blocks"],
+                  down_block_types=["DownEncoderBlock2D"] * levels,
+                  up_block_types=["UpDecoderBlock2D"] * levels,
+                  block_out_channels=[dd["ch"] * m for m in dd["ch_mult"]],
+                  layers_per_block=dd["num_res_blocks"],
                   latent_channels=dd["z_channels"], norm_num_groups=32, sample_size=dd.get("resolution", 256),
-                  scaling_factor=float(scale_factor), mid_block_add_attention=dd.get("attn_type", "vanilla") != "none")
+                  scaling_factor=float(scale_factor),
+                  mid_block_add_attention=dd.get("attn_type", "vanilla") != "none")
     sd = dict(sd)
     if name == "AutoencoderKL":
         if params.get("embed_dim", dd["z_channels"]) != dd["z_channels"]:
-            raise CheckpointError("first_stage_model: a KL autoencoder with embed_dim != z_channels does not fit "
-                                  "diffusers' AutoencoderKL")
+            raise CheckpointError("first_stage_model: a KL autoencoder with embed_dim != z_channels does not "
+                                  "fit diffusers' AutoencoderKL")
         return "AutoencoderKL", config, compvis.vae_from_compvis(sd)
     codebook = sd.pop("quantize.embedding.weight", None)
     if codebook is None:
@@ -105,8 +109,8 @@ def _unet(sd, section, image_size):
     if not params.get("use_spatial_transformer"):
         raise CheckpointError(
             "model.diffusion_model: an openaimodel UNet without the spatial transformer (the unconditional, "
-            "super-resolution and inpainting LDMs; diffusers' UNet2DModel with AttnDownBlock2D) is not supported "
-            "by diffkern's UNet2DModel yet")
+            "super-resolution and inpainting LDMs; diffusers' UNet2DModel with AttnDownBlock2D) is not "
+            "supported by diffkern's UNet2DModel yet")
     if params.get("resblock_updown"):
         raise CheckpointError("model.diffusion_model: resblock_updown is not supported")
     heads = {}
@@ -156,20 +160,22 @@ def convert_latent_diffusion(sd, config, *, ema=False):
     if cond.endswith("ClassEmbedder") and key == "crossattn":
         cond_params = params["cond_stage_config"].get("params", {})
         if set(cond_raw) != {"embedding.weight"}:
-            raise CheckpointError(f"cond_stage_model: expected only embedding.weight for the ClassEmbedder, got "
-                                  f"{compvis._cap(list(cond_raw))}")
+            raise CheckpointError(f"cond_stage_model: expected only embedding.weight for the ClassEmbedder, "
+                                  f"got {compvis._cap(list(cond_raw))}")
         n_classes, width = cond_raw["embedding.weight"].shape
         if n_classes != cond_params.get("n_classes", 1000) or width != cond_params.get("embed_dim", width):
-            raise CheckpointError(f"cond_stage_model: embedding.weight is {tuple(cond_raw['embedding.weight'].shape)}"
-                                  f", the config says n_classes {cond_params.get('n_classes')}, embed_dim "
-                                  f"{cond_params.get('embed_dim')}")
+            raise CheckpointError(f"cond_stage_model: embedding.weight is "
+                                  f"{tuple(cond_raw['embedding.weight'].shape)}, the config says n_classes "
+                                  f"{cond_params.get('n_classes')}, embed_dim {cond_params.get('embed_dim')}")
         class_embedder = ("ClassEmbedder", {"num_classes": int(n_classes), "embed_dim": int(width)}, cond_raw)
     elif cond.endswith("BERTEmbedder"):
-        raise NotImplementedError("cond_stage_model: the text-to-image model's BERTEmbedder (x-transformers) is not "
-                                  "mapped to LDMBertModel yet; use the diffusers folder (ldm-text2im-large-256)")
+        raise NotImplementedError("cond_stage_model: the text-to-image model's BERTEmbedder "
+                                  "(x-transformers) is not mapped to LDMBertModel yet; use the diffusers "
+                                  "folder (ldm-text2im-large-256)")
     else:
         raise NotImplementedError(f"cond_stage_config {cond} with conditioning_key {key!r}: only the "
-                                  "class-conditional (ClassEmbedder, crossattn) family loads from CompVis files yet")
+                                  "class-conditional (ClassEmbedder, crossattn) family loads from CompVis "
+                                  "files yet")
 
     unet_config, unet_sd = _unet(unet_raw, params["unet_config"], params.get("image_size", 64))
     out["unet"] = ("UNet2DConditionModel", unet_config, unet_sd)
@@ -184,7 +190,8 @@ def convert_latent_diffusion(sd, config, *, ema=False):
     if schedule != "linear":
         raise CheckpointError(f"config: beta_schedule {schedule!r} is not supported (CompVis's 'linear')")
     out["scheduler"] = ("DDIMScheduler", dict(
-        num_train_timesteps=int(params.get("timesteps", 1000)), beta_start=float(params.get("linear_start", 1e-4)),
+        num_train_timesteps=int(params.get("timesteps", 1000)),
+        beta_start=float(params.get("linear_start", 1e-4)),
         # CompVis's "linear" schedule is linear in sqrt(beta): diffusers' scaled_linear
         beta_end=float(params.get("linear_end", 2e-2)), beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
@@ -211,8 +218,10 @@ def _build(name, config, sd, dtype, device, what):
                     f"unexpected: {compvis._cap(unexpected)}" if unexpected else "",
                     "shapes: " + ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
                                            for k in wrong[:10]) if wrong else ""]
-        raise CheckpointError(f"{what}: the weights do not fit {name}: " + "; ".join(p for p in problems if p))
-    cast = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(device) for k, v in sd.items()}
+        raise CheckpointError(f"{what}: the weights do not fit {name}: "
+                              + "; ".join(p for p in problems if p))
+    cast = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(device)
+            for k, v in sd.items()}
     module.load_state_dict(cast, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 

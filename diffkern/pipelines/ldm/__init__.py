@@ -14,5 +14,6 @@ from diffkern.pipelines.ldm.class_conditional import ClassEmbedder, LDMClassCond
 from diffkern.pipelines.ldm.inpaint import LDMInpaintPipeline
 from diffkern.pipelines.ldm.unconditional import LDMPipeline, LDMSuperResolutionPipeline
 
-__all__ = ["ClassEmbedder", "DiffkernComponentsMixin", "LDMClassConditionalPipeline", "LDMInpaintPipeline", "LDMPipeline",
+__all__ = ["ClassEmbedder", "DiffkernComponentsMixin", "LDMClassConditionalPipeline", "LDMInpaintPipeline",
+           "LDMPipeline",
            "LDMSuperResolutionPipeline"]

@@ -139,14 +139,12 @@ class DiffkernComponentsMixin:
         return cls._rebuilt(pipe, {k: convert_component(v) for k, v in pipe.components.items()})
 
 
+_SDXL_I2I, _SDXL_INPAINT = "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"
 # model_index.json "_class_name" -> (text-to-image / unconditional, img2img, inpaint) diffkern class names
 _FOLDER_TABLE = {
-    "StableDiffusionXLPipeline": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
-                                  "StableDiffusionXLInpaintPipeline"),
-    "StableDiffusionXLImg2ImgPipeline": ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline",
-                                         "StableDiffusionXLInpaintPipeline"),
-    "StableDiffusionXLInpaintPipeline": ("StableDiffusionXLInpaintPipeline", "StableDiffusionXLImg2ImgPipeline",
-                                         "StableDiffusionXLInpaintPipeline"),
+    "StableDiffusionXLPipeline": ("StableDiffusionXLPipeline", _SDXL_I2I, _SDXL_INPAINT),
+    _SDXL_I2I: (_SDXL_I2I, _SDXL_I2I, _SDXL_INPAINT),
+    _SDXL_INPAINT: (_SDXL_INPAINT, _SDXL_I2I, _SDXL_INPAINT),
     "LDMPipeline": ("LDMPipeline", None, None),
     "LDMSuperResolutionPipeline": ("LDMSuperResolutionPipeline", None, None),
     "LDMClassConditionalPipeline": ("LDMClassConditionalPipeline", None, None),

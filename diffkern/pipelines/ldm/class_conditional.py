@@ -75,16 +75,16 @@ class LDMClassConditionalPipeline(DiffkernComponentsMixin, DiffusionPipeline):
                              f"{tuple(labels.shape)}")
         null = self.class_embedder.null_class
         if labels.min() < 0 or labels.max() >= null:
-            raise ValueError(f"class_labels: each label must be in [0, {null}) ({null} is the null class), got "
-                             f"{labels.tolist()}")
+            raise ValueError(f"class_labels: each label must be in [0, {null}) ({null} is the null class), "
+                             f"got {labels.tolist()}")
         if not isinstance(num_images_per_label, int) or num_images_per_label < 1:
             raise ValueError(f"num_images_per_label: a positive int, got {num_images_per_label!r}")
         return labels.repeat_interleave(num_images_per_label)
 
     @torch.no_grad()
-    def __call__(self, class_labels, guidance_scale: float = 1.0, num_inference_steps: int = 50, eta: float = 0.0,
-                 num_images_per_label: int = 1, generator=None, latents=None, output_type: str = "pil",
-                 return_dict: bool = True):
+    def __call__(self, class_labels, guidance_scale: float = 1.0, num_inference_steps: int = 50,
+                 eta: float = 0.0, num_images_per_label: int = 1, generator=None, latents=None,
+                 output_type: str = "pil", return_dict: bool = True):
         """Images of the given ImageNet classes.
 
         class_labels: an int or a list / tensor of ints in [0, num_classes). guidance_scale: CompVis's

@@ -58,9 +58,9 @@ class LDMInpaintPipeline(DiffkernComponentsMixin, DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, image, mask_image, num_inference_steps: int = 50, eta: float = 0.0, generator=None,
                  latents=None, output_type: str = "pil", return_dict: bool = True):
-        """Inpaint where mask_image is white (>= 0.5). image: PIL image(s) or (B, 3, H, W) in [0, 1]; mask_image:
-        PIL (L) or (B, 1, H, W) in [0, 1], the same size. latents: the initial noise (B, latent, H/f, W/f)
-        instead of drawing it from `generator`. output_type "pil", "np" or "pt"."""
+        """Inpaint where mask_image is white (>= 0.5). image: PIL image(s) or (B, 3, H, W) in [0, 1];
+        mask_image: PIL (L) or (B, 1, H, W) in [0, 1], the same size. latents: the initial noise
+        (B, latent, H/f, W/f) instead of drawing it from `generator`. output_type "pil", "np" or "pt"."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type: one of 'pil', 'np', 'pt', got {output_type!r}")
         device, dtype = self._execution_device, self.unet.dtype
@@ -71,11 +71,13 @@ class LDMInpaintPipeline(DiffkernComponentsMixin, DiffusionPipeline):
         mask = (mask >= 0.5).float()
         masked = (1 - mask) * image
         cond = self.vqvae.encode((masked * 2 - 1).to(self.vqvae.dtype)).latents
-        cond = torch.cat([cond, F.interpolate(mask * 2 - 1, size=cond.shape[-2:]).to(cond.dtype)], dim=1).to(dtype)
+        small_mask = F.interpolate(mask * 2 - 1, size=cond.shape[-2:]).to(cond.dtype)
+        cond = torch.cat([cond, small_mask], dim=1).to(dtype)
         shape = (image.shape[0], cond.shape[1] - 1) + tuple(cond.shape[2:])
         if self.unet.config.in_channels != 2 * shape[1] + 1:
             raise ValueError(f"unet: takes {self.unet.config.in_channels} channels, the inpainting input has "
-                             f"{2 * shape[1] + 1} (latent {shape[1]} + masked-image latent {shape[1]} + mask 1)")
+                             f"{2 * shape[1] + 1} (latent {shape[1]} + masked-image latent {shape[1]} + "
+                             "mask 1)")
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != shape:
