@@ -183,13 +183,28 @@ def _dead_rows(c, keep):
     return None if rows is None else rows.all(-1, keepdim=True)
 
 
+def _fit_bias(bias, keep, dtype):
+    """A float bias the peer kernels can take in q's dtype: they want the mask in q's dtype, and a wider
+    bias (float32 beside float16 q, float64 beside float32) can overflow there (a finite -1e5 would
+    become -inf and mask its key, +1e5 would become +inf and a NaN row). Softmax ignores a per-row
+    constant, so each row is shifted by its largest finite visible entry (detached: the row's softmax
+    gradient sums to 0) before the cast; -inf, +inf and NaN entries stay what they are."""
+    if torch.finfo(bias.dtype).max <= torch.finfo(dtype).max:
+        return bias
+    visible = torch.isfinite(bias) if keep is None else torch.isfinite(bias) & keep
+    if visible.shape[-1] == 0:  # no keys: nothing to shift
+        return bias
+    top = bias.detach().masked_fill(~visible, float("-inf")).amax(-1, keepdim=True)
+    return bias - torch.where(torch.isinf(top), 0.0, top)
+
+
 def _peer_mask(c):
     """(mask for a peer kernel: float additive or bool keep, dead rows). Dead rows get an all-visible
     mask so the peer computes finite values (and gradients) there; the caller zeroes them."""
     keep = _keep_mask(c)
     dead = _dead_rows(c, keep)
     if c.bias is not None and c.bias.is_floating_point():
-        bias = c.bias.to(c.q.dtype)
+        bias = _fit_bias(c.bias, keep, c.q.dtype).to(c.q.dtype)
         mask = bias if keep is None else torch.where(keep, bias, float("-inf"))
         if dead is not None:
             mask = torch.where(dead, 0.0, mask)

@@ -219,7 +219,7 @@ ATT = pairwise(dict(
     shape=[(1, 1, 1, 7, 4), (2, 3, 5, 7, 8), (1, 2, 9, 11, 1), (2, 1, 6, 0, 4), (1, 2, 4, 3, 5)],  # B H Sq Sk D
     prefix=[None, 0, 3],
     causal=[False, True],
-    bias=[None, "float4", "float1", "float2", "bool2", "bool_pad", "neginf", "scalar"],
+    bias=[None, "float4", "float1", "float2", "bool2", "bool_pad", "neginf", "scalar", "big"],
     scale=[None, 0.0, -0.6, 1.7, 2],
     layout=["contiguous", "transposed", "strided", "offset"],
     special=["none", "nan_q", "nan_kv", "nan_bias"],
@@ -234,6 +234,8 @@ ATT = pairwise(dict(
          special="none"),
     dict(dtype=F32, shape=(2, 1, 6, 0, 4), prefix=None, causal=True, bias="bool2", scale=0.0, layout="offset",
          special="none"),
+    dict(dtype=F16, shape=(2, 3, 5, 7, 8), prefix=3, causal=True, bias="big", scale=None, layout="contiguous",
+         special="nan_bias"),
 ]
 
 
@@ -250,7 +252,10 @@ def attention_case(k, device):
     kind = c["bias"]
     bias = {None: None, "float4": rnd(B, H, Sq, L), "float1": rnd(L), "float2": rnd(Sq, L),
             "bool2": torch.rand(Sq, L, generator=gen) > 0.3, "bool_pad": torch.rand(B, 1, 1, L, generator=gen) > 0.3,
-            "neginf": rnd(B, 1, Sq, L), "scalar": torch.tensor(0.25, dtype=F64)}[kind]
+            "neginf": rnd(B, 1, Sq, L), "scalar": torch.tensor(0.25, dtype=F64), "big": None}[kind]
+    if kind == "big":  # per-row constant 2^17 (+-) on a bias exact in float32: wider than float16
+        bias = (torch.where(torch.rand(B, 1, Sq, 1, generator=gen) < 0.5, -1.0, 1.0) * 2.0 ** 17
+                + (rnd(B, 1, Sq, L) * 64).round() / 64).to(F32)
     if kind == "neginf":  # -inf entries mask keys; one row fully masked
         bias = bias.masked_fill(torch.rand(bias.shape, generator=gen) < 0.3, -INF)
         if Sq > 1:
@@ -265,7 +270,7 @@ def attention_case(k, device):
     if dt != F64:
         q, kk, v = q.to(dt), kk.to(dt), v.to(dt)
         prefix = None if prefix is None else (prefix[0].to(dt), prefix[1].to(dt))
-        if bias is not None and bias.is_floating_point() and k % 3 == 0:
+        if bias is not None and bias.is_floating_point() and k % 3 == 0 and kind != "big":
             bias = bias.to(dt)  # a bias in the inputs' dtype, or float64 beside 16-bit inputs
     lay = lambda t: with_layout(t, c["layout"], gen).to(device)
     q, kk, v = lay(q), lay(kk), lay(v)
