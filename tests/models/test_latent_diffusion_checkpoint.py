@@ -63,7 +63,7 @@ def ldm():
     try:
         return {name: importlib.import_module(f"ldm.{name}") for name in (
             "modules.diffusionmodules.openaimodel", "modules.diffusionmodules.model", "models.diffusion.ddim",
-            "modules.diffusionmodules.util")}
+            "modules.diffusionmodules.util", "modules.x_transformer")}
     finally:
         sys.path.remove(COMPVIS)
 
@@ -149,10 +149,7 @@ def test_compvis_checkpoint_matches_compvis_code(ldm, tmp_path):
         assert max_diff(pipe.vqvae.decode(h).sample, ref.decode(h)) < 5e-5  # float32 sums over images of ~3
 
     # a short guided DDIM run: CompVis's DDIMSampler (its register_buffer kept on the CPU) and decode
-    class Sampler(ldm["models.diffusion.ddim"].DDIMSampler):
-        def register_buffer(self, name, attr):
-            setattr(self, name, attr)
-
+    Sampler = _sampler(ldm)
     uc = ref.embedding(torch.full((2,), N_CLASSES - 1))[:, None]
     with torch.no_grad():
         samples, _ = Sampler(ref).sample(S=4, conditioning=ctx, batch_size=2, shape=(3, 8, 8), eta=0.0, x_T=x,
@@ -162,6 +159,76 @@ def test_compvis_checkpoint_matches_compvis_code(ldm, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     got = pipe(labels, guidance_scale=3.0, num_inference_steps=4, latents=x, output_type="pt").images
     assert want.std() > 1e-2 and max_diff(got, want) < 1e-4
+
+
+def _sampler(ldm):
+    class Sampler(ldm["models.diffusion.ddim"].DDIMSampler):  # CompVis's, its buffers kept on the CPU
+        def register_buffer(self, name, attr):
+            setattr(self, name, attr)
+    return Sampler
+
+
+def test_text_to_image_checkpoint_matches_compvis_code(ldm, tmp_path):
+    """txt2img-1p4B-eval.yaml shrunk: BERTEmbedder (x-transformers TransformerWrapper + Encoder), a KL
+    autoencoder, the spatial-transformer UNet; embeddings, decode and a guided DDIM run against CompVis."""
+    from tests.pipelines import bert_tokenizer
+
+    tok = bert_tokenizer(tmp_path / "tok")
+    xt, m = ldm["modules.x_transformer"], ldm["modules.diffusionmodules.model"]
+    torch.manual_seed(0)
+    bert = _perturb(xt.TransformerWrapper(num_tokens=len(tok), max_seq_len=77,
+                                          attn_layers=xt.Encoder(dim=32, depth=2)), 1)
+    unet_cfg = dict(UNET, in_channels=4, out_channels=4, context_dim=32, num_heads=2, legacy=False)
+    del unet_cfg["num_head_channels"]
+    unet = _perturb(ldm["modules.diffusionmodules.openaimodel"].UNetModel(**unet_cfg), 2)
+    dd = dict(DD, double_z=True, z_channels=4)
+    enc, dec = _perturb(m.Encoder(**dd), 3), _perturb(m.Decoder(**dd), 4)
+    quant, post = _perturb(torch.nn.Conv2d(8, 8, 1), 5), _perturb(torch.nn.Conv2d(4, 4, 1), 6)
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    sd.update({f"cond_stage_model.transformer.{k}": v for k, v in bert.state_dict().items()})
+    for name, part in (("encoder", enc), ("decoder", dec), ("quant_conv", quant), ("post_quant_conv", post)):
+        sd.update({f"first_stage_model.{name}.{k}": v for k, v in part.state_dict().items()})
+    config = _config(unet=unet_cfg, dd=dd, cond={"target": "ldm.modules.encoders.modules.BERTEmbedder",
+                                                  "params": {"n_embed": 32, "n_layer": 2,
+                                                             "vocab_size": len(tok)}})
+    params = config["model"]["params"]
+    params["first_stage_config"] = {"target": "ldm.models.autoencoder.AutoencoderKL",
+                                    "params": {"embed_dim": 4, "ddconfig": dd}}
+    params.update(scale_factor=0.18215, linear_start=0.00085, linear_end=0.012)
+    ckpt, cfg = _save(tmp_path, sd, config)
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_latent_diffusion(ckpt, cfg)
+    pipe = load_latent_diffusion(ckpt, cfg, tokenizer=tmp_path / "tok")
+    assert type(pipe).__name__ == "LDMTextToImagePipeline"
+
+    ids = tok(["a photo of a cat", ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = bert(ids, return_embeddings=True)
+        assert max_diff(pipe.text_encoder(ids)[0], want) < 1e-5
+        c, uc = want[:1], want[1:]
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+        class Model(_CompVisLDM):  # the schedule of this config, CompVis's LatentDiffusion.apply_model
+            def __init__(self):
+                torch.nn.Module.__init__(self)
+                betas = ldm["modules.diffusionmodules.util"].make_beta_schedule(
+                    "linear", 1000, linear_start=0.00085, linear_end=0.012)
+                import numpy as np
+
+                acp = np.cumprod(1.0 - betas)
+                self.num_timesteps, self.unet = 1000, unet
+                self.betas = torch.tensor(betas, dtype=torch.float32)
+                self.alphas_cumprod = torch.tensor(acp, dtype=torch.float32)
+                self.alphas_cumprod_prev = torch.tensor(np.append(1.0, acp[:-1]), dtype=torch.float32)
+
+        samples, _ = _sampler(ldm)(Model()).sample(S=4, conditioning=c, batch_size=1, shape=(4, 8, 8),
+                                                   eta=0.0, x_T=x, unconditional_guidance_scale=5.0,
+                                                   unconditional_conditioning=uc, verbose=False)
+        want = torch.clamp((dec(post(samples / 0.18215)) + 1.0) / 2.0, 0.0, 1.0).permute(0, 2, 3, 1)
+    pipe.progress = False
+    got = pipe("a photo of a cat", guidance_scale=5.0, num_inference_steps=4, latents=x, height=16, width=16,
+               output_type="np").images
+    assert want.std() > 1e-2 and max_diff(torch.as_tensor(got), want) < 1e-4
 
 
 def test_ema_weights_and_dtype(ldm, tmp_path):
@@ -216,5 +283,5 @@ def test_written_in_the_compvis_layout_without_compvis_code(tmp_path):
     uncond = _config(unet=dict(UNET, use_spatial_transformer=False))
     with pytest.raises(CheckpointError, match="without the spatial transformer"):
         load_latent_diffusion(ckpt, uncond)
-    with pytest.raises(NotImplementedError, match="BERTEmbedder"):
-        load_latent_diffusion(ckpt, _config(cond={"target": "ldm.modules.encoders.modules.BERTEmbedder"}))
+    with pytest.raises(NotImplementedError, match="ClassEmbedder"):
+        load_latent_diffusion(ckpt, _config(cond={"target": "ldm.modules.encoders.modules.SpatialRescaler"}))

@@ -13,16 +13,18 @@ never code). The parts are mapped to the diffusers layout:
 - first_stage_model.*      VQModelInterface -> diffkern VQModel (ddconfig -> diffusers config, the taming
   quantizer's codebook -> quantize.embedding) or AutoencoderKL -> diffkern AutoencoderKL;
 - cond_stage_model.*       ClassEmbedder -> diffkern.pipelines.ldm.ClassEmbedder (cin256: n_classes 1001
-  with the null class 1000);
+  with the null class 1000); BERTEmbedder -> LDMBertModel;
 - the DDPM schedule (linear_start, linear_end, timesteps, parameterization) -> a DDIMScheduler sampling as
   CompVis's DDIMSampler ('uniform' steps = steps_offset 1, alphas_cumprod[0] at the end), scale_factor ->
   the autoencoder's scaling_factor.
 
-Families: the class-conditional ImageNet model (cin256 / cin256-v2) -> LDMClassConditionalPipeline. Not yet:
+Families: the class-conditional ImageNet model (cin256 / cin256-v2) -> LDMClassConditionalPipeline; the
+text-to-image model (txt2img-1p4B: BERTEmbedder, an x-transformers encoder -> diffkern LDMBertModel with
+diffusers' keys, KL-f8) -> LDMTextToImagePipeline (pass tokenizer=, the bert-base-uncased tokenizer). Not yet:
 the unconditional, super-resolution and inpainting models (their UNets are openaimodel without the spatial
 transformer, i.e. diffusers UNet2DModel with AttnDownBlock2D / resblock_updown, which diffkern's UNet2DModel
-does not build), VQ autoencoders with encoder attention (vq-f8 / f16: AttnDownEncoderBlock2D), and the
-text-to-image model's BERTEmbedder: each raises CheckpointError / NotImplementedError saying so.
+does not build), and VQ autoencoders with encoder attention (vq-f8 / f16: AttnDownEncoderBlock2D): each
+raises CheckpointError / NotImplementedError saying so.
 `ema=True` reads the model_ema.* copy of the UNet weights when the file has one (CompVis's ema_scope).
 """
 
@@ -122,6 +124,36 @@ def _unet(sd, section, image_size):
     return config, compvis.unet_from_compvis(sd, config)
 
 
+def _bert(sd, params):
+    """CompVis's BERTEmbedder (an x-transformers TransformerWrapper: pre-LayerNorm encoder, 8 heads of 64,
+    GELU feed-forward 4x, learned positions) -> diffusers' LDMBertModel config and keys."""
+    width, depth = int(params.get("n_embed", 1280)), int(params.get("n_layer", 32))
+    config = dict(vocab_size=int(params.get("vocab_size", 30522)),
+                  max_position_embeddings=int(params.get("max_seq_len", 77)), encoder_layers=depth,
+                  encoder_ffn_dim=4 * width, encoder_attention_heads=8, head_dim=64, d_model=width)
+    src = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
+    rows = {"token_emb.weight": "model.embed_tokens.weight",
+            "pos_emb.emb.weight": "model.embed_positions.weight",
+            "norm.weight": "model.layer_norm.weight", "norm.bias": "model.layer_norm.bias",
+            "to_logits.weight": "to_logits.weight", "to_logits.bias": "to_logits.bias"}
+    for i in range(depth):
+        a, f, dst = f"attn_layers.layers.{2 * i}.", f"attn_layers.layers.{2 * i + 1}.", f"model.layers.{i}."
+        for p in ("weight", "bias"):
+            rows[f"{a}0.{p}"] = f"{dst}self_attn_layer_norm.{p}"
+            rows[f"{a}1.to_out.{p}"] = f"{dst}self_attn.out_proj.{p}"
+            rows[f"{f}0.{p}"] = f"{dst}final_layer_norm.{p}"
+            rows[f"{f}1.net.0.0.{p}"] = f"{dst}fc1.{p}"
+            rows[f"{f}1.net.2.{p}"] = f"{dst}fc2.{p}"
+        for proj in "qkv":
+            rows[f"{a}1.to_{proj}.weight"] = f"{dst}self_attn.{proj}_proj.weight"
+    unknown = sorted(set(sd) - {"transformer." + k for k in rows})
+    if unknown:
+        raise CheckpointError(f"cond_stage_model: {len(unknown)} keys fit no LDMBertModel weight "
+                              f"(an x-transformers option the release does not use?): "
+                              f"{compvis._cap(unknown)}")
+    return config, {rows[k]: v for k, v in src.items()}
+
+
 def _ema_unet(full, unet_sd):
     """The model_ema.* copy of the UNet (CompVis's LitEma: names without dots)."""
     out, missing = {}, []
@@ -168,20 +200,22 @@ def convert_latent_diffusion(sd, config, *, ema=False):
                                   f"{tuple(cond_raw['embedding.weight'].shape)}, the config says n_classes "
                                   f"{cond_params.get('n_classes')}, embed_dim {cond_params.get('embed_dim')}")
         class_embedder = ("ClassEmbedder", {"num_classes": int(n_classes), "embed_dim": int(width)}, cond_raw)
-    elif cond.endswith("BERTEmbedder"):
-        raise NotImplementedError("cond_stage_model: the text-to-image model's BERTEmbedder "
-                                  "(x-transformers) is not mapped to LDMBertModel yet; use the diffusers "
-                                  "folder (ldm-text2im-large-256)")
+    elif cond.endswith("BERTEmbedder") and key == "crossattn":
+        text_encoder = ("LDMBertModel",) + _bert(cond_raw, params["cond_stage_config"].get("params", {}))
     else:
         raise NotImplementedError(f"cond_stage_config {cond} with conditioning_key {key!r}: only the "
-                                  "class-conditional (ClassEmbedder, crossattn) family loads from CompVis "
-                                  "files yet")
+                                  "class-conditional (ClassEmbedder) and text-to-image (BERTEmbedder) "
+                                  "families with crossattn conditioning load from CompVis files yet")
 
     unet_config, unet_sd = _unet(unet_raw, params["unet_config"], params.get("image_size", 64))
     out["unet"] = ("UNet2DConditionModel", unet_config, unet_sd)
     out["vqvae"] = _first_stage(vae_raw, params["first_stage_config"], params.get("scale_factor", 1.0))
 
-    out["class_embedder"], out["family"] = class_embedder, "LDMClassConditionalPipeline"
+    if cond.endswith("ClassEmbedder"):
+        out["class_embedder"], out["family"] = class_embedder, "LDMClassConditionalPipeline"
+    else:  # the text-to-image model: LDMTextToImagePipeline names the autoencoder `vae`
+        out["vae"], out["text_encoder"] = out.pop("vqvae"), text_encoder
+        out["family"] = "LDMTextToImagePipeline"
 
     parameterization = params.get("parameterization", "eps")
     if parameterization not in ("eps", "v"):
@@ -205,10 +239,12 @@ def _build(name, config, sd, dtype, device, what):
     from diffkern.models.vq_model import VQModel
     from diffkern.pipelines.ldm.class_conditional import ClassEmbedder
 
+    from diffkern.models.text_encoders import LDMBertModel
+
     cls = {"UNet2DConditionModel": UNet2DConditionModel, "AutoencoderKL": AutoencoderKL, "VQModel": VQModel,
-           "ClassEmbedder": ClassEmbedder}[name]
+           "ClassEmbedder": ClassEmbedder, "LDMBertModel": LDMBertModel}[name]
     with torch.device("meta"):
-        module = cls.from_config(config)
+        module = cls(**config)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -226,11 +262,12 @@ def _build(name, config, sd, dtype, device, what):
     return module.eval().requires_grad_(False)
 
 
-def load_latent_diffusion(checkpoint, config, *, dtype=None, device="cpu", ema=False):
+def load_latent_diffusion(checkpoint, config, *, dtype=None, device="cpu", ema=False, tokenizer=None):
     """A diffkern pipeline for a CompVis latent-diffusion release: `checkpoint` the model.ckpt (or a
     .safetensors of the same state dict), `config` its .yaml. dtype: the weights' dtype (None keeps the
-    file's). ema: use the file's EMA UNet weights (model_ema.*). Raises CheckpointError naming what does not
-    fit, NotImplementedError for the families not supported yet (see the module docstring)."""
+    file's). ema: use the file's EMA UNet weights (model_ema.*). tokenizer: for the text-to-image model,
+    the BERT tokenizer CompVis downloads (bert-base-uncased): a transformers tokenizer or its folder.
+    Raises CheckpointError naming what does not fit, NotImplementedError for the families not supported yet (see the module docstring)."""
     from diffkern.models.weights import read_state_dict
     from diffkern.schedulers import SCHEDULERS
 
@@ -242,6 +279,15 @@ def load_latent_diffusion(checkpoint, config, *, dtype=None, device="cpu", ema=F
     modules = {name: _build(cls, cfg, state, dtype, device, f"{checkpoint}: {name}")
                for name, (cls, cfg, state) in parts.items()}
     modules["scheduler"] = SCHEDULERS[sched_name].from_config(sched_config)
+    if family == "LDMTextToImagePipeline":
+        if tokenizer is None:
+            raise ValueError("tokenizer: the text-to-image model needs the BERT tokenizer CompVis uses "
+                             "(bert-base-uncased): pass a transformers tokenizer or its folder")
+        if isinstance(tokenizer, (str, Path)):
+            from transformers import BertTokenizer
+
+            tokenizer = BertTokenizer.from_pretrained(str(tokenizer))
+        modules["tokenizer"] = tokenizer
     import diffkern.pipelines as pipelines
 
     return getattr(pipelines, family)(**modules)
