@@ -1,5 +1,29 @@
-"""Schedulers with the diffusers scheduler contract (config, save/load, step outputs), GLIDE /
-improved-DDPM respacing, and a sampling loop. Every step's element-wise update is one fused op.
+"""diffusers' scheduler classes with the step computed by diffkern's fused ops.
+
+Each class here IS diffusers' class of the same name, subclassed: config, from_config /
+from_pretrained / save_pretrained, compatibles, set_timesteps, sigmas, add_noise and
+scale_model_input are diffusers' own; `step` is one fused `diffkern.ops.guided_step` (DDPM, DDIM,
+DDIMInverse, UnCLIP) or `diffkern.ops.sampler_update` (the others) call, equal to diffusers' step to
+float32 rounding. Extensions: `step(..., uncond_output=, guidance_scale=)` fuses classifier-free
+guidance into the same op; DDPM / DDIM take the config key `timestep_respacing` (GLIDE /
+improved-DDPM "100", "ddim50", "fast27"); learned-range variance (GLIDE, unCLIP) is fused.
+
+Options the fused op cannot express run diffusers' own step (`super().step`, after the guidance
+combine a pipeline would do); `scheduler.fallback_reason(...)` names the option:
+
+| scheduler | runs diffusers' step for |
+| --- | --- |
+| DDPMScheduler | variance_type "learned", "fixed_large_log" (or any other non-fused type) |
+| DDIMScheduler, DDIMInverseScheduler | (none: every config is fused) |
+| UnCLIPScheduler | variance_type other than "fixed_small_log" / "learned_range" |
+| EulerDiscreteScheduler | s_churn > 0 within [s_tmin, s_tmax] (noise added before the x0) |
+| EulerAncestralDiscreteScheduler | prediction_type "sample" (diffusers raises NotImplementedError) |
+| HeunDiscreteScheduler, LMSDiscreteScheduler | (none) |
+| PNDMScheduler | (none) |
+| DPMSolverMultistepScheduler | algorithm_type "dpmsolver" / "sde-dpmsolver" (noise prediction), use_flow_sigmas |
+| UniPCMultistepScheduler | solver_p (an external predictor), use_flow_sigmas |
+
+Every class also hands an unknown prediction_type to diffusers' step, which raises its own error.
 
     import diffkern.schedulers as S
     pipe.scheduler = S.DDIMScheduler.from_config(pipe.scheduler.config)
@@ -7,7 +31,10 @@ improved-DDPM respacing, and a sampling loop. Every step's element-wise update i
     x0 = S.sample_loop(model_fn, S.DDPMScheduler(timestep_respacing="100"), (1, 3, 64, 64))
 """
 
-from diffkern.schedulers._config import BaseOutput, FrozenConfig, SchedulerOutput
+from diffusers.configuration_utils import FrozenDict as FrozenConfig
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+from diffusers.utils import BaseOutput
+
 from diffkern.schedulers.ddim import DDIMInverseScheduler, DDIMScheduler
 from diffkern.schedulers.ddpm import DDPMScheduler
 from diffkern.schedulers.dpmsolver import DPMSolverMultistepScheduler
@@ -18,7 +45,6 @@ from diffkern.schedulers.pndm import PNDMScheduler
 from diffkern.schedulers.sampling import denoise_loop, sample_loop
 from diffkern.schedulers.schedules import (
     betas_for_alpha_bar,
-    make_betas,
     rescale_zero_terminal_snr,
     respaced_betas,
     space_timesteps,
@@ -108,7 +134,6 @@ __all__ = [
     "UnCLIPScheduler",
     "UniPCMultistepScheduler",
     "betas_for_alpha_bar",
-    "make_betas",
     "rescale_zero_terminal_snr",
     "respaced_betas",
     "denoise_loop",

@@ -1,161 +1,109 @@
-"""DDPM ancestral sampling (Ho et al. 2020, eq. 6-7), a drop-in for diffusers' DDPMScheduler."""
+"""DDPM ancestral sampling (Ho et al. 2020, eq. 6-7): diffusers' DDPMScheduler with the step computed
+by one fused guided_step call, plus GLIDE / improved-DDPM `timestep_respacing`."""
 
 from __future__ import annotations
 
-import itertools
-import math
-from typing import ClassVar
-
+import diffusers
 import torch
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
-from diffkern.schedulers._base import _Scheduler, coeff_rows, sqrt
+from diffkern.schedulers._base import FusedStep, threshold_fallback, with_extension_keys
+from diffkern.schedulers.schedules import space_timesteps
 
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned_range")
-_UNSUPPORTED_VARIANCES = {
-    "fixed_large_log": "diffusers computes sqrt(log(beta)) for it, which is NaN; use fixed_large",
-    "learned": "the fused step only takes learned_range (interpolated log-variance); use learned_range",
-}
+FUSED_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "learned_range")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
-class DDPMScheduler(_Scheduler):
-    """DDPM sampler honouring diffusers' DDPMScheduler contract; each step is one fused guided_step.
+class DDPMScheduler(FusedStep, diffusers.DDPMScheduler):
+    """diffusers' DDPMScheduler (config, timesteps, add_noise, save / load are the parent's); `step` is
+    one fused guided_step call and also takes `uncond_output` + `guidance_scale` (classifier-free
+    guidance in the same op) and `variance_noise` (instead of drawing from `generator`).
 
-    Config: diffusers' DDPMScheduler keys (num_train_timesteps, beta_start, beta_end, beta_schedule,
-    trained_betas, variance_type, clip_sample, prediction_type, thresholding,
-    dynamic_thresholding_ratio, clip_sample_range, sample_max_value, timestep_spacing, steps_offset,
-    rescale_betas_zero_snr) plus `timestep_respacing` (improved-DDPM / GLIDE section counts such
-    as "100", "ddim50", "fast27", "10,10,10"; the kept timesteps define new betas
-    1 - abar_t / abar_prev, and set_timesteps runs exactly those steps).
-
-    variance_type: fixed_small (posterior variance), fixed_small_log (same std), fixed_large (beta_t)
-    or learned_range (model_output has 2C channels; the last C interpolate the log-variance
-    between those two, as improved DDPM). `step` also accepts `uncond_output` and
-    `guidance_scale` for classifier-free guidance fused into the same op.
+    Extension key `timestep_respacing` (improved-DDPM / GLIDE section counts such as "100", "ddim50",
+    "fast27", "10,10,10"): set_timesteps runs exactly the kept timesteps as diffusers' custom
+    timesteps, so each step's beta is 1 - abar_t / abar_prev, improved DDPM's respaced process.
+    variance_type "learned" and "fixed_large_log" run diffusers' step (`fallback_reason`).
     """
 
-    _defaults: ClassVar[dict] = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
-        "variance_type": "fixed_small",
-        "clip_sample": True,
-        "prediction_type": "epsilon",
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "clip_sample_range": 1.0,
-        "sample_max_value": 1.0,
-        "timestep_spacing": "leading",
-        "steps_offset": 0,
-        "rescale_betas_zero_snr": False,
-        "timestep_respacing": None,
-    }
+    _output_cls = DDPMSchedulerOutput
 
-    def _validate(self, cfg):
-        super()._validate(cfg)
-        vt = cfg["variance_type"]
-        if vt in _UNSUPPORTED_VARIANCES:
-            raise NotImplementedError(
-                f"DDPMScheduler: variance_type={vt!r} is not supported: {_UNSUPPORTED_VARIANCES[vt]}"
-            )
-        if vt not in VARIANCE_TYPES:
-            raise ValueError(f"DDPMScheduler: variance_type must be one of {VARIANCE_TYPES}, got {vt!r}")
+    def __init__(self, *args, timestep_respacing=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_timesteps = None
+        if timestep_respacing is not None:  # absent from the config unless used (diffusers warns on unknown keys)
+            self.register_to_config(timestep_respacing=timestep_respacing)
+            self.use_timesteps = sorted(space_timesteps(self.config.num_train_timesteps, timestep_respacing))
+            self.set_timesteps()
 
-    def _post_init(self):
-        self.variance_type = self.config.variance_type
-        self.custom_timesteps = False
-        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
-        if self.use_timesteps is not None:
-            self._respaced_timesteps(None, None)
-            self.custom_timesteps = True
+    __init__.__signature__ = with_extension_keys(diffusers.DDPMScheduler, timestep_respacing=None)
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
-        """Choose the inference timesteps: evenly spaced per `timestep_spacing`, custom descending
-        `timesteps`, or (with `timestep_respacing`) the respaced ones."""
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError("DDPMScheduler.set_timesteps: pass num_inference_steps or timesteps, not both")
-        if self.use_timesteps is not None:
-            if timesteps is not None:
-                raise ValueError(
-                    "DDPMScheduler.set_timesteps: custom timesteps conflict with timestep_respacing"
-                )
-            self._respaced_timesteps(num_inference_steps, device)
-            self.custom_timesteps = True
-            return
+        """diffusers' set_timesteps; with `timestep_respacing` the respaced timesteps (custom timesteps)."""
+        if self.use_timesteps is None:
+            return super().set_timesteps(num_inference_steps, device, timesteps)
+        kept = self.use_timesteps
         if timesteps is not None:
-            ts = [int(t) for t in timesteps]
-            if any(b >= a for a, b in itertools.pairwise(ts)):
-                raise ValueError("DDPMScheduler.set_timesteps: custom timesteps must be in descending order")
-            if ts[0] >= self.config.num_train_timesteps or ts[-1] < 0:
-                raise ValueError(
-                    "DDPMScheduler.set_timesteps: timesteps must lie in "
-                    f"[0, {self.config.num_train_timesteps})"
-                )
-            self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
-            self.custom_timesteps = True
-            self.num_inference_steps = None
-            return
-        if num_inference_steps is None:
-            raise ValueError("DDPMScheduler.set_timesteps: num_inference_steps is required")
-        self.custom_timesteps = False
-        self._spaced_timesteps(num_inference_steps, device)
+            raise ValueError("DDPMScheduler.set_timesteps: custom timesteps conflict with timestep_respacing")
+        if num_inference_steps is not None and num_inference_steps != len(kept):
+            raise ValueError(
+                f"DDPMScheduler: timestep_respacing={self.config.timestep_respacing!r} keeps {len(kept)} steps; "
+                f"call set_timesteps(None) or with that number, got {num_inference_steps}")
+        super().set_timesteps(device=device, timesteps=kept[::-1])
+        self.num_inference_steps = len(kept)
 
-    def previous_timestep(self, timestep):
-        """The timestep after `timestep` in the sampling order (-1 after the last)."""
-        t = int(timestep)
-        if self.custom_timesteps or self.num_inference_steps:
-            ts = self.timesteps.tolist()
-            if t not in ts:
-                raise ValueError(f"DDPMScheduler.step: timestep {t} is not in scheduler.timesteps")
-            i = ts.index(t)
-            return ts[i + 1] if i + 1 < len(ts) else -1
-        return t - 1
+    def fallback_reason(self, model_output=None, sample=None, **step_kwargs):
+        vt, pt = self.config.variance_type, self.config.prediction_type
+        if vt not in FUSED_VARIANCES:
+            return f"variance_type={vt!r}"
+        if pt not in PREDICTION_TYPES:
+            return f"prediction_type={pt!r}"
+        if vt == "learned_range" and model_output is not None and model_output.shape[1] == sample.shape[1]:
+            return "variance_type='learned_range' without variance channels"
+        return threshold_fallback(self.config)
 
     def step_coefficients(self, timestep, batch=1):
-        """(B, 6) or (B, 8) float32 [sa, s1m, c_x0, c_xt, c_eps, sigma(, min_log, max_log)] of one step."""
+        """(B, 6) or (B, 8) float32 [sa, s1m, c_x0, c_xt, c_eps, sigma(, min_log, max_log)] of one step,
+        computed in float32 tensor arithmetic in diffusers' order (step and _get_variance), so that a
+        1000-step chain stays on diffusers' trajectory to float32 rounding."""
         t = int(timestep)
-        prev_t = self.previous_timestep(t)
-        a_t = self._abar(t)
-        a_prev = self._abar(prev_t) if prev_t >= 0 else 1.0
-        beta_t = 1 - a_t / a_prev
-        c_x0 = math.sqrt(a_prev) * beta_t / (1 - a_t)
-        c_xt = sqrt(1 - beta_t) * (1 - a_prev) / (1 - a_t)
-        var = max((1 - a_prev) / (1 - a_t) * beta_t, 1e-20)
-        vt = self.variance_type
-        sigma = 0.0 if t == 0 else (math.sqrt(beta_t) if vt == "fixed_large" else math.sqrt(var))
-        row = [math.sqrt(a_t), math.sqrt(1 - a_t), c_x0, c_xt, 0.0, sigma]
+        prev_t = int(self.previous_timestep(t))
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        b_t, b_prev = 1 - a_t, 1 - a_prev
+        alpha = a_t / a_prev
+        beta = 1 - alpha
+        var = torch.clamp(b_prev / b_t * beta, min=1e-20)
+        vt = self.config.variance_type
+        if t == 0:
+            sigma = torch.zeros(())
+        elif vt == "fixed_small_log":
+            sigma = torch.exp(0.5 * torch.log(var))
+        else:
+            sigma = (beta if vt == "fixed_large" else var) ** 0.5
+        row = [a_t ** 0.5, b_t ** 0.5, a_prev ** 0.5 * beta / b_t, alpha ** 0.5 * b_prev / b_t, torch.zeros(()), sigma]
         if vt == "learned_range":
-            row += [math.log(var), math.log(beta_t) if beta_t > 0 else -math.inf]
-        return coeff_rows(batch, row)
+            row += [torch.log(var), torch.log(beta)]
+        return torch.stack(row).to(torch.float32).expand(batch, len(row)).contiguous()
 
-    def step(
-        self,
-        model_output,
-        timestep,
-        sample,
-        generator=None,
-        return_dict=True,
-        *,
-        uncond_output=None,
-        guidance_scale=1.0,
-        variance_noise=None,
-    ):
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True, *, uncond_output=None,
+             guidance_scale=1.0, variance_noise=None):
         """One reverse step x_t -> x_{t-1}; noise drawn as diffusers draws it (none at t = 0)."""
+        why = self.fallback_reason(model_output, sample)
+        if why is not None:
+            if variance_noise is not None:
+                raise ValueError(f"DDPMScheduler: variance_noise is not taken with {why}")
+            return self._parent_step(model_output, timestep, sample, generator=generator, return_dict=return_dict,
+                                     uncond_output=uncond_output, guidance_scale=guidance_scale)
         t = int(timestep)
         C = sample.shape[1]
-        learned = self.variance_type == "learned_range"
-        if learned and model_output.shape[1] != 2 * C:
-            raise ValueError(
-                f"DDPMScheduler: variance_type='learned_range' needs model_output with 2*C={2 * C} "
-                f"channels (prediction, variance), got {model_output.shape[1]}"
-            )
-        if not learned and model_output.shape[1] != C:
-            raise ValueError(
-                f"DDPMScheduler: model_output must have the sample's {C} channels for variance_type="
-                f"{self.variance_type!r}, got {model_output.shape[1]}"
-            )
+        learned = self.config.variance_type == "learned_range"
+        if model_output.shape[1] != (2 * C if learned else C):
+            need = f"2*C={2 * C}" if learned else f"the sample's {C}"
+            raise ValueError(f"DDPMScheduler: variance_type={self.config.variance_type!r} needs model_output with "
+                             f"{need} channels, got {model_output.shape[1]}")
         coeffs = self.step_coefficients(t, sample.shape[0])
-        return self._ancestral_step(sample, model_output, coeffs, t, uncond_output=uncond_output,
-                                    guidance_scale=guidance_scale, generator=generator,
-                                    variance_noise=variance_noise, return_dict=return_dict, learned=learned)
+        noise = self._noise(sample.shape, model_output, generator, variance_noise) if t > 0 else None
+        prev, x0 = self._guided(sample, model_output, coeffs, uncond_output=uncond_output,
+                                guidance_scale=guidance_scale, noise=noise, eps_from_clipped=True,
+                                variance="learned_range" if learned else "fixed")
+        return self._output(prev, x0, return_dict)

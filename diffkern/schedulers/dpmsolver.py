@@ -1,127 +1,56 @@
 """DPM-Solver++ multistep (Lu et al. 2022, arXiv:2211.01095, Algorithms 1-2; the SDE variant of
-sec. 4.3), a drop-in for diffusers' DPMSolverMultistepScheduler with algorithm_type "dpmsolver++"
-or "sde-dpmsolver++", orders 1-3. Each step is one fused sampler_update call: the x0 conversion,
+sec. 4.3): diffusers' DPMSolverMultistepScheduler with algorithm_type "dpmsolver++" or
+"sde-dpmsolver++", orders 1-3, each step one fused sampler_update call: the x0 conversion,
 thresholding, and the combination with the kept x0 of the last steps in one pass."""
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
+import diffusers
 import numpy as np
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from diffkern.schedulers._multistep import _VPMultistep, alpha_sigma, log_snr, vp_timesteps
-from diffkern.schedulers._sigmas import convert_sigmas
+from diffkern.schedulers._base import FusedStep, threshold_fallback, alpha_sigma, log_snr, randn_like_diffusers
 
 
-class DPMSolverMultistepScheduler(_VPMultistep):
-    """DPM-Solver++ (2M, 3M, SDE) with diffusers' DPMSolverMultistepScheduler config and contract.
+def x0_row(prediction_type, sigma):
+    """(cx, cp) of the VP data prediction x0 = cx x + cp pred at this sigma."""
+    a, s = alpha_sigma(sigma)
+    if prediction_type == "epsilon":
+        return 1.0 / a, -s / a
+    if prediction_type == "v_prediction":
+        return a, -s
+    return 0.0, 1.0
 
-    Supported: algorithm_type "dpmsolver++" / "sde-dpmsolver++", solver_order 1-3, solver_type
-    "midpoint" / "heun", prediction epsilon / sample / v_prediction, thresholding, lower_order_final,
-    euler_at_final, use_karras_sigmas, use_exponential_sigmas, final_sigmas_type, lambda_min_clipped,
-    variance_type, custom `timesteps`. Not supported (NotImplementedError naming the key): the
-    deprecated noise-prediction algorithms "dpmsolver" / "sde-dpmsolver", use_lu_lambdas,
-    use_beta_sigmas, flow sigmas, dynamic shifting. `step` also takes `uncond_output` +
-    `guidance_scale` (classifier-free guidance fused into the op).
-    """
 
-    _defaults: ClassVar[dict] = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
-        "solver_order": 2,
-        "prediction_type": "epsilon",
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
-        "algorithm_type": "dpmsolver++",
-        "solver_type": "midpoint",
-        "lower_order_final": True,
-        "euler_at_final": False,
-        "use_karras_sigmas": False,
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
-        "use_lu_lambdas": False,
-        "use_flow_sigmas": False,
-        "flow_shift": 1.0,
-        "final_sigmas_type": "zero",
-        "lambda_min_clipped": -float("inf"),
-        "variance_type": None,
-        "timestep_spacing": "linspace",
-        "steps_offset": 0,
-        "rescale_betas_zero_snr": False,
-        "use_dynamic_shifting": False,
-        "time_shift_type": "exponential",
-    }
-    _unsupported: ClassVar[dict] = {
-        "algorithm_type": (("dpmsolver++", "sde-dpmsolver++"), "the deprecated noise-prediction variants"),
-        "use_lu_lambdas": (False, "not implemented"),
-        "use_beta_sigmas": (False, "needs scipy's beta distribution"),
-        "use_flow_sigmas": (False, "flow-matching sigmas are not implemented"),
-        "use_dynamic_shifting": (False, "flow-matching shifts are not implemented"),
-    }
+def prediction_channels(config, model_output, uncond_output):
+    """diffusers keeps the first 3 channels of a learned-variance epsilon output."""
+    if config.get("variance_type") in ("learned", "learned_range") and config.prediction_type == "epsilon":
+        model_output = model_output[:, :3]
+        uncond_output = None if uncond_output is None else uncond_output[:, :3]
+    return model_output, uncond_output
 
-    def _validate(self, cfg):
-        if cfg.get("solver_type") in ("logrho", "bh1", "bh2"):
-            cfg["solver_type"] = "midpoint"  # as diffusers' __init__ maps UniPC/DEIS solver types
-        if cfg.get("algorithm_type") == "deis":
-            cfg["algorithm_type"] = "dpmsolver++"
-        super()._validate(cfg)
-        name = "DPMSolverMultistepScheduler"
-        if cfg["solver_order"] not in (1, 2, 3):
-            raise ValueError(f"{name}: solver_order must be 1, 2 or 3, got {cfg['solver_order']!r}")
-        if cfg["solver_type"] not in ("midpoint", "heun"):
-            raise ValueError(f"{name}: solver_type must be 'midpoint' or 'heun', got {cfg['solver_type']!r}")
-        if cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
-            raise ValueError(f"{name}: final_sigmas_type must be 'zero' or 'sigma_min', got "
-                             f"{cfg['final_sigmas_type']!r}")
-        if cfg["variance_type"] not in (None, "learned", "learned_range"):
-            raise ValueError(f"{name}: variance_type must be None, 'learned' or 'learned_range', got "
-                             f"{cfg['variance_type']!r}")
 
-    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None):
-        """Inference timesteps (int64) and sigmas: spacing (+ Karras / exponential sigmas) or custom
-        descending `timesteps`."""
+class DPMSolverMultistepScheduler(FusedStep, diffusers.DPMSolverMultistepScheduler):
+    """diffusers' DPMSolverMultistepScheduler (timesteps, Karras / exponential / beta / Lu sigmas, config
+    are the parent's); `step` is one fused sampler_update call for algorithm_type "dpmsolver++" and
+    "sde-dpmsolver++" with VP sigmas, and also takes `uncond_output` + `guidance_scale`. The
+    noise-prediction algorithms ("dpmsolver", "sde-dpmsolver") and flow sigmas run diffusers' step."""
+
+    _output_cls = SchedulerOutput
+    _output_has_x0 = False
+
+    def fallback_reason(self, **step_kwargs):
         cfg = self.config
-        if mu is not None:
-            raise NotImplementedError("DPMSolverMultistepScheduler: mu (dynamic shifting) is not supported")
-        if num_inference_steps is None and timesteps is None:
-            raise ValueError("Must pass exactly one of `num_inference_steps` or `timesteps`.")
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
-        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_exponential_sigmas):
-            raise ValueError("Cannot use `timesteps` with `config.use_karras_sigmas` / `use_exponential_sigmas`")
-        if timesteps is not None:
-            timesteps = np.array(timesteps).astype(np.int64)
-        else:
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-                    or num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-            clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped)
-            last = (cfg.num_train_timesteps - clipped).numpy().item()
-            timesteps = vp_timesteps(cfg.num_train_timesteps, num_inference_steps, cfg.timestep_spacing,
-                                     cfg.steps_offset, last)
-        acp = self.alphas_cumprod
-        sigmas = np.array(((1 - acp) / acp) ** 0.5)
-        log_sigmas = np.log(sigmas)
-        conv = convert_sigmas(cfg, np.flip(sigmas).copy(), num_inference_steps or len(timesteps), log_sigmas)
-        if conv is not None:
-            sigmas, timesteps = conv
-            if cfg.use_karras_sigmas and cfg.beta_schedule != "squaredcos_cap_v2":
-                timesteps = timesteps.round()
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-        sigmas = np.concatenate([sigmas, [self._final_sigma()]]).astype(np.float32)
-        self.sigmas = torch.from_numpy(sigmas)
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
-        self.num_inference_steps = len(timesteps)
-        self.model_outputs = [None] * cfg.solver_order
-        self.lower_order_nums = 0
-        self._reset_index()
+        if cfg.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
+            return f"algorithm_type={cfg.algorithm_type!r}"
+        if cfg.use_flow_sigmas:
+            return "use_flow_sigmas=True"
+        if cfg.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            return f"prediction_type={cfg.prediction_type!r}"
+        return threshold_fallback(cfg)
 
     def _order_of_step(self):
         cfg = self.config
@@ -183,17 +112,20 @@ class DPMSolverMultistepScheduler(_VPMultistep):
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True, *,
              uncond_output=None, guidance_scale=1.0):
         """One multistep update; returns (prev_sample,) like diffusers."""
-        self._require_timesteps()
+        if self.fallback_reason() is not None:
+            return self._parent_step(model_output, timestep, sample, generator, variance_noise, return_dict,
+                                     uncond_output=uncond_output, guidance_scale=guidance_scale)
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
         if self.step_index is None:
             self._init_step_index(timestep)
         order = self._order_of_step()
-        model_output, uncond_output = self._prepare_output(model_output, uncond_output)
+        model_output, uncond_output = prediction_channels(self.config, model_output, uncond_output)
         out_dtype = model_output.dtype
         noise = None
         if self.config.algorithm_type == "sde-dpmsolver++":
             if variance_noise is None:
-                from diffkern.schedulers._base import randn_like_diffusers
-
                 noise = randn_like_diffusers(model_output.shape, generator, model_output.device, torch.float32)
             else:
                 noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
@@ -202,12 +134,13 @@ class DPMSolverMultistepScheduler(_VPMultistep):
             model_output = model_output.to(torch.float32)
             uncond_output = None if uncond_output is None else uncond_output.to(torch.float32)
         (a, b0, b1, b2), std = self.step_coefficients(order)
-        cx, cp = self._x0_row(self._sigma(self.step_index))
+        cx, cp = x0_row(self.config.prediction_type, self._sigma(self.step_index))
         # before the shift, model_outputs[-1] / [-2] hold the x0 of the one / two previous steps (m1, m2)
         history = [self.model_outputs[-1], self.model_outputs[-2]][: order - 1] if order > 1 else []
         row = [cx, cp, a, b0, *[b1, b2][: len(history)], std]
         prev, x0 = self._fused(x, model_output, row, history, uncond_output=uncond_output,
-                               guidance_scale=guidance_scale, noise=noise, clip=self._clip())
+                               guidance_scale=guidance_scale, noise=noise,
+                               clip="dynamic" if self.config.thresholding else "none")
         for k in range(self.config.solver_order - 1):
             self.model_outputs[k] = self.model_outputs[k + 1]
         self.model_outputs[-1] = x0
@@ -215,4 +148,4 @@ class DPMSolverMultistepScheduler(_VPMultistep):
             self.lower_order_nums += 1
         self._step_index += 1
         prev = prev.to(out_dtype)
-        return (prev,) if not return_dict else self._output(prev, None, True)
+        return self._output(prev, None, return_dict)

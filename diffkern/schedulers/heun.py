@@ -1,88 +1,38 @@
-"""Heun's second-order sampler (Karras et al. 2022, Algorithm 1 without churn), a drop-in for diffusers'
-HeunDiscreteScheduler. Each of a step's two stages is one fused sampler_update call; the first also
+"""Heun's second-order sampler (Karras et al. 2022, Algorithm 1 without churn): diffusers'
+HeunDiscreteScheduler with each of a step's two stages one fused sampler_update call; the first also
 writes its derivative (x - x0) / sigma as the op's second output, for the second stage."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+import diffusers
+from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
 
-import numpy as np
-import torch
-
-from diffkern.schedulers._sigmas import _KarrasSigmaScheduler, spaced_timesteps
+from diffkern.schedulers._base import FusedStep
+from diffkern.schedulers.euler import x0_coeffs
 
 
-class HeunDiscreteScheduler(_KarrasSigmaScheduler):
-    """Heun sampler with diffusers' HeunDiscreteScheduler config and step contract (order 2: every
-    inner timestep appears twice). Prediction epsilon / v_prediction / sample, clip_sample, Karras or
-    exponential sigmas. `step` also takes `uncond_output` + `guidance_scale`."""
+class HeunDiscreteScheduler(FusedStep, diffusers.HeunDiscreteScheduler):
+    """diffusers' HeunDiscreteScheduler (order 2: every inner timestep appears twice); each stage is one
+    fused sampler_update call, and `step` also takes `uncond_output` + `guidance_scale`."""
 
-    order = 2
-    _rejects_int_timesteps = False
-    _defaults: ClassVar[dict] = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "linear",
-        "trained_betas": None,
-        "prediction_type": "epsilon",
-        "use_karras_sigmas": False,
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
-        "clip_sample": False,
-        "clip_sample_range": 1.0,
-        "timestep_spacing": "linspace",
-        "steps_offset": 0,
-    }
-    _unsupported: ClassVar[dict] = {"use_beta_sigmas": (False, "needs scipy's beta distribution")}
+    _output_cls = HeunDiscreteSchedulerOutput
 
-    def _post_init(self):
-        super()._post_init()
-        self.set_timesteps(self.config.num_train_timesteps, None, self.config.num_train_timesteps)
-
-    def set_timesteps(self, num_inference_steps=None, device=None, num_train_timesteps=None, timesteps=None):
-        """Spaced (or custom) timesteps and sigmas, each inner one repeated for the second stage."""
-        cfg = self.config
-        if num_inference_steps is None and timesteps is None:
-            raise ValueError("Must pass exactly one of `num_inference_steps` or `custom_timesteps`.")
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
-        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_exponential_sigmas):
-            raise ValueError("Cannot use `timesteps` with `config.use_karras_sigmas` / `use_exponential_sigmas`")
-        n = num_inference_steps or len(timesteps)
-        self.num_inference_steps = n
-        T = num_train_timesteps or cfg.num_train_timesteps
-        if timesteps is not None:
-            ts = np.array(timesteps, dtype=np.float32)
-        else:
-            ts = spaced_timesteps(T, n, cfg.timestep_spacing, cfg.steps_offset)
-        sigmas, ts = self._sigmas_for(ts, n)
-        sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)).to(device=device)
-        self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]]).to("cpu")
-        ts = torch.from_numpy(ts)
-        self.timesteps = torch.cat([ts[:1], ts[1:].repeat_interleave(2)]).to(device=device, dtype=torch.float32)
-        self.prev_derivative = None
-        self.dt = None
-        self.sample = None
-        self._reset_index()
-
-    @property
-    def state_in_first_order(self):
-        """True when the next step is a first (Euler) stage."""
-        return self.dt is None
-
-    def _warn_unscaled(self):  # diffusers' Heun does not warn
-        pass
+    def fallback_reason(self, **step_kwargs):
+        pt = self.config.prediction_type
+        return None if pt in ("epsilon", "v_prediction", "sample") else f"prediction_type={pt!r}"
 
     def step(self, model_output, timestep, sample, return_dict=True, *, uncond_output=None, guidance_scale=1.0):
         """One Heun stage; returns (prev_sample, pred_original_sample)."""
-        self._check_timestep(timestep)
+        if self.fallback_reason() is not None:
+            return self._parent_step(model_output, timestep, sample, return_dict, uncond_output=uncond_output,
+                                     guidance_scale=guidance_scale)
+        if self.step_index is None:
+            self._init_step_index(timestep)
         i = self.step_index
         first = self.state_in_first_order
-        sigma = float(self.sigmas[i] if first else self.sigmas[i - 1])
-        sigma_next = float(self.sigmas[i + 1] if first else self.sigmas[i])
-        s_in = sigma if first else sigma_next
-        cx, cp = self._x0_coeffs(s_in)
+        sigma = self._sigma(i if first else i - 1)
+        sigma_next = self._sigma(i + 1 if first else i)
+        cx, cp = x0_coeffs(self.config.prediction_type, sigma if first else sigma_next)
         clip = "static" if self.config.clip_sample else "none"
         kw = dict(uncond_output=uncond_output, guidance_scale=guidance_scale, clip=clip,
                   clip_range=self.config.clip_sample_range)

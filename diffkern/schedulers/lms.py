@@ -1,59 +1,32 @@
 """Linear multistep sampler (k-diffusion's sample_lms: Adams-Bashforth in sigma with exactly
-integrated Lagrange weights), a drop-in for diffusers' LMSDiscreteScheduler. Each step is one fused
-sampler_update call: the combination with the kept derivatives, and this step's derivative as the
-op's second output."""
+integrated Lagrange weights): diffusers' LMSDiscreteScheduler with each step one fused
+sampler_update call (the combination with the kept derivatives, and this step's derivative as the
+op's second output)."""
 
 from __future__ import annotations
 
 import warnings
-from typing import ClassVar
 
 import numpy as np
-import torch
+from diffusers.schedulers import scheduling_lms_discrete
+from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteSchedulerOutput
 
-from diffkern.schedulers._sigmas import _KarrasSigmaScheduler, spaced_timesteps
+from diffkern.schedulers._base import FusedStep
+from diffkern.schedulers.euler import x0_coeffs
 
 
-class LMSDiscreteScheduler(_KarrasSigmaScheduler):
-    """LMS sampler with diffusers' LMSDiscreteScheduler config and step contract (`order` per step,
-    default 4). The Lagrange weights are integrated exactly (Gauss-Legendre, exact for these
-    polynomials) where diffusers calls scipy's quad; the two agree to its float32 inputs.
-    `step` also takes `uncond_output` + `guidance_scale`."""
+# the module's class, not diffusers.LMSDiscreteScheduler: without scipy that name is a placeholder that raises
+class LMSDiscreteScheduler(FusedStep, scheduling_lms_discrete.LMSDiscreteScheduler):
+    """diffusers' LMSDiscreteScheduler; `step` is one fused sampler_update call and also takes
+    `uncond_output` + `guidance_scale`. `get_lms_coefficient` integrates the Lagrange weights by
+    Gauss-Legendre quadrature (exact for these polynomials) where diffusers calls scipy's quad, so
+    it works without scipy; the two agree to float32 rounding."""
 
-    _rejects_int_timesteps = False
-    _defaults: ClassVar[dict] = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
-        "use_karras_sigmas": False,
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
-        "prediction_type": "epsilon",
-        "timestep_spacing": "linspace",
-        "steps_offset": 0,
-    }
-    _unsupported: ClassVar[dict] = {"use_beta_sigmas": (False, "needs scipy's beta distribution")}
+    _output_cls = LMSDiscreteSchedulerOutput
 
-    def _post_init(self):
-        super()._post_init()
-        self.set_timesteps(self.config.num_train_timesteps, None)
-        self.is_scale_input_called = False
-
-    def set_timesteps(self, num_inference_steps, device=None):
-        """Spaced timesteps and their (optionally Karras / exponential) sigmas, then 0."""
-        cfg = self.config
-        n = num_inference_steps
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {n!r}")
-        self.num_inference_steps = n
-        ts = spaced_timesteps(cfg.num_train_timesteps, n, cfg.timestep_spacing, cfg.steps_offset)
-        sigmas, ts = self._sigmas_for(ts, n)
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
-        self.timesteps = torch.from_numpy(ts).to(device=device, dtype=torch.float32)
-        self._reset_index()
-        self.derivatives = []
+    def fallback_reason(self, **step_kwargs):
+        pt = self.config.prediction_type
+        return None if pt in ("epsilon", "v_prediction", "sample") else f"prediction_type={pt!r}"
 
     def get_lms_coefficient(self, order, t, current_order):
         """Integral over [sigma_t, sigma_{t+1}] of the Lagrange basis polynomial of point current_order."""
@@ -67,20 +40,21 @@ class LMSDiscreteScheduler(_KarrasSigmaScheduler):
                 prod *= (tau - s[t - k]) / (s[t - current_order] - s[t - k])
         return float(0.5 * (hi - lo) * np.sum(weights * prod))
 
-    def _warn_unscaled(self):
-        if not self.is_scale_input_called:
-            warnings.warn(
-                "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
-                "See `StableDiffusionPipeline` for a usage example.", stacklevel=3)
-
     def step(self, model_output, timestep, sample, order=4, return_dict=True, *, uncond_output=None,
              guidance_scale=1.0):
         """One LMS step of the given order (lower while history builds up)."""
-        self._warn_unscaled()
-        self._check_timestep(timestep)
+        if self.fallback_reason() is not None:
+            return self._parent_step(model_output, timestep, sample, order, return_dict,
+                                     uncond_output=uncond_output, guidance_scale=guidance_scale)
+        if not self.is_scale_input_called:
+            warnings.warn(
+                "The `scale_model_input` function should be called before `step` to ensure correct denoising. "
+                "See `StableDiffusionPipeline` for a usage example.", stacklevel=2)
+        if self.step_index is None:
+            self._init_step_index(timestep)
         i = self.step_index
         sigma = self._sigma(i)
-        cx, cp = self._x0_coeffs(sigma)
+        cx, cp = x0_coeffs(self.config.prediction_type, sigma)
         kept = self.derivatives[-(order - 1):] if order > 1 else []
         n = min(i + 1, order)
         coeffs = [self.get_lms_coefficient(n, i, k) for k in range(n)]  # k = 0: this step's derivative

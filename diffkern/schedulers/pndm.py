@@ -1,84 +1,32 @@
 """Pseudo numerical methods (PNDM, Liu et al. 2022, arXiv:2202.09778): Runge-Kutta warm-up (PRK) then
-linear multistep (PLMS, eq. 12), a drop-in for diffusers' PNDMScheduler (Stable Diffusion 1.x's
-default, with skip_prk_steps). Each step is one fused sampler_update call: the guidance combine,
-the Adams-Bashforth combination of the kept epsilons and the DDIM-style transfer in one pass."""
+linear multistep (PLMS, eq. 12): diffusers' PNDMScheduler (Stable Diffusion 1.x's default, with
+skip_prk_steps) with each step one fused sampler_update call: the guidance combine, the
+Adams-Bashforth combination of the kept epsilons and the DDIM-style transfer in one pass."""
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
-import numpy as np
+import diffusers
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from diffkern.schedulers._base import _Scheduler
-from diffkern.schedulers._sigmas import _FusedStep
+from diffkern.schedulers._base import FusedStep, guide
 
 # Adams-Bashforth weights of eps_t, eps_{t-1}, ... by the number of kept epsilons
 _PLMS = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
 
-class PNDMScheduler(_FusedStep, _Scheduler):
-    """PNDM / PLMS with diffusers' PNDMScheduler config and step contract (prediction epsilon or
-    v_prediction; both the PRK warm-up and skip_prk_steps). `step` returns (prev_sample,) and also
-    takes `uncond_output` + `guidance_scale` (classifier-free guidance fused into the op)."""
+class PNDMScheduler(FusedStep, diffusers.PNDMScheduler):
+    """diffusers' PNDMScheduler (PRK warm-up and skip_prk_steps); each step is one fused sampler_update
+    call, returns (prev_sample,) and also takes `uncond_output` + `guidance_scale`."""
 
-    _defaults: ClassVar[dict] = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
-        "skip_prk_steps": False,
-        "set_alpha_to_one": False,
-        "prediction_type": "epsilon",
-        "timestep_spacing": "leading",
-        "steps_offset": 0,
-    }
-    _prediction_types = ("epsilon", "v_prediction")
-    pndm_order = 4
+    _output_cls = SchedulerOutput
+    _output_has_x0 = False
 
-    def _post_init(self):
-        cfg = self.config
-        self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
-        self._timesteps = np.arange(0, cfg.num_train_timesteps)[::-1].copy()
-        self.prk_timesteps = None
-        self.plms_timesteps = None
-        self.timesteps = None
-        self._reset_state()
-
-    def _reset_state(self):
-        self.cur_model_output = 0
-        self.counter = 0
-        self.cur_sample = None
-        self.ets = []
-
-    def set_timesteps(self, num_inference_steps, device=None):
-        """PRK timesteps (the last four steps of the spacing, doubled with half steps) then PLMS ones;
-        with skip_prk_steps only PLMS (its second step repeats the first's timestep, as diffusers)."""
-        cfg = self.config
-        n = num_inference_steps
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"PNDMScheduler.set_timesteps: num_inference_steps must be a positive int, got {n!r}")
-        T = cfg.num_train_timesteps
-        self.num_inference_steps = n
-        if cfg.timestep_spacing == "linspace":
-            ts = np.linspace(0, T - 1, n).round().astype(np.int64)
-        elif cfg.timestep_spacing == "leading":
-            ts = (np.arange(0, n) * (T // n)).round() + cfg.steps_offset
-        else:  # trailing
-            ts = np.round(np.arange(T, 0, -T / n))[::-1].astype(np.int64) - 1
-        self._timesteps = ts
-        if cfg.skip_prk_steps:
-            self.prk_timesteps = np.array([])
-            self.plms_timesteps = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1].copy()
-        else:
-            prk = np.array(ts[-self.pndm_order:]).repeat(2) + np.tile(np.array([0, T // n // 2]), self.pndm_order)
-            self.prk_timesteps = (prk[:-1].repeat(2)[1:-1])[::-1].copy()
-            self.plms_timesteps = ts[:-3][::-1].copy()
-        self.timesteps = torch.from_numpy(
-            np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)).to(device)
-        self._reset_state()
+    def fallback_reason(self, **step_kwargs):
+        pt = self.config.prediction_type
+        return None if pt in ("epsilon", "v_prediction") else f"prediction_type={pt!r}"
 
     def _transfer(self, t, prev_t):
         """(sample coefficient, eps coefficient, v scale sa, v shift s1m) of diffusers' _get_prev_sample:
@@ -111,30 +59,44 @@ class PNDMScheduler(_FusedStep, _Scheduler):
         return self._fused(sample, model_output, row, history, uncond_output=uncond_output,
                            guidance_scale=guidance_scale, aux=aux is not None)
 
-    def step(self, model_output, timestep, sample, return_dict=True, *, uncond_output=None, guidance_scale=1.0):
-        """One PRK or PLMS step (by the step counter, as diffusers); returns (prev_sample,)."""
+    def _require_timesteps(self):
         if self.num_inference_steps is None:
             raise ValueError(
-                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
-            )
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
+
+    def step(self, model_output, timestep, sample, return_dict=True, *, uncond_output=None, guidance_scale=1.0):
+        """One PRK or PLMS step (by the step counter, as diffusers); returns (prev_sample,)."""
         if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
-            prev = self._step_prk(model_output, int(timestep), sample, uncond_output, guidance_scale)
-        else:
-            prev = self._step_plms(model_output, int(timestep), sample, uncond_output, guidance_scale)
-        self.counter += 1
-        return (prev,) if not return_dict else self._output(prev, None, True)
+            return self.step_prk(model_output, timestep, sample, return_dict, uncond_output=uncond_output,
+                                 guidance_scale=guidance_scale)
+        return self.step_plms(model_output, timestep, sample, return_dict, uncond_output=uncond_output,
+                              guidance_scale=guidance_scale)
 
-    def step_prk(self, model_output, timestep, sample, return_dict=True):
-        """diffusers' step_prk entry point."""
-        prev = self._step_prk(model_output, int(timestep), sample, None, 1.0)
+    def step_prk(self, model_output, timestep, sample, return_dict=True, *, uncond_output=None, guidance_scale=1.0):
+        """One Runge-Kutta warm-up step (diffusers' step_prk), fused."""
+        if self.fallback_reason() is not None:
+            return self._parent_call("step_prk", model_output, timestep, sample, return_dict, uncond_output,
+                                     guidance_scale)
+        self._require_timesteps()
+        prev = self._step_prk(model_output, int(timestep), sample, uncond_output, guidance_scale)
         self.counter += 1
-        return (prev,) if not return_dict else self._output(prev, None, True)
+        return self._output(prev, None, return_dict)
 
-    def step_plms(self, model_output, timestep, sample, return_dict=True):
-        """diffusers' step_plms entry point."""
-        prev = self._step_plms(model_output, int(timestep), sample, None, 1.0)
+    def step_plms(self, model_output, timestep, sample, return_dict=True, *, uncond_output=None,
+                  guidance_scale=1.0):
+        """One linear multistep step (diffusers' step_plms), fused."""
+        if self.fallback_reason() is not None:
+            return self._parent_call("step_plms", model_output, timestep, sample, return_dict, uncond_output,
+                                     guidance_scale)
+        self._require_timesteps()
+        prev = self._step_plms(model_output, int(timestep), sample, uncond_output, guidance_scale)
         self.counter += 1
-        return (prev,) if not return_dict else self._output(prev, None, True)
+        return self._output(prev, None, return_dict)
+
+    def _parent_call(self, name, model_output, timestep, sample, return_dict, uncond_output, guidance_scale):
+        if uncond_output is not None:
+            model_output = guide(model_output, uncond_output, guidance_scale, sample.shape[1])
+        return getattr(diffusers.PNDMScheduler, name)(self, model_output, timestep, sample, return_dict)
 
     def _step_prk(self, model_output, timestep, sample, uncond_output, guidance_scale):
         # RK4 over a step: eps weights 1/6, 1/3, 1/3, 1/6 accumulated in cur_model_output (an aux output)
@@ -172,6 +134,9 @@ class PNDMScheduler(_FusedStep, _Scheduler):
         return res[0]
 
     def _step_plms(self, model_output, timestep, sample, uncond_output, guidance_scale):
+        # diffusers' step_plms: e' = Adams-Bashforth over the kept epsilons (this step's appended, except
+        # at counter 1, where the first step is repeated from cur_sample: averaged with the kept one if
+        # there is one kept, else the kept ones alone)
         cfg = self.config
         if not cfg.skip_prk_steps and len(self.ets) < 3:
             raise ValueError(
@@ -181,17 +146,22 @@ class PNDMScheduler(_FusedStep, _Scheduler):
             )
         ratio = cfg.num_train_timesteps // self.num_inference_steps
         prev_t = timestep - ratio
-        if self.counter == 1:  # second PLMS step: the first one's timestep again, averaging the epsilons
+        if self.counter == 1:
             prev_t, timestep = timestep, timestep + ratio
-        kept = self.ets[-3:] if self.counter != 1 else self.ets
         if self.counter == 1 and len(self.ets) == 1:
             # e' = (eps + ets[-1]) / 2 from cur_sample; the current eps is not kept
             res = self._combine(model_output, uncond_output, guidance_scale, timestep, prev_t, 0.0, [1.0, 0.0],
                                 0.5, [0.0, 0.5], sample, [self.cur_sample, self.ets[-1]])
             self.cur_sample = None
             return res[0]
-        n_eps = len(kept) + 1
-        w = _PLMS[n_eps]  # w[0] for this step's eps, w[j] for kept[-j]
+        if self.counter == 1:  # the kept epsilons alone; this step's output is neither used nor kept
+            history = self.ets[::-1][:4]
+            w = _PLMS[len(history)]
+            res = self._combine(model_output, uncond_output, guidance_scale, timestep, prev_t, 1.0,
+                                [0.0] * len(history), 0.0, w, sample, history)
+            return res[0]
+        kept = self.ets[-3:]
+        w = _PLMS[len(kept) + 1]  # w[0] for this step's eps, w[j] for kept[-j]
         history = kept[::-1]
         res = self._combine(model_output, uncond_output, guidance_scale, timestep, prev_t, 1.0, [0.0] * len(history),
                             w[0], w[1:], sample, history)

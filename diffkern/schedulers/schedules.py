@@ -1,61 +1,12 @@
-"""Noise schedules (betas) and GLIDE / improved-DDPM timestep respacing."""
+"""GLIDE / improved-DDPM timestep respacing. (The beta schedules are diffusers' own:
+`betas_for_alpha_bar` and `rescale_zero_terminal_snr` are re-exported from it.)"""
 
 from __future__ import annotations
 
-import math
-
 import torch
+from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar, rescale_zero_terminal_snr
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-
-
-def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999):
-    """Cosine schedule of improved DDPM (Nichol & Dhariwal 2021, eq. 17), as diffusers builds it."""
-
-    def alpha_bar(t):
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    n = num_diffusion_timesteps
-    return torch.tensor(
-        [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], dtype=torch.float32
-    )
-
-
-def rescale_zero_terminal_snr(betas):
-    """Rescale betas to zero terminal SNR (Lin et al. 2023, arXiv:2305.08891, Algorithm 1)."""
-    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
-    ab = sqrt_ab**2
-    alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
-    return 1 - alphas
-
-
-def make_betas(
-    num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas=None, rescale_betas_zero_snr=False
-):
-    """float32 betas exactly as diffusers' DDPM/DDIM schedulers build them."""
-    if trained_betas is not None:
-        betas = torch.tensor(trained_betas, dtype=torch.float32)
-        if betas.dim() != 1 or len(betas) != num_train_timesteps:
-            raise ValueError(
-                f"trained_betas must be a 1-D sequence of num_train_timesteps={num_train_timesteps} "
-                f"values, got shape {tuple(betas.shape)}"
-            )
-    elif beta_schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
-    elif beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-    elif beta_schedule == "squaredcos_cap_v2":
-        betas = betas_for_alpha_bar(num_train_timesteps)
-    else:
-        raise NotImplementedError(
-            f"beta_schedule {beta_schedule!r} is not supported; use one of {BETA_SCHEDULES} "
-            "or pass trained_betas"
-        )
-    if rescale_betas_zero_snr:
-        betas = rescale_zero_terminal_snr(betas)
-    return betas
+__all__ = ["betas_for_alpha_bar", "rescale_zero_terminal_snr", "respaced_betas", "space_timesteps"]
 
 
 def space_timesteps(num_timesteps, section_counts):

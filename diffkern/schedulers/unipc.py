@@ -1,116 +1,36 @@
 """UniPC (Zhao et al. 2023, arXiv:2302.04867): the UniC corrector then the UniP predictor (B(h) = h
-or e^h - 1), a drop-in for diffusers' UniPCMultistepScheduler. Both are linear in the kept data
-predictions, the last sample and this step's prediction, so a step is ONE fused sampler_update call
-writing the next sample and (as its second combination) the corrected sample kept for the next step."""
+or e^h - 1): diffusers' UniPCMultistepScheduler with a step as ONE fused sampler_update call (both
+are linear in the kept data predictions, the last sample and this step's prediction), writing the
+next sample and (as its second combination) the corrected sample kept for the next step."""
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-import numpy as np
+import diffusers
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from diffkern.schedulers._multistep import _VPMultistep, alpha_sigma, vp_timesteps
-from diffkern.schedulers._sigmas import convert_sigmas, sigma_to_t
+from diffkern.schedulers._base import FusedStep, threshold_fallback, alpha_sigma
+from diffkern.schedulers.dpmsolver import prediction_channels, x0_row
 
 
-class UniPCMultistepScheduler(_VPMultistep):
-    """UniPC with diffusers' UniPCMultistepScheduler config and step contract (orders 1-3 tested;
-    bh1 / bh2; predict_x0; thresholding; Karras / exponential sigmas; disable_corrector;
-    lower_order_final). Not supported (NotImplementedError): solver_p, flow sigmas, dynamic
-    shifting, use_beta_sigmas. `step` returns (prev_sample,) and also takes `uncond_output` +
-    `guidance_scale` (classifier-free guidance fused into the op)."""
+class UniPCMultistepScheduler(FusedStep, diffusers.UniPCMultistepScheduler):
+    """diffusers' UniPCMultistepScheduler (timesteps, sigmas, config are the parent's); `step` (UniC +
+    UniP, bh1 / bh2, predict_x0 or not, thresholding, disable_corrector) is one fused sampler_update
+    call, returns (prev_sample,) and also takes `uncond_output` + `guidance_scale`. An external
+    `solver_p` and flow sigmas run diffusers' step."""
 
-    _defaults: ClassVar[dict] = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "trained_betas": None,
-        "solver_order": 2,
-        "prediction_type": "epsilon",
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
-        "predict_x0": True,
-        "solver_type": "bh2",
-        "lower_order_final": True,
-        "disable_corrector": [],
-        "solver_p": None,
-        "use_karras_sigmas": False,
-        "use_exponential_sigmas": False,
-        "use_beta_sigmas": False,
-        "use_flow_sigmas": False,
-        "flow_shift": 1.0,
-        "timestep_spacing": "linspace",
-        "steps_offset": 0,
-        "final_sigmas_type": "zero",
-        "rescale_betas_zero_snr": False,
-        "use_dynamic_shifting": False,
-        "time_shift_type": "exponential",
-        "sigma_min": None,
-        "sigma_max": None,
-        "shift_terminal": None,
-    }
-    _unsupported: ClassVar[dict] = {
-        "solver_p": (None, "an external predictor scheduler is not supported"),
-        "use_beta_sigmas": (False, "needs scipy's beta distribution"),
-        "use_flow_sigmas": (False, "flow-matching sigmas are not implemented"),
-        "use_dynamic_shifting": (False, "flow-matching shifts are not implemented"),
-    }
+    _output_cls = SchedulerOutput
+    _output_has_x0 = False
 
-    def _validate(self, cfg):
-        if cfg.get("solver_type") in ("midpoint", "heun", "logrho"):
-            cfg["solver_type"] = "bh2"  # as diffusers' __init__ maps DPM-Solver's solver types
-        super()._validate(cfg)
-        if cfg["solver_type"] not in ("bh1", "bh2"):
-            raise ValueError(f"UniPCMultistepScheduler: solver_type must be 'bh1' or 'bh2', got {cfg['solver_type']!r}")
-        if isinstance(cfg["solver_order"], bool) or not isinstance(cfg["solver_order"], int) or cfg["solver_order"] < 1:
-            raise ValueError(f"UniPCMultistepScheduler: solver_order must be a positive int, got {cfg['solver_order']!r}")
-        if cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
-            raise ValueError(f"UniPCMultistepScheduler: final_sigmas_type must be 'zero' or 'sigma_min', got "
-                             f"{cfg['final_sigmas_type']!r}")
-        if cfg.get("shift_terminal") is not None:
-            raise ValueError("`shift_terminal` is only supported when `use_flow_sigmas=True`.")
-
-    def _post_init(self):
-        super()._post_init()
-        self.predict_x0 = self.config.predict_x0
-        self.disable_corrector = list(self.config.disable_corrector)
-        self.solver_p = None
-        self.timestep_list = [None] * self.config.solver_order
-        self.last_sample = None
-        self.this_order = None
-
-    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
-        """Inference timesteps (int64) and sigmas per spacing (+ Karras / exponential sigmas)."""
+    def fallback_reason(self, **step_kwargs):
         cfg = self.config
-        if sigmas is not None or mu is not None:
-            raise NotImplementedError("UniPCMultistepScheduler: sigmas= / mu= need flow sigmas, not supported")
-        n = num_inference_steps
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {n!r}")
-        timesteps = vp_timesteps(cfg.num_train_timesteps, n, cfg.timestep_spacing, cfg.steps_offset)
-        acp = self.alphas_cumprod
-        train = np.array(((1 - acp) / acp) ** 0.5)
-        if cfg.use_karras_sigmas or cfg.use_exponential_sigmas:
-            log_sigmas = np.log(train)
-            sig, _ = convert_sigmas(cfg, np.flip(train).copy(), n, log_sigmas)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sig])
-            if cfg.use_karras_sigmas:
-                timesteps = timesteps.round()
-            last = sig[-1] if cfg.final_sigmas_type == "sigma_min" else 0
-        else:
-            sig = np.interp(timesteps, np.arange(0, len(train)), train)
-            last = self._final_sigma()
-        self.sigmas = torch.from_numpy(np.concatenate([sig, [last]]).astype(np.float32))
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
-        self.num_inference_steps = len(timesteps)
-        self.model_outputs = [None] * cfg.solver_order
-        self.timestep_list = [None] * cfg.solver_order
-        self.lower_order_nums = 0
-        self.last_sample = None
-        self._reset_index()
+        if self.solver_p is not None:
+            return "solver_p"
+        if cfg.use_flow_sigmas:
+            return "use_flow_sigmas=True"
+        if cfg.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            return f"prediction_type={cfg.prediction_type!r}"
+        return threshold_fallback(cfg)
 
     # -- coefficients ---------------------------------------------------------------------------
     # The scalars (log-SNR steps, r_k, the B(h) system and its solution) are computed in float32
@@ -181,7 +101,7 @@ class UniPCMultistepScheduler(_VPMultistep):
 
     def _x0_or_eps_row(self, sigma):
         if self.predict_x0:
-            return self._x0_row(sigma)
+            return x0_row(self.config.prediction_type, sigma)
         a, s = alpha_sigma(sigma)
         p = self.config.prediction_type
         if p == "epsilon":
@@ -192,7 +112,12 @@ class UniPCMultistepScheduler(_VPMultistep):
 
     def step(self, model_output, timestep, sample, return_dict=True, *, uncond_output=None, guidance_scale=1.0):
         """Corrector (from the second step) + predictor in one fused pass; returns (prev_sample,)."""
-        self._require_timesteps()
+        if self.fallback_reason() is not None:
+            return self._parent_step(model_output, timestep, sample, return_dict, uncond_output=uncond_output,
+                                     guidance_scale=guidance_scale)
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
         if self.step_index is None:
             self._init_step_index(timestep)
         cfg = self.config
@@ -234,10 +159,10 @@ class UniPCMultistepScheduler(_VPMultistep):
         row = [cx, cp, out["x"], out["d"], *[out.get(j, 0.0) for j in range(H)], 0.0]
         if use_corrector:
             row += [corr["x"], corr["d"], *[corr.get(j, 0.0) for j in range(H)]]
-        model_output, uncond_output = self._prepare_output(model_output, uncond_output)
+        model_output, uncond_output = prediction_channels(cfg, model_output, uncond_output)
         res = self._fused(sample, model_output, row, history, uncond_output=uncond_output,
                           guidance_scale=guidance_scale, aux=use_corrector,
-                          clip=self._clip() if self.predict_x0 else "none")
+                          clip="dynamic" if self.predict_x0 and cfg.thresholding else "none")
         prev, d = res[0], res[1]
         for k in range(cfg.solver_order - 1):
             self.model_outputs[k] = self.model_outputs[k + 1]
@@ -249,4 +174,4 @@ class UniPCMultistepScheduler(_VPMultistep):
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1
         self._step_index += 1
-        return (prev,) if not return_dict else self._output(prev, None, True)
+        return self._output(prev, None, return_dict)

