@@ -84,7 +84,7 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
                                            const std::optional<at::Tensor>& bias,
                                            const std::optional<at::Tensor>& scale,
                                            const std::optional<at::Tensor>& shift, double eps,
-                                           bool silu, const std::optional<at::Tensor>& out) {
+                                           int64_t activation, const std::optional<at::Tensor>& out) {
   DK_CHECK_VALUE(x.dim() >= 2, "group_norm: x must have at least 2 dims (N, C, ...), got ", x.dim());
   const int64_t N = x.size(0), C = x.size(1);
   DK_CHECK_VALUE(num_groups > 0, "group_norm: num_groups must be positive, got ", num_groups);
@@ -92,6 +92,8 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
               num_groups);
   DK_CHECK_VALUE(scale.has_value() == shift.has_value(), "group_norm: scale and shift must be given together");
   DK_CHECK_VALUE(eps >= 0, "group_norm: eps must be >= 0, got ", eps);
+  DK_CHECK_VALUE(activation >= 0 && activation <= 3,
+                 "group_norm: activation must be 0 (none), 1 (silu), 2 (gelu) or 3 (gelu_tanh), got ", activation);
   GroupNormArgs a;
   a.dtype = to_dtype(x.scalar_type());
   a.weight = check_param(weight, "weight", x, {C});
@@ -139,7 +141,7 @@ std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, int64_t num_grou
   a.stride_c = channels_last ? 1 : S;
   a.stride_s = channels_last ? C : 1;
   a.eps = static_cast<float>(eps);
-  a.silu = silu;
+  a.activation = static_cast<int>(activation);
 
   if (x.device().is_cpu()) {
     cpu::group_norm_forward(a);
@@ -425,9 +427,9 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "diffkern compiled kernels (CPU always, CUDA when built with it)";
-  m.def("group_norm_forward", &diffkern::group_norm_forward, "GroupNorm (+scale-shift) (+SiLU) forward",
+  m.def("group_norm_forward", &diffkern::group_norm_forward, "GroupNorm (+scale-shift) (+SiLU / GELU) forward; activation 0 none, 1 silu, 2 gelu, 3 gelu_tanh",
         pybind11::arg("x"), pybind11::arg("num_groups"), pybind11::arg("weight"), pybind11::arg("bias"),
-        pybind11::arg("scale"), pybind11::arg("shift"), pybind11::arg("eps"), pybind11::arg("silu"),
+        pybind11::arg("scale"), pybind11::arg("shift"), pybind11::arg("eps"), pybind11::arg("activation"),
         pybind11::arg("out") = pybind11::none());
   m.def("dynamic_threshold_forward", &diffkern::dynamic_threshold_forward,
         "dynamic thresholding by radix select, returns (y, thresholds)", pybind11::arg("x"),

@@ -27,7 +27,7 @@ struct GroupNormArgs {
   int64_t stride_n = 0, stride_c = 0, stride_s = 0;
   bool channels_last = false;   // true iff stride_c == 1 (and C > 1 or S == 1)
   float eps = 1e-5f;
-  bool silu = false;
+  int activation = 0;           // 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh form)
   DType dtype = DType::kFloat32;
 };
 

@@ -1,4 +1,4 @@
-// CPU GroupNorm (+ scale-shift) (+ SiLU) forward, written once and compiled once per instruction
+// CPU GroupNorm (+ scale-shift) (+ SiLU / GELU) forward, written once and compiled once per instruction
 // set, like ATen/native/cpu kernels: the including TU defines CPU_CAPABILITY (DEFAULT, AVX2 or
 // AVX512, and CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 for the latter) before including this file, and everything here lives in
 // diffkern::cpu::CPU_CAPABILITY, so the copies never clash.
@@ -153,12 +153,13 @@ inline float hsum(const fVec& v) {
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
-// silu(v) = v / (1 + exp(-v)) for 8 floats: exp by range reduction to 2^n * 2^f, |f| <= 1/2, with a
+// v / (1 + exp(-t)) for 8 floats (silu: t = v): exp by range reduction to 2^n * 2^f, |f| <= 1/2, with a
 // degree-5 minimax polynomial (rel. error 1.9e-7), and 1 / (1 + e) by rcp + one Newton step (rel.
 // error ~1e-7): about 16 cheap instructions, no division. Inputs are clamped so that e stays a
-// normal float in [1.2e-38, 6e37], which makes silu(v) = v (v > 87) or -0 (v < -87) in the limits.
-inline __m256 silu_avx2(__m256 v) {
-  __m256 t = _mm256_mul_ps(v, _mm256_set1_ps(-1.44269504088896341f));  // -v * log2(e)
+// normal float in [1.2e-38, 6e37], which makes silu(v) = v (v > 87) or -0 (v < -87) in the limits
+// (and v / (1 + exp(-t)) = v (t > 87) or ~v * 1.7e-38 (t < -87) for the tanh-form GELU).
+inline __m256 silu_avx2_t(__m256 v, __m256 targ) {
+  __m256 t = _mm256_mul_ps(targ, _mm256_set1_ps(-1.44269504088896341f));  // -t * log2(e)
   t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-125.5f)), _mm256_set1_ps(125.5f));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(t, n);
@@ -169,7 +170,7 @@ inline __m256 silu_avx2(__m256 v) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.6931470036506653f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
   const __m256i e_bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
-  const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), _mm256_castsi256_ps(e_bits));  // 1 + exp(-v)
+  const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.f), _mm256_castsi256_ps(e_bits));  // 1 + exp(-t)
   __m256 r = _mm256_rcp_ps(d);
   r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f)));  // Newton: r * (2 - d * r)
   return _mm256_mul_ps(v, r);
@@ -181,8 +182,8 @@ inline __m256 silu_avx2(__m256 v) {
 // degree-5 minimax polynomial above rewritten for [0, 1) (q(f) = sqrt(2) p(f - 1/2); rel. error
 // 1.9e-7 in float), 2^floor(t) applied by vscalefps, then one division: on Zen 4 the divider runs
 // beside the FMA pipes, which this loop saturates, so v / d beats rcp14 + Newton + multiply.
-inline __m512 silu_avx512(__m512 v) {
-  __m512 t = _mm512_mul_ps(v, _mm512_set1_ps(-1.44269504088896341f));  // -v * log2(e)
+inline __m512 silu_avx512_t(__m512 v, __m512 targ) {
+  __m512 t = _mm512_mul_ps(targ, _mm512_set1_ps(-1.44269504088896341f));  // -t * log2(e)
   t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-125.5f)), _mm512_set1_ps(125.5f));
   const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // t - floor(t)
   __m512 p = _mm512_set1_ps(0.0018759156810119748f);
@@ -191,30 +192,50 @@ inline __m512 silu_avx512(__m512 v) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24014845490455627f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931539177894592f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999998807907104f));
-  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_scalef_ps(p, t));  // 1 + exp(-v)
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_scalef_ps(p, t));  // 1 + exp(-t)
   return _mm512_div_ps(v, d);
 }
 #endif
 
-template <bool kSilu>
-inline fVec act(const fVec& v) {
-  if constexpr (kSilu) {
+// v / (1 + exp(-t)): silu is t = v, the tanh form of GELU is t = 2 sqrt(2 / pi) (v + 0.044715 v^3)
+// (0.5 (1 + tanh(u)) = sigmoid(2u) exactly).
+inline fVec v_sigmoid_t(const fVec& v, const fVec& t) {
 #if defined(CPU_CAPABILITY_AVX512)
-    return fVec(silu_avx512(v));
+  return fVec(silu_avx512_t(v, t));
 #elif defined(CPU_CAPABILITY_AVX2)
-    return fVec(silu_avx2(v));
+  return fVec(silu_avx2_t(v, t));
 #else
-    const fVec one(1.f);
-    return v / (one + (fVec(0.f) - v).exp_u20());
+  const fVec one(1.f);
+  return v / (one + (fVec(0.f) - t).exp_u20());
 #endif
+}
+
+constexpr float kGeluTanhK = 1.5957691216057308f;  // 2 * sqrt(2 / pi)
+constexpr float kGeluTanhC = 0.044715f;
+
+// kAct: 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh form), as GroupNormArgs::activation.
+template <int kAct>
+inline fVec act(const fVec& v) {
+  if constexpr (kAct == 1) {
+    return v_sigmoid_t(v, v);
+  } else if constexpr (kAct == 2) {
+    // 0.5 v (1 + erf(v / sqrt(2))): at::vec's erf, the one ATen's own GELU kernel uses
+    return v * fVec(0.5f) * (fVec(1.f) + (v * fVec(0.70710678118654752f)).erf());
+  } else if constexpr (kAct == 3) {
+    const fVec t = fVec(kGeluTanhK) * (v + fVec(kGeluTanhC) * v * v * v);
+    return v_sigmoid_t(v, t);
   } else {
     return v;
   }
 }
-template <bool kSilu>
+template <int kAct>
 inline float act_s(float v) {
-  if constexpr (kSilu) {
+  if constexpr (kAct == 1) {
     return v / (1.f + std::exp(-v));
+  } else if constexpr (kAct == 2) {
+    return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+  } else if constexpr (kAct == 3) {
+    return v / (1.f + std::exp(-kGeluTanhK * (v + kGeluTanhC * v * v * v)));
   } else {
     return v;
   }
@@ -353,14 +374,14 @@ inline void coeffs(const GroupNormArgs& a, int64_t n, int64_t c, double mean, do
 // kNT: streaming stores, after a scalar prologue up to the first aligned y).
 // pf (or null): where the thread reads next (the next group's matching element): prefetched into L2
 // here, so that the DRAM reads of the next group's statistics overlap this compute-bound loop.
-template <typename T, bool kSilu, bool kSub, bool kNT>
+template <typename T, int kAct, bool kSub, bool kNT>
 inline void apply_run_impl(const T* x, T* y, int64_t len, float M, float A, float B, const T* pf) {
   const fVec vM(M), vA(A), vB(B);
   auto sub = [&](const fVec& u) { return kSub ? u - vM : u; };
   int64_t i = 0;
   if constexpr (kNT) {
     for (const int64_t p = stream_peel(y, len); i < p; ++i)
-      y[i] = from_f<T>(act_s<kSilu>((to_f(x[i]) - M) * A + B));
+      y[i] = from_f<T>(act_s<kAct>((to_f(x[i]) - M) * A + B));
   }
   for (; i + 2 * kK <= len; i += 2 * kK) {
     fVec u0, u1, u2, u3;
@@ -373,55 +394,55 @@ inline void apply_run_impl(const T* x, T* y, int64_t len, float M, float A, floa
     u1 = at::vec::fmadd(sub(u1), vA, vB);
     u2 = at::vec::fmadd(sub(u2), vA, vB);
     u3 = at::vec::fmadd(sub(u3), vA, vB);
-    store2x<kNT>(y + i, act<kSilu>(u0), act<kSilu>(u1));
-    store2x<kNT>(y + i + kK, act<kSilu>(u2), act<kSilu>(u3));
+    store2x<kNT>(y + i, act<kAct>(u0), act<kAct>(u1));
+    store2x<kNT>(y + i + kK, act<kAct>(u2), act<kAct>(u3));
   }
   for (; i + kK <= len; i += kK) {
     fVec u0, u1;
     load2(x + i, u0, u1);
     u0 = at::vec::fmadd(sub(u0), vA, vB);
     u1 = at::vec::fmadd(sub(u1), vA, vB);
-    store2x<kNT>(y + i, act<kSilu>(u0), act<kSilu>(u1));
+    store2x<kNT>(y + i, act<kAct>(u0), act<kAct>(u1));
   }
-  for (; i < len; ++i) y[i] = from_f<T>(act_s<kSilu>((to_f(x[i]) - M) * A + B));
+  for (; i < len; ++i) y[i] = from_f<T>(act_s<kAct>((to_f(x[i]) - M) * A + B));
 }
 
-template <typename T, bool kSilu>
+template <typename T, int kAct>
 inline void apply_run(const T* x, T* y, int64_t len, float M, float A, float B, bool stream,
                       const T* pf = nullptr) {
   if (stream) {
     if (M == 0.f) {
-      apply_run_impl<T, kSilu, false, kHasStream>(x, y, len, M, A, B, pf);
+      apply_run_impl<T, kAct, false, kHasStream>(x, y, len, M, A, B, pf);
     } else {
-      apply_run_impl<T, kSilu, true, kHasStream>(x, y, len, M, A, B, pf);
+      apply_run_impl<T, kAct, true, kHasStream>(x, y, len, M, A, B, pf);
     }
   } else if (M == 0.f) {
-    apply_run_impl<T, kSilu, false, false>(x, y, len, M, A, B, pf);
+    apply_run_impl<T, kAct, false, false>(x, y, len, M, A, B, pf);
   } else {
-    apply_run_impl<T, kSilu, true, false>(x, y, len, M, A, B, pf);
+    apply_run_impl<T, kAct, true, false>(x, y, len, M, A, B, pf);
   }
 }
 
 // One channels-last row: y[c] = act((x[c] - M[c]) * A[c] + B[c]), c in [0, C).
-template <typename T, bool kSilu, bool kNT>
+template <typename T, int kAct, bool kNT>
 inline void apply_row_cl_impl(const T* x, T* y, int64_t C, const float* M, const float* A, const float* B) {
   int64_t c = 0;
   if constexpr (kNT) {
     for (const int64_t p = stream_peel(y, C); c < p; ++c)
-      y[c] = from_f<T>(act_s<kSilu>((to_f(x[c]) - M[c]) * A[c] + B[c]));
+      y[c] = from_f<T>(act_s<kAct>((to_f(x[c]) - M[c]) * A[c] + B[c]));
   }
   for (; c + kK <= C; c += kK) {
     fVec u0, u1;
     load2(x + c, u0, u1);
     u0 = at::vec::fmadd(u0 - fVec::loadu(M + c), fVec::loadu(A + c), fVec::loadu(B + c));
     u1 = at::vec::fmadd(u1 - fVec::loadu(M + c + kVF), fVec::loadu(A + c + kVF), fVec::loadu(B + c + kVF));
-    store2x<kNT>(y + c, act<kSilu>(u0), act<kSilu>(u1));
+    store2x<kNT>(y + c, act<kAct>(u0), act<kAct>(u1));
   }
-  for (; c < C; ++c) y[c] = from_f<T>(act_s<kSilu>((to_f(x[c]) - M[c]) * A[c] + B[c]));
+  for (; c < C; ++c) y[c] = from_f<T>(act_s<kAct>((to_f(x[c]) - M[c]) * A[c] + B[c]));
 }
 
 // Contiguous layout, one thread per whole group: stats then apply while the group is in cache.
-template <typename T, bool kSilu>
+template <typename T, int kAct>
 void contiguous_fused(const GroupNormArgs& a) {
   const T* X = static_cast<const T*>(a.x);
   T* Y = static_cast<T*>(a.y);
@@ -440,7 +461,7 @@ void contiguous_fused(const GroupNormArgs& a) {
         const int64_t off = (n * C + c) * S;
         // large x: pull the thread's next group into L2 while this one is written
         const T* pf = (stream && ng + 1 < end) ? X + off + D : nullptr;
-        apply_run<T, kSilu>(X + off, Y + off, S, M, A, B, stream, pf);
+        apply_run<T, kAct>(X + off, Y + off, S, M, A, B, stream, pf);
       }
     }
     if (stream) stream_fence();
@@ -448,7 +469,7 @@ void contiguous_fused(const GroupNormArgs& a) {
 }
 
 // Contiguous layout, groups split in blocks (few or very large groups).
-template <typename T, bool kSilu>
+template <typename T, int kAct>
 void contiguous_split(const GroupNormArgs& a) {
   const T* X = static_cast<const T*>(a.x);
   T* Y = static_cast<T*>(a.y);
@@ -486,7 +507,7 @@ void contiguous_split(const GroupNormArgs& a) {
     while (i < end) {
       const int64_t row = i / S, s = i % S;
       const int64_t len = std::min(S - s, end - i);
-      apply_run<T, kSilu>(X + i, Y + i, len, Mv[row], Av[row], Bv[row], stream);
+      apply_run<T, kAct>(X + i, Y + i, len, Mv[row], Av[row], Bv[row], stream);
       i += len;
     }
     if (stream) stream_fence();
@@ -545,7 +566,7 @@ inline void cl_col_devs(const T* base, int64_t C, int64_t R, int64_t c, const fl
 }
 
 // Channels-last layout (x[n, s, c]), also used for contiguous x with S == 1 (same addresses).
-template <typename T, bool kSilu>
+template <typename T, int kAct>
 void channels_last(const GroupNormArgs& a) {
   const T* X = static_cast<const T*>(a.x);
   T* Y = static_cast<T*>(a.y);
@@ -646,19 +667,19 @@ void channels_last(const GroupNormArgs& a) {
       const int64_t n = r / S;
       const float *Mr = Mv.data() + n * C, *Ar = Av.data() + n * C, *Br = Bv.data() + n * C;
       if (stream) {
-        apply_row_cl_impl<T, kSilu, kHasStream>(X + r * C, Y + r * C, C, Mr, Ar, Br);
+        apply_row_cl_impl<T, kAct, kHasStream>(X + r * C, Y + r * C, C, Mr, Ar, Br);
       } else {
-        apply_row_cl_impl<T, kSilu, false>(X + r * C, Y + r * C, C, Mr, Ar, Br);
+        apply_row_cl_impl<T, kAct, false>(X + r * C, Y + r * C, C, Mr, Ar, Br);
       }
     }
     if (stream) stream_fence();
   });
 }
 
-template <typename T, bool kSilu>
+template <typename T, int kAct>
 void run(const GroupNormArgs& a) {
   if (a.channels_last || a.S == 1) {
-    channels_last<T, kSilu>(a);
+    channels_last<T, kAct>(a);
     return;
   }
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
@@ -666,18 +687,19 @@ void run(const GroupNormArgs& a) {
   const int64_t group_bytes = a.C / a.G * a.S * static_cast<int64_t>(sizeof(T));
   const bool balanced = NG % nt == 0 || NG >= 8 * nt;
   if (nt == 1 || (balanced && group_bytes <= (int64_t(2) << 20))) {
-    contiguous_fused<T, kSilu>(a);
+    contiguous_fused<T, kAct>(a);
   } else {
-    contiguous_split<T, kSilu>(a);
+    contiguous_split<T, kAct>(a);
   }
 }
 
 template <typename T>
 void run_dtype(const GroupNormArgs& a) {
-  if (a.silu) {
-    run<T, true>(a);
-  } else {
-    run<T, false>(a);
+  switch (a.activation) {
+    case 1: run<T, 1>(a); break;
+    case 2: run<T, 2>(a); break;
+    case 3: run<T, 3>(a); break;
+    default: run<T, 0>(a); break;
   }
 }
 

@@ -199,7 +199,7 @@ gn_rows_kernel(Params p) {
           float f[VEC];
           raw_to_f<T, VEC>(tile[v], f);
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) f[i] = act(fmaf(f[i] - K[i], A[i], B[i]), p.silu);
+          for (int i = 0; i < VEC; ++i) f[i] = act(fmaf(f[i] - K[i], A[i], B[i]), p.act);
           store_vec<T, VEC, false>(yt + static_cast<int64_t>(v) * VEC, f);
         }
       }

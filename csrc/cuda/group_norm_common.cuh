@@ -183,7 +183,7 @@ struct Params {
   Divider div_splits;  // block index -> (group, split)
   Divider div_G;   // group index -> (n, g)
   float eps;
-  bool silu;
+  int act;         // 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh form): GroupNormArgs::activation
   bool svec;       // contiguous: S % VEC == 0 (a vector never straddles channels)
   // rows path (channels_last, gn_rows_kernel)
   int rl_Cv;       // 16-byte vectors per row (C / VEC)
@@ -290,9 +290,16 @@ __device__ __forceinline__ void channel_coeffs(const Params& p, int64_t n, int64
   B = fmaf(b, sc, sh);
 }
 
-__device__ __forceinline__ float act(float v, bool silu) {
-  // v / (1 + exp(-v)); __fdividef returns 0 for huge denominators, so v -> -inf gives -0, not NaN.
-  return silu ? __fdividef(v, 1.f + __expf(-v)) : v;
+__device__ __forceinline__ float act(float v, int kind) {
+  // SiLU v / (1 + exp(-v)); __fdividef returns 0 for huge denominators, so v -> -inf gives -0, not NaN.
+  // GELU 0.5 v (1 + erf(v / sqrt(2))); its tanh form v / (1 + exp(-2u)), u = sqrt(2 / pi) (v + 0.044715 v^3)
+  // (0.5 (1 + tanh(u)) = sigmoid(2u)). kind is uniform over the launch: the branch never diverges.
+  switch (kind) {
+    case 1: return __fdividef(v, 1.f + __expf(-v));
+    case 2: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    case 3: return __fdividef(v, 1.f + __expf(-1.5957691216057308f * fmaf(0.044715f * v, v * v, v)));
+    default: return v;
+  }
 }
 
 // Global element offset (relative to the group base) of vector v of a group.
@@ -327,7 +334,7 @@ __device__ __forceinline__ void apply_vec(const Params& p, float (&f)[VEC], floa
     for (int i = 0; i < VEC; ++i) {
       float A, B;
       getAB(l * VEC + i, A, B);
-      f[i] = act(fmaf((f[i] - K) - ms, A, B), p.silu);
+      f[i] = act(fmaf((f[i] - K) - ms, A, B), p.act);
     }
   } else {
     int64_t c = p.div_S.div(e);
@@ -335,14 +342,14 @@ __device__ __forceinline__ void apply_vec(const Params& p, float (&f)[VEC], floa
       float A, B;
       getAB(c, A, B);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) f[i] = act(fmaf((f[i] - K) - ms, A, B), p.silu);
+      for (int i = 0; i < VEC; ++i) f[i] = act(fmaf((f[i] - K) - ms, A, B), p.act);
     } else {
       int64_t r = e - c * p.S;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         float A, B;
         getAB(c, A, B);
-        f[i] = act(fmaf((f[i] - K) - ms, A, B), p.silu);
+        f[i] = act(fmaf((f[i] - K) - ms, A, B), p.act);
         if (++r == p.S) {
           r = 0;
           ++c;

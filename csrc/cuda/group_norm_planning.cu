@@ -183,7 +183,7 @@ cudaError_t group_norm_forward(const GroupNormArgs& args, float* workspace, int 
   p.div_splits = make_divider(pl.splits, p.NG * pl.splits);
   p.div_G = make_divider(args.G, p.NG);
   p.eps = args.eps;
-  p.silu = args.silu;
+  p.act = args.activation;
   p.svec = (args.S % pl.vec) == 0;
   p.rl_Cv = pl.rows ? static_cast<int>(args.C / pl.vec) : 0;
   p.rl_R = pl.rl_R;

@@ -1,4 +1,4 @@
-"""GroupNorm module with optional fused scale-shift and SiLU."""
+"""GroupNorm module with optional fused scale-shift and SiLU / GELU."""
 
 import torch
 
@@ -15,14 +15,14 @@ class GroupNorm(torch.nn.GroupNorm):
 
     Args:
         num_groups, num_channels, eps, affine, device, dtype: as torch.nn.GroupNorm.
-        activation: None or "silu".
+        activation: None, "silu", "gelu" (erf, nn.GELU()) or "gelu_tanh" (nn.GELU(approximate="tanh")).
         backend: forced backend name for every call, or None to dispatch per call.
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, activation=None, backend=None,
                  device=None, dtype=None):
         if activation not in ACTIVATIONS:
-            raise ValueError(f"GroupNorm: activation must be None or 'silu', got {activation!r}")
+            raise ValueError(f"GroupNorm: activation must be one of {ACTIVATIONS}, got {activation!r}")
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
         self.activation = activation
         self.backend = backend

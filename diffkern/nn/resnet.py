@@ -2,9 +2,9 @@
 unCLIP) and the VAE.
 
 Parameter names follow diffusers' (ResnetBlock2D, Downsample2D, Upsample2D, TimestepEmbedding), so
-their state dicts load as they are. Every GroupNorm that is followed by SiLU is one fused
-diffkern.nn.GroupNorm(activation="silu") (with the ADM scale-shift inside it where the block has one),
-so the whole block follows diffkern.use_backend(...).
+their state dicts load as they are. Every GroupNorm that is followed by SiLU or GELU is one fused
+diffkern.nn.GroupNorm(activation="silu" / "gelu") (with the ADM scale-shift inside it where the block
+has one), so the whole block follows diffkern.use_backend(...).
 """
 
 from __future__ import annotations
@@ -59,8 +59,14 @@ def activation(name):
     return ACTIVATIONS[key]()
 
 
-def _is_silu(name):
-    return name.lower() in ("silu", "swish")
+# diffusers' activation names whose module ops.group_norm computes fused (nn.SiLU; nn.GELU() is the
+# erf form, "gelu" in ops.group_norm), e.g. DeepFloyd IF's act_fn "gelu".
+_FUSED = {"silu": "silu", "swish": "silu", "gelu": "gelu"}
+
+
+def fused_activation(name):
+    """The ops.group_norm activation computing diffusers' activation `name`, or None if none does."""
+    return _FUSED.get(name.lower()) if isinstance(name, str) else None
 
 
 class TimestepEmbedding(nn.Module):
@@ -98,8 +104,8 @@ class ResnetBlock2D(nn.Module):
         scale_shift:  scale, shift = time_emb_proj(act(temb)).chunk(2);  h = act(norm2(h) * (1 + scale) + shift)
         h = conv2(dropout(h));  out = (shortcut(x) + h) / output_scale_factor
 
-    Every norm followed by SiLU is one fused ops.group_norm (with the scale-shift inside it in the
-    "scale_shift" mode); other activations run after the (fused scale-shift) norm.
+    Every norm followed by SiLU or GELU is one fused ops.group_norm (with the scale-shift inside it in
+    the "scale_shift" mode); other activations (mish, relu) run after the (fused scale-shift) norm.
 
     Args:
         in_channels, out_channels: conv_shortcut (1x1) exists exactly when they differ.
@@ -127,8 +133,8 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = output_scale_factor
         self.time_embedding_norm, self.skip_time_act = time_embedding_norm, skip_time_act
         self.up, self.down = up, down
-        # SiLU goes inside the norm kernel; any other activation is a module applied after it.
-        fused = "silu" if _is_silu(act_fn) else None
+        # SiLU and GELU go inside the norm kernel; any other activation is a module applied after it.
+        fused = fused_activation(act_fn)
         self.nonlinearity = activation(act_fn)
         self._act_after_norm = fused is None
         self.norm1 = GroupNorm(groups, in_channels, eps=eps, activation=fused)

@@ -39,10 +39,34 @@ def _contig(t):
     return None if t is None else t.contiguous()
 
 
-# Kernel entry points: (x, G, weight, bias, scale, shift, eps, silu, out=None) -> (y, mean, rstd).
+# The fused activations, by the name ops.group_norm takes, and the code the kernels take
+# (GroupNormArgs::activation in csrc/group_norm_args.h, ACT in the Triton kernels).
+ACTIVATION_CODES = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
+
+
+def activation_code(activation):
+    """The kernels' code of an activation name (None, "silu", "gelu", "gelu_tanh"); a code passes
+    through, and a bool is the old `silu` flag (True = "silu"), kept for callers of the entry points."""
+    if activation is True or activation is False:
+        activation = "silu" if activation else None
+    if isinstance(activation, int) and activation in ACTIVATION_CODES.values():
+        return activation
+    try:
+        return ACTIVATION_CODES[activation]
+    except (KeyError, TypeError):
+        raise ValueError(f"group_norm: activation must be one of {tuple(ACTIVATION_CODES)}, got {activation!r}") from None
+
+
+def activation_name(activation):
+    """The name of an activation given by name or by the old bool `silu` flag."""
+    return {v: k for k, v in ACTIVATION_CODES.items()}[activation_code(activation)]
+
+
+# Kernel entry points: (x, G, weight, bias, scale, shift, eps, activation, out=None) -> (y, mean, rstd).
+# activation: None, "silu", "gelu" or "gelu_tanh" (a bool still means SiLU on / off).
 # `out`, when given, must have the strides of dense(x); tests pass a NaN-poisoned one.
 
-def _run_triton(x, num_groups, weight, bias, scale, shift, eps, silu, out=None):
+def _run_triton(x, num_groups, weight, bias, scale, shift, eps, activation, out=None):
     from diffkern.kernels.triton import group_norm as tgn
 
     x = dense(x)
@@ -51,19 +75,24 @@ def _run_triton(x, num_groups, weight, bias, scale, shift, eps, silu, out=None):
         raise ValueError("group_norm: out must have the shape and strides of x")
     c = _contig
     mean, rstd = tgn.group_norm_forward(_view_ncs(x), num_groups, c(weight), c(bias), c(scale), c(shift),
-                                        eps, silu, _view_ncs(y))
+                                        eps, activation_code(activation), _view_ncs(y))
     return y, mean, rstd
 
 
-def _run_compiled(x, num_groups, weight, bias, scale, shift, eps, silu, out=None):
+def _run_compiled(x, num_groups, weight, bias, scale, shift, eps, activation, out=None):
     c = _contig
     y, mean, rstd = _ext.extension().group_norm_forward(dense(x), num_groups, c(weight), c(bias), c(scale),
-                                                        c(shift), eps, silu, out)
+                                                        c(shift), eps, activation_code(activation), out)
     return y, mean, rstd
 
 
 # forward kernels of the kernel backends, by backend name
 FORWARD_KERNELS = {"cpu": _run_compiled, "cuda": _run_compiled, "triton": _run_triton}
+
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_GELU_K, _GELU_C = 0.7978845608028654, 0.044715  # sqrt(2 / pi), the tanh form's cubic coefficient
 
 
 def _expand_groups(t, xg):
@@ -73,9 +102,9 @@ def _expand_groups(t, xg):
 
 def backward(ctx, dy):
     """Gradients (x, weight, bias, scale, shift, None x 4) from ctx.saved_tensors = (x, weight, bias,
-    scale, shift, mean, rstd), ctx.num_groups, ctx.silu and ctx.needs_input_grad, in float32."""
+    scale, shift, mean, rstd), ctx.num_groups, ctx.activation and ctx.needs_input_grad, in float32."""
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    G, silu = ctx.num_groups, ctx.silu
+    G, act = ctx.num_groups, activation_name(ctx.activation)
     N, C = x.shape[:2]
     f32 = torch.float32
     xg = x.to(f32).reshape(N, G, C // G, *x.shape[2:])
@@ -91,9 +120,15 @@ def backward(ctx, dy):
         v = u * s1 + shift.to(f32).view(N, C, *bshape[2:])
     else:
         v = u
-    if silu:
+    if act == "silu":
         sig = torch.sigmoid(v)
         dv = dv * sig * (1 + v * (1 - sig))
+    elif act == "gelu":  # d/dv v Phi(v) = Phi(v) + v phi(v)
+        cdf = 0.5 * (1 + torch.erf(v * _SQRT1_2))
+        dv = dv * (cdf + v * torch.exp(-0.5 * v * v) * _INV_SQRT_2PI)
+    elif act == "gelu_tanh":  # d/dv 0.5 v (1 + tanh(u)), u = k (v + c v^3)
+        th = torch.tanh(_GELU_K * (v + _GELU_C * v * v * v))
+        dv = dv * (0.5 * (1 + th) + 0.5 * v * (1 - th * th) * _GELU_K * (1 + 3 * _GELU_C * v * v))
     red = tuple(range(2, x.dim()))
     g_x = g_w = g_b = g_scale = g_shift = None
     if scale is not None:

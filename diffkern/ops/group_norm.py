@@ -1,4 +1,4 @@
-"""group_norm: GroupNorm (+ ADM scale-shift) (+ SiLU) in one pass, with its backend table."""
+"""group_norm: GroupNorm (+ ADM scale-shift) (+ SiLU / GELU) in one pass, with its backend table."""
 
 from __future__ import annotations
 
@@ -13,17 +13,18 @@ from diffkern.ops._group_norm_kernels import FORWARD_KERNELS  # noqa: F401  (tes
 from diffkern.kernels import reference
 
 OP = "group_norm"
-ACTIVATIONS = (None, "silu")
+ACTIVATIONS = (None, "silu", "gelu", "gelu_tanh")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, shift=None,
                activation=None, backend=None):
-    """GroupNorm with optional ADM scale-shift and SiLU, fused.
+    """GroupNorm with optional ADM scale-shift and SiLU or GELU, fused.
 
     Computes ``act((GN(x) * weight + bias) * (1 + scale) + shift)``, the "scale-shift norm"
-    (AdaGN) of the ADM UNets of GLIDE, the DALL-E 2 decoder and Imagen, and the plain
-    GroupNorm + SiLU of the SD/LDM UNets.
+    (AdaGN) of the ADM UNets of GLIDE, the DALL-E 2 decoder and Imagen, the plain
+    GroupNorm + SiLU of the SD/LDM UNets, and the GroupNorm (+ scale-shift) + GELU of DeepFloyd IF's
+    resnets (diffusers' act_fn "gelu" = nn.GELU(), the erf form).
 
     Args:
         x: (N, C, *spatial), 0 to 3 spatial dims; float32, float16 or bfloat16 (float64 on the
@@ -36,7 +37,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, s
         eps: added to the variance.
         scale, shift: (N, C), x's dtype and device, given together or not at all; broadcast
             over the spatial dims.
-        activation: None or "silu".
+        activation: None, "silu", "gelu" (exact, erf: F.gelu) or "gelu_tanh" (F.gelu(approximate="tanh")).
         backend: "reference", "cpu", "cuda" or "triton"; None picks one (see
             diffkern.use_backend and `group_norm_backend`).
 
@@ -49,7 +50,9 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, s
     x[n, group g] makes that group's mean and variance NaN, so every output of (n, g) is NaN and
     the other groups are untouched. A NaN in weight[c] or bias[c] makes channel c NaN in every
     sample; a NaN in scale[n, c] or shift[n, c] makes y[n, c] NaN. Infinite weight, bias, scale or
-    shift follow IEEE arithmetic of the formula.
+    shift follow IEEE arithmetic of the formula; the kernel backends compute GELU as v * Phi(v) and its
+    tanh form as v * sigmoid(2u), so GELU(+inf) = +inf and GELU(-inf) = NaN there (eager PyTorch's
+    CPU GELU gives NaN for +inf too, which the reference backend inherits).
 
     Equivalent PyTorch::
 
@@ -58,6 +61,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, scale=None, s
             y = y * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
         if activation == "silu":
             y = F.silu(y)
+        elif activation in ("gelu", "gelu_tanh"):
+            y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
     """
     call = _check(x, num_groups, weight, bias, eps, scale, shift, activation)
     chosen = _dispatch.select(OP, call, x.device.type, backend)
@@ -126,10 +131,10 @@ def _check(x, num_groups, weight, bias, eps, scale, shift, activation):
 
 class _GroupNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, silu, kernel):
-        y, mean, rstd = kernel(x, num_groups, weight, bias, scale, shift, eps, silu)
+    def forward(ctx, x, weight, bias, scale, shift, num_groups, eps, activation, kernel):
+        y, mean, rstd = kernel(x, num_groups, weight, bias, scale, shift, eps, activation)
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-        ctx.num_groups, ctx.silu = num_groups, silu
+        ctx.num_groups, ctx.activation = num_groups, activation
         return y
 
     @staticmethod
@@ -142,22 +147,22 @@ def _kernel_runner(name):
     def run(call):
         kernel = FORWARD_KERNELS[name]
         tensors = (call.x, call.weight, call.bias, call.scale, call.shift)
-        silu = call.activation == "silu"
+        act = call.activation
         if torch.compiler.is_compiling():  # one opaque, differentiable node in the compiled graph
             from diffkern.ops._group_norm_op import group_norm_fwd
 
-            return group_norm_fwd(*tensors, call.num_groups, call.eps, silu, name)[0]
+            return group_norm_fwd(*tensors, call.num_groups, call.eps, _kernels.activation_code(act), name)[0]
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return _GroupNormFn.apply(*tensors, call.num_groups, call.eps, silu, kernel)
+            return _GroupNormFn.apply(*tensors, call.num_groups, call.eps, act, kernel)
         # inference: skip autograd's bookkeeping (several microseconds a call, which is most of
         # the time at batch 2 on a GPU)
-        return kernel(call.x, call.num_groups, call.weight, call.bias, call.scale, call.shift, call.eps, silu)[0]
+        return kernel(call.x, call.num_groups, call.weight, call.bias, call.scale, call.shift, call.eps, act)[0]
     return run
 
 
 def _run_reference(call):
     return reference.group_norm(call.x, call.num_groups, call.weight, call.bias, call.eps, scale=call.scale,
-                                shift=call.shift, activation=call.activation)
+                                shift=call.shift, activation=call.activation, shifted=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +182,7 @@ _fam = _dispatch.op_family(OP)
 _fam.register(_dispatch.Backend(
     "reference", _run_reference, lambda: "",
     _backends.takes("x", None, KERNEL_DTYPES + (torch.float64,)),
-    "eager PyTorch: F.group_norm, then scale-shift, then F.silu"))
+    "eager PyTorch: F.group_norm (on x minus a per-group shift), then scale-shift, then F.silu / F.gelu"))
 _fam.register(_dispatch.Backend(
     "cpu", _kernel_runner("cpu"), _ext_unavailable(False),
     _backends.takes("x", ("cpu",), KERNEL_DTYPES),

@@ -190,3 +190,43 @@ def test_patched_model_survives_pickle_and_deepcopy(tmp_path):
     assert type(loaded) is ResnetBlock2D and type(loaded.norm1) is torch.nn.GroupNorm
     with torch.no_grad():
         assert (loaded(x, temb) - want).abs().max() <= TOL * want.abs().max()
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_resnet_blocks_are_fused(approximate, count_group_norm, monkeypatch):
+    """DeepFloyd IF's resnets (act_fn "gelu" = nn.GELU(), scale-shift norm, skip_time_act): both norm
+    sites become one fused group_norm with activation "gelu" ("gelu_tanh" for nn.GELU("tanh")), same
+    output, and unpatch brings diffusers' modules back."""
+    acts = []
+    real = norms.ops.group_norm
+    monkeypatch.setattr(norms.ops, "group_norm", lambda *a, **k: (acts.append(k["activation"]), real(*a, **k))[1])
+    block = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4, non_linearity="gelu",
+                          time_embedding_norm="scale_shift", skip_time_act=True)
+    block.nonlinearity = torch.nn.GELU(approximate=approximate)
+    block = _randomise(block)
+    x, temb = torch.randn(2, 8, 5, 6), torch.randn(2, 12)
+    with torch.no_grad():
+        want = block(x, temb)
+        report = diffkern.patch(block)
+        got = block(x, temb)
+    assert report.replaced["resnet_norm_silu"] == 1 and not report.left
+    assert acts == ["gelu" if approximate == "none" else "gelu_tanh"] * 2
+    assert (got - want).abs().max() <= TOL * max(1.0, want.abs().max())
+    diffkern.unpatch(block)
+    assert type(block.norm1) is torch.nn.GroupNorm and type(block.nonlinearity) is torch.nn.GELU
+
+
+def test_if_unet_out_norm_gelu_is_fused():
+    """IF's UNet2DConditionModel (act_fn "gelu"): conv_norm_out -> conv_act (GELU) fused too."""
+    from tests.integrations import _tiny
+
+    unet = _randomise(_tiny.if_stage1(act_fn="gelu").unet)
+    x, t, text = torch.randn(1, 3, 8, 8), torch.tensor(10), torch.randn(1, 7, unet.config.encoder_hid_dim or 32)
+    with torch.no_grad():
+        want = unet(x, t, text).sample
+        report = diffkern.patch(unet)
+        got = unet(x, t, text).sample
+    assert report.replaced["out_norm_silu"] == 1 and report.replaced["resnet_norm_silu"] >= 2
+    assert not [r for r in report.left if r[0] in ("resnet_norm_silu", "out_norm_silu")], report.left
+    assert unet.conv_norm_out.activation == "gelu" and isinstance(unet.conv_act, norms.ActFusedIntoNorm)
+    assert (got - want).abs().max() <= TOL * max(1.0, want.abs().max())

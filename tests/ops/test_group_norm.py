@@ -118,24 +118,25 @@ def test_kernel_writes_every_element(backend, dtype, layout, shape, groups):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("silu", [False, True])
 def test_large_offset_fp32(backend, silu):
-    """x = 1000 + randn: statistics must not cancel catastrophically (right to ~1e-4)."""
+    """x = 1000 + randn: statistics must not cancel catastrophically: every backend below 1e-4, both
+    layouts (README's claim). Eager PyTorch's own channels_last GroupNorm cancels here (max errors of
+    865 and 1280 measured with torch 2.13 on CPU, 7.6 and 931 on an H200 with torch 2.11); the
+    reference backend normalises x minus a per-group shift, and the check below keeps that true."""
     require_backend(backend)
     device = backend_device(backend)
-    layouts = ["contiguous", "channels_last"]
-    if backend == "reference":
-        # eager PyTorch's own channels_last GroupNorm cancels catastrophically here: max errors of
-        # 865 and 1280 measured with torch 2.13 on CPU, 7.6 and 931 on an H200 with torch 2.11.
-        # That is the failure our kernels are tested against; the reference is eager PyTorch as is.
-        layouts = ["contiguous"]
-    for layout in layouts:
+    for layout in ["contiguous", "channels_last"]:
         x = _layout(1000 + torch.randn(2, 64, 24, 24, device=device), layout)
         act = "silu" if silu else None
         y = diffkern.ops.group_norm(x, 32, activation=act, backend=backend)
         ref = reference.group_norm(x, 32, activation=act, upcast=True)
         err = (y.double() - ref).abs().max().item()
-        # eager PyTorch (the reference backend) folds the mean into its affine and lands near 1e-4
-        bound = 2.5e-4 if backend == "reference" else 1e-4
-        assert err < bound, f"{layout}: max error {err:.3g} with |mean| >> std"
+        assert err < 1e-4, f"{layout}: max error {err:.3g} with |mean| >> std"
+        if layout == "channels_last":
+            assert y.is_contiguous(memory_format=torch.channels_last)
+    if backend == "reference" and device.type == "cpu" and not silu:
+        # the failure the shift fixes is real in this torch: eager channels_last is far off
+        eager = reference.group_norm(x, 32)
+        assert (eager.double() - ref).abs().max().item() > 1e-2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -205,7 +206,7 @@ BAD_CALLS = [
      "weight"),
     ("integer x", lambda x: dict(x=x.to(torch.int32), num_groups=4), TypeError, "x must"),
     ("1-D x", lambda x: dict(x=x.flatten(), num_groups=4), ValueError, "x must"),
-    ("unknown activation", lambda x: dict(x=x, num_groups=4, activation="gelu"), ValueError, "activation"),
+    ("unknown activation", lambda x: dict(x=x, num_groups=4, activation="relu"), ValueError, "activation"),
     ("negative eps", lambda x: dict(x=x, num_groups=4, eps=-1.0), ValueError, "eps"),
 ]
 
@@ -247,9 +248,12 @@ def test_compiled_code_checks_its_inputs():
         dict(x=x, num_groups=4, scale=torch.ones(2, 8), shift=torch.ones(8)),
         dict(x=x[..., ::2], num_groups=4),
         dict(x=x, num_groups=4, out=torch.empty(2, 8, 4, 5)),
+        dict(x=x, num_groups=4, activation=4),
+        dict(x=x, num_groups=4, activation=-1),
     ]
+    ext.group_norm_forward(x, 4, None, None, None, None, 1e-5, 2)  # the signature below is the real one
     for kw in bad:
-        args = dict(weight=None, bias=None, scale=None, shift=None, eps=1e-5, silu=False)
+        args = dict(weight=None, bias=None, scale=None, shift=None, eps=1e-5, activation=0)
         args.update(kw)
         with pytest.raises((RuntimeError, TypeError, ValueError)):
             ext.group_norm_forward(**args)
@@ -309,3 +313,16 @@ def test_automatic_choice_on_cpu_is_the_kernel(layout, shape):
         ref = reference.group_norm(x, 32, upcast=True)
         kernel = (diffkern.ops.group_norm(x, 32).double() - ref).abs().max().item()
         assert kernel < 1e-5, kernel
+
+
+# GELU follows the NaN / Inf rule of tests/ops/test_nonfinite.py (a non-finite x poisons its group, a
+# NaN parameter its channel or (sample, channel)); the same check, for both GELU forms.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", [("x", float("nan")), ("x", float("inf")), ("x", -float("inf")),
+                                   ("weight", float("nan")), ("shift", float("nan"))], ids=str)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gelu_nonfinite(backend, where, activation, layout):
+    from tests.ops.test_nonfinite import test_group_norm_nonfinite
+
+    test_group_norm_nonfinite(backend, where, activation, layout)

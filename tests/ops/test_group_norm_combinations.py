@@ -20,7 +20,7 @@ EPS = 1e-5
 AXES = dict(
     affine=(False, True),
     scale_shift=(False, True),
-    activation=(None, "silu"),
+    activation=(None, "silu", "gelu", "gelu_tanh"),
     layout=("contiguous", "channels_last", "strided"),
     grad=("none", "x", "weight", "bias", "scale", "shift", "all"),
 )
@@ -51,7 +51,8 @@ def _cases():
 
 
 def oracle(x, groups, weight, bias, scale, shift, activation, eps=EPS):
-    """act((x - mean) / sqrt(var + eps) * w + b) * (1 + scale) + shift), float64, by definition."""
+    """act((x - mean) / sqrt(var + eps) * w + b) * (1 + scale) + shift), float64, by definition;
+    act: None, "silu", "gelu" (erf) or "gelu_tanh"."""
     N, C = x.shape[:2]
     xg = x.double().reshape(N, groups, -1)
     mean = xg.mean(-1, keepdim=True)
@@ -65,6 +66,12 @@ def oracle(x, groups, weight, bias, scale, shift, activation, eps=EPS):
         y = y * (1 + scale.double().reshape(per_nc)) + shift.double().reshape(per_nc)
     if activation == "silu":
         y = y * torch.sigmoid(y)
+    elif activation == "gelu":  # v Phi(v), by definition (not through F.gelu)
+        y = y * 0.5 * (1 + torch.erf(y / 2 ** 0.5))
+    elif activation == "gelu_tanh":
+        y = 0.5 * y * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y ** 3)))
+    else:
+        assert activation is None, activation
     return y
 
 

@@ -1,56 +1,102 @@
-"""Triton GroupNorm (+ scale-shift) (+ SiLU) forward.
+"""Triton GroupNorm (+ scale-shift) (+ SiLU / GELU) forward, laid out for the memory-bandwidth limit.
 
-Programs own a (group, chunk of spatial positions) pair: grid (N * G, SPLITS). Element (n, c, s) is
-at n * stride_n + c * stride_c + s * stride_s, so contiguous and channels_last inputs share the code.
+Element (n, c, s) is at n * stride_n + c * stride_c + s * stride_s, so contiguous and channels_last
+inputs share the code. The launch plan is a plain function of the shape, dtype, layout and SM count,
+`launch_config(N, C, S, G, elem_bytes, channels_last, num_sms)`, so that scripts (the static compile
+check of benchmarks/gpu_static.py) build exactly the kernels a call would run.
 
-Statistics: per-lane Welford over tiles of x - K (K = the group's first element, so |mean| >> std
-costs no precision), lanes merged with Chan's formula at the end; chunks merged with Chan again.
+Plans (what the fastest public GroupNorm kernels do; no grid-wide synchronisation anywhere):
+- "resident": one program per (sample, group) holding the whole group in registers: x is read from
+  memory once and y written once, the bandwidth floor. Taken when the group's tile fits
+  (<= RESIDENT_MAX elements) and there are enough groups to fill the GPU (N * G >= the SM count).
+- "split": few groups (batch 1 or 2) or groups too large for registers, when the tensor fits in L2:
+  grid (N * G, SPLITS) with enough programs for every SM; `_partial_kernel` writes each chunk's
+  (mean, M2), `_apply_kernel` merges the group's partials (a few floats, Chan's formula) and applies
+  to its chunk, whose second read comes from L2.
+- "looped": groups too large for registers at a large batch (a tensor larger than L2, and at least
+  2 groups per SM), either layout: one program per group reads it tile by tile for the statistics,
+  then again to apply, while the group (<= a few hundred KB per program) is still in L2.
+- "rows" (channels_last with C, S > 1, few groups, no resident tile): grid (sample, block of spatial
+  rows, block of channels), coalesced along C: per-channel partials, a tiny per-group merge, then the
+  apply over the same rows (its second read from L2: the tensor is small when this plan is chosen).
+
+Statistics: x - K with K the group's first element (|mean| >> std costs no precision), then per
+register tile an exact two-pass (tile mean, then the sum of squared deviations from it), tiles merged
+with Chan's formula: no per-element division (a per-element Welford update divides once per element,
+which is the ALU cost that kept the previous kernel off the bandwidth limit).
 Apply: y = act(((x - K) - (mean - K)) * A[c] + B[c]), A and B folding rstd, affine and scale-shift.
-Subtracting first (and around K, held exactly) keeps full precision when |mean| >> std; folding the
-mean into B would cancel catastrophically.
 
-Launch plans:
-- SPLITS == 1 (enough groups to fill the GPU, or the CPU interpreter): one fused kernel, each
-  program computes its group's statistics then applies them; the second read of the group mostly
-  hits L2 because the same program has just read it.
-- SPLITS > 1 (few groups, e.g. batch 2): _stats_kernel writes per-chunk partials, _apply_kernel
-  merges them and applies.
+NaN / Inf: a NaN or +-inf anywhere in a group makes its mean or M2 NaN; tl.maximum(..., propagate_nan)
+keeps it (tl.maximum's default would drop it), so the whole group comes out NaN.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-# A NaN variance (a NaN or +-inf in the group) must reach the output: tl.maximum's default drops NaN
-# (max(NaN, 0) = 0 on GPUs and in the interpreter), which would hide it behind rstd = 1/sqrt(eps).
-_NAN: tl.constexpr = tl.PropagateNan.ALL
+# Largest register tile (elements) of a resident group / split chunk / looped tile, and its warps.
+RESIDENT_MAX = 16384
+LOOP_TILE = 4096
+L2_REUSE_BYTES = 24 << 20  # half of an H100's 50 MB L2: a second read of a tensor this size mostly hits
+H100_SMS = 132
 
 
 @triton.jit
-def _chunk_stats(x_ptr, base, shift, s_begin, s_end, CPG, stride_c, stride_s,
+def _act(v, ACT: tl.constexpr):
+    """ACT 0: none, 1: SiLU, 2: GELU (erf), 3: GELU, tanh form, as v * sigmoid(2u) = 0.5 v (1 + tanh(u)),
+    u = sqrt(2 / pi) (v + 0.044715 v^3) (the codes of diffkern.ops._group_norm_kernels.ACTIVATION_CODES)."""
+    if ACT == 1:
+        v = v * tl.sigmoid(v)
+    elif ACT == 2:
+        v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+    elif ACT == 3:
+        v = v * tl.sigmoid(1.5957691216057308 * (v + 0.044715 * v * v * v))
+    return v
+
+
+@triton.jit
+def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan's formula: the (count, mean, M2) of two disjoint sets (n_b > 0)."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    r = n_b / n
+    return n, mean_a + delta * r, m2_a + m2_b + delta * delta * (n_a * r)
+
+
+@triton.jit
+def _tile_load(x_ptr, base, c_begin, c_end, s_begin, s_end, stride_c, stride_s, K,
+               BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(x - K as float32 (0 where masked), mask, offsets, count) of the tile [c_begin, +BLOCK_C) x [s_begin, +BLOCK_S)."""
+    offs_c = c_begin + tl.arange(0, BLOCK_C)
+    offs_s = s_begin + tl.arange(0, BLOCK_S)
+    mask = (offs_c < c_end)[:, None] & (offs_s < s_end)[None, :]
+    offs = base + offs_c[:, None].to(tl.int64) * stride_c + offs_s[None, :].to(tl.int64) * stride_s
+    v = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K, 0.0)
+    cnt = ((tl.minimum(c_end, c_begin + BLOCK_C) - c_begin) * (tl.minimum(s_end, s_begin + BLOCK_S) - s_begin))
+    return v, mask, offs, cnt.to(tl.float32)
+
+
+@triton.jit
+def _tile_moments(v, mask, cnt):
+    """Exact two-pass (mean, M2) of a register tile (masked entries of v are 0)."""
+    mean = tl.sum(tl.sum(v, axis=1), axis=0) / cnt
+    d = tl.where(mask, v - mean, 0.0)
+    return mean, tl.sum(tl.sum(d * d, axis=1), axis=0)
+
+
+@triton.jit
+def _chunk_stats(x_ptr, base, K, s_begin, s_end, CPG, stride_c, stride_s,
                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """(count, mean, M2) of x - shift over the group's channels and spatial range [s_begin, s_end)."""
-    cnt = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
-    mean = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
-    m2 = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    """(count, mean, M2) of x - K over the group's channels and spatial range [s_begin, s_end)."""
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
     for cb in range(0, CPG, BLOCK_C):
-        offs_c = cb + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < CPG
         for sb in range(s_begin, s_end, BLOCK_S):
-            offs_s = sb + tl.arange(0, BLOCK_S)
-            mask = mask_c[:, None] & (offs_s < s_end)[None, :]
-            ptrs = x_ptr + base + offs_c[:, None].to(tl.int64) * stride_c + offs_s[None, :].to(tl.int64) * stride_s
-            v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - shift
-            cnt_new = cnt + mask.to(tl.float32)
-            delta = v - mean
-            mean = mean + tl.where(mask, delta / tl.maximum(cnt_new, 1.0), 0.0)
-            m2 = m2 + tl.where(mask, delta * (v - mean), 0.0)
-            cnt = cnt_new
-    total = tl.sum(tl.sum(cnt, axis=1), axis=0)
-    g_mean = tl.sum(tl.sum(cnt * mean, axis=1), axis=0) / tl.maximum(total, 1.0)
-    d = tl.where(cnt > 0, mean - g_mean, 0.0)
-    g_m2 = tl.sum(tl.sum(m2 + cnt * d * d, axis=1), axis=0)
-    return total, g_mean, g_m2
+            v, mask, _, cnt = _tile_load(x_ptr, base, cb, CPG, sb, s_end, stride_c, stride_s, K, BLOCK_C, BLOCK_S)
+            t_mean, t_m2 = _tile_moments(v, mask, cnt)
+            n, mean, m2 = _merge(n, mean, m2, cnt, t_mean, t_m2)
+    return n, mean, m2
 
 
 @triton.jit
@@ -72,29 +118,28 @@ def _channel_coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, ch, mask_c, 
 
 
 @triton.jit
-def _chunk_apply(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, n, c0, C, CPG,
-                 stride_c, stride_s, s_begin, s_end, shift, m, rstd,
-                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
-                 SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    for cb in range(0, CPG, BLOCK_C):
-        offs_c = cb + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < CPG
-        a, b = _channel_coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c0 + offs_c, mask_c,
-                                     tl.full([BLOCK_C], 1.0, tl.float32) * rstd,
-                                     HAS_WEIGHT, HAS_BIAS, HAS_SCALE_SHIFT)
-        for sb in range(s_begin, s_end, BLOCK_S):
-            offs_s = sb + tl.arange(0, BLOCK_S)
-            mask = mask_c[:, None] & (offs_s < s_end)[None, :]
-            offs = base + offs_c[:, None].to(tl.int64) * stride_c + offs_s[None, :].to(tl.int64) * stride_s
-            xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            v = ((xv - shift) - m) * a[:, None] + b[:, None]
-            if SILU:
-                v = v * tl.sigmoid(v)
-            tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
+def _rstd(m2, cnt, eps):
+    return 1.0 / tl.sqrt(tl.maximum(m2 / cnt, 0.0, propagate_nan=tl.PropagateNan.ALL) + eps)
 
 
 @triton.jit
-def _fused_kernel(
+def _chunk_apply(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, n, c0, C, CPG,
+                 stride_c, stride_s, s_begin, s_end, K, m, rstd,
+                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
+                 ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    for cb in range(0, CPG, BLOCK_C):
+        offs_c = cb + tl.arange(0, BLOCK_C)
+        a, b = _channel_coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c0 + offs_c, offs_c < CPG,
+                                     tl.full([BLOCK_C], 1.0, tl.float32) * rstd,
+                                     HAS_WEIGHT, HAS_BIAS, HAS_SCALE_SHIFT)
+        for sb in range(s_begin, s_end, BLOCK_S):
+            v, mask, offs, _ = _tile_load(x_ptr, base, cb, CPG, sb, s_end, stride_c, stride_s, K, BLOCK_C, BLOCK_S)
+            out = _act((v - m) * a[:, None] + b[:, None], ACT)
+            tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _resident_kernel(
     x_ptr, y_ptr,              # input and output, same strides
     w_ptr, b_ptr,              # (C,), or dummies when HAS_WEIGHT / HAS_BIAS are False
     scale_ptr, shift_ptr,      # (N, C) contiguous, or dummies when HAS_SCALE_SHIFT is False
@@ -102,24 +147,51 @@ def _fused_kernel(
     C, S, CPG,                 # channels, flattened spatial size, channels per group
     stride_n, stride_c, stride_s, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
-    SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    """One program per (n, g); the whole group is one register tile (BLOCK_C >= CPG, BLOCK_S >= S)."""
     ng = tl.program_id(0).to(tl.int64)
     G = C // CPG
     n = ng // G
     c0 = (ng % G) * CPG
     base = n * stride_n + c0 * stride_c
-    shift = tl.load(x_ptr + base).to(tl.float32)
-    total, m, m2 = _chunk_stats(x_ptr, base, shift, 0, S, CPG, stride_c, stride_s, BLOCK_C, BLOCK_S)
-    rstd = 1.0 / tl.sqrt(tl.maximum(m2 / total, 0.0, propagate_nan=_NAN) + eps)
-    tl.store(mean_ptr + ng, m + shift)
+    K = tl.load(x_ptr + base).to(tl.float32)
+    v, mask, offs, cnt = _tile_load(x_ptr, base, 0, CPG, 0, S, stride_c, stride_s, K, BLOCK_C, BLOCK_S)
+    m, m2 = _tile_moments(v, mask, cnt)
+    rstd = _rstd(m2, cnt, eps)
+    tl.store(mean_ptr + ng, m + K)
     tl.store(rstd_ptr + ng, rstd)
-    _chunk_apply(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, n, c0, C, CPG, stride_c, stride_s,
-                 0, S, shift, m, rstd, HAS_WEIGHT, HAS_BIAS, HAS_SCALE_SHIFT, SILU, BLOCK_C, BLOCK_S)
+    offs_c = tl.arange(0, BLOCK_C)
+    a, b = _channel_coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c0 + offs_c, offs_c < CPG,
+                                 tl.full([BLOCK_C], 1.0, tl.float32) * rstd, HAS_WEIGHT, HAS_BIAS, HAS_SCALE_SHIFT)
+    out = _act((v - m) * a[:, None] + b[:, None], ACT)
+    tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _stats_kernel(
+def _looped_kernel(
+    x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,   # as in _resident_kernel
+    C, S, CPG, stride_n, stride_c, stride_s, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (n, g): statistics tile by tile, then the apply re-reads the group (from L2)."""
+    ng = tl.program_id(0).to(tl.int64)
+    G = C // CPG
+    n = ng // G
+    c0 = (ng % G) * CPG
+    base = n * stride_n + c0 * stride_c
+    K = tl.load(x_ptr + base).to(tl.float32)
+    total, m, m2 = _chunk_stats(x_ptr, base, K, 0, S, CPG, stride_c, stride_s, BLOCK_C, BLOCK_S)
+    rstd = _rstd(m2, total, eps)
+    tl.store(mean_ptr + ng, m + K)
+    tl.store(rstd_ptr + ng, rstd)
+    _chunk_apply(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, n, c0, C, CPG, stride_c, stride_s,
+                 0, S, K, m, rstd, HAS_WEIGHT, HAS_BIAS, HAS_SCALE_SHIFT, ACT, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _partial_kernel(
     x_ptr,                     # input
     part_ptr,                  # float32 (N * G, SPLITS, 2): per chunk (mean of x - K, M2)
     C, S, CPG, stride_n, stride_c, stride_s,
@@ -130,10 +202,10 @@ def _stats_kernel(
     split = tl.program_id(1).to(tl.int64)
     G = C // CPG
     base = (ng // G) * stride_n + (ng % G) * CPG * stride_c
-    shift = tl.load(x_ptr + base).to(tl.float32)
+    K = tl.load(x_ptr + base).to(tl.float32)
     s_begin = split * chunk_s
     s_end = tl.minimum(s_begin + chunk_s, S)
-    _, m, m2 = _chunk_stats(x_ptr, base, shift, s_begin, s_end, CPG, stride_c, stride_s, BLOCK_C, BLOCK_S)
+    _, m, m2 = _chunk_stats(x_ptr, base, K, s_begin, s_end, CPG, stride_c, stride_s, BLOCK_C, BLOCK_S)
     out = part_ptr + (ng * SPLITS + split) * 2
     tl.store(out, m)
     tl.store(out + 1, m2)
@@ -141,13 +213,13 @@ def _stats_kernel(
 
 @triton.jit
 def _apply_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,   # as in _fused_kernel
-    part_ptr,                                         # float32 (N * G, SPLITS, 2) from _stats_kernel
+    x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,   # as in _resident_kernel
+    part_ptr,                                         # float32 (N * G, SPLITS, 2) from _partial_kernel
     mean_ptr, rstd_ptr,
     C, S, CPG, stride_n, stride_c, stride_s,
     chunk_s, SPLITS, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
-    SILU: tl.constexpr, SPLITS_P2: tl.constexpr,
+    ACT: tl.constexpr, SPLITS_P2: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     ng = tl.program_id(0).to(tl.int64)
@@ -156,7 +228,7 @@ def _apply_kernel(
     n = ng // G
     c0 = (ng % G) * CPG
     base = n * stride_n + c0 * stride_c
-    shift = tl.load(x_ptr + base).to(tl.float32)
+    K = tl.load(x_ptr + base).to(tl.float32)
     # merge the group's partials; chunk i holds min(chunk_s, S - i * chunk_s) * CPG elements
     idx = tl.arange(0, SPLITS_P2)
     pmask = idx < SPLITS
@@ -165,16 +237,16 @@ def _apply_kernel(
     p_m2 = tl.load(part_ptr + (ng * SPLITS + idx) * 2 + 1, mask=pmask, other=0.0)
     total = tl.sum(p_cnt)
     g_mean = tl.sum(p_cnt * p_mean) / total
-    dev = p_mean - g_mean
+    dev = tl.where(pmask, p_mean - g_mean, 0.0)
     g_m2 = tl.sum(p_m2 + p_cnt * dev * dev)
-    rstd = 1.0 / tl.sqrt(tl.maximum(g_m2 / total, 0.0, propagate_nan=_NAN) + eps)
+    rstd = _rstd(g_m2, total, eps)
     if split == 0:
-        tl.store(mean_ptr + ng, g_mean + shift)
+        tl.store(mean_ptr + ng, g_mean + K)
         tl.store(rstd_ptr + ng, rstd)
     s_begin = split * chunk_s
     s_end = tl.minimum(s_begin + chunk_s, S)
     _chunk_apply(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, n, c0, C, CPG, stride_c, stride_s,
-                 s_begin, s_end, shift, g_mean, rstd, HAS_WEIGHT, HAS_BIAS, HAS_SCALE_SHIFT, SILU, BLOCK_C, BLOCK_S)
+                 s_begin, s_end, K, g_mean, rstd, HAS_WEIGHT, HAS_BIAS, HAS_SCALE_SHIFT, ACT, BLOCK_C, BLOCK_S)
 
 
 @triton.jit
@@ -184,36 +256,31 @@ def _rows_stats_kernel(
     C, S, stride_n, rows,      # rows: spatial positions per program
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """grid (N, SBLOCKS, C / BLOCK_C): per-channel partials of one block of rows."""
     n = tl.program_id(0).to(tl.int64)
     sblock = tl.program_id(1).to(tl.int64)
     nsb = tl.num_programs(1)
     r_begin = sblock * rows
     r_end = tl.minimum(r_begin + rows, S)
     base = x_ptr + n * stride_n
-    for cb in range(0, C, BLOCK_C):
-        offs_c = cb + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        k = tl.load(base + offs_c, mask=mask_c, other=0.0).to(tl.float32)  # per-channel shift: row 0
-        cnt = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-        mean = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-        m2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-        for rb in range(r_begin, r_end, BLOCK_R):
-            offs_r = rb + tl.arange(0, BLOCK_R)
-            mask = (offs_r < r_end)[:, None] & mask_c[None, :]
-            v = tl.load(base + offs_r[:, None].to(tl.int64) * C + offs_c[None, :], mask=mask, other=0.0)
-            v = v.to(tl.float32) - k[None, :]
-            cnt_new = cnt + mask.to(tl.float32)
-            delta = v - mean
-            mean = mean + tl.where(mask, delta / tl.maximum(cnt_new, 1.0), 0.0)
-            m2 = m2 + tl.where(mask, delta * (v - mean), 0.0)
-            cnt = cnt_new
-        c_cnt = tl.sum(cnt, axis=0)
-        c_mean = tl.sum(cnt * mean, axis=0) / tl.maximum(c_cnt, 1.0)
-        d = tl.where(cnt > 0, mean - c_mean[None, :], 0.0)
-        c_m2 = tl.sum(m2 + cnt * d * d, axis=0)
-        out = part_ptr + ((n * nsb + sblock) * C + offs_c) * 2
-        tl.store(out, c_mean, mask=mask_c)
-        tl.store(out + 1, c_m2, mask=mask_c)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    k = tl.load(base + offs_c, mask=mask_c, other=0.0).to(tl.float32)  # per-channel shift: row 0
+    cnt = 0.0
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for rb in range(r_begin, r_end, BLOCK_R):
+        offs_r = rb + tl.arange(0, BLOCK_R)
+        mask = (offs_r < r_end)[:, None] & mask_c[None, :]
+        v = tl.load(base + offs_r[:, None].to(tl.int64) * C + offs_c[None, :], mask=mask, other=0.0)
+        v = tl.where(mask, v.to(tl.float32) - k[None, :], 0.0)
+        t_cnt = (tl.minimum(r_end, rb + BLOCK_R) - rb).to(tl.float32)
+        t_mean = tl.sum(v, axis=0) / t_cnt
+        d = tl.where(mask, v - t_mean[None, :], 0.0)
+        cnt, mean, m2 = _merge(cnt, mean, m2, t_cnt, t_mean, tl.sum(d * d, axis=0))
+    out = part_ptr + ((n * nsb + sblock) * C + offs_c) * 2
+    tl.store(out, mean, mask=mask_c)
+    tl.store(out + 1, m2, mask=mask_c)
 
 
 @triton.jit
@@ -243,148 +310,185 @@ def _rows_finalize_kernel(
         p_m2 = tl.load(part_ptr + offs + 1, mask=pmask, other=0.0)
         c_cnt = tl.sum(p_cnt)
         c_mean = tl.sum(p_cnt * p_mean) / c_cnt
-        d = p_mean - c_mean
-        c_m2 = tl.sum(p_m2 + p_cnt * d * d)
-        tot = cnt + c_cnt
-        delta = c_mean - mean
-        mean = mean + delta * (c_cnt / tot)
-        m2 = m2 + c_m2 + delta * delta * (cnt * c_cnt / tot)
-        cnt = tot
+        d = tl.where(pmask, p_mean - c_mean, 0.0)
+        cnt, mean, m2 = _merge(cnt, mean, m2, c_cnt, c_mean, tl.sum(p_m2 + p_cnt * d * d))
     tl.store(mean_ptr + ng, mean + k_group)
     tl.store(shifted_mean_ptr + ng, mean)
-    tl.store(rstd_ptr + ng, 1.0 / tl.sqrt(tl.maximum(m2 / cnt, 0.0, propagate_nan=_NAN) + eps))
+    tl.store(rstd_ptr + ng, _rstd(m2, cnt, eps))
 
 
 @triton.jit
 def _rows_apply_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,   # as in _fused_kernel (channels_last x, y)
+    x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr,   # as in _resident_kernel (channels_last x, y)
     shifted_mean_ptr, rstd_ptr,                       # float32 (N * G,) from _rows_finalize_kernel
     C, S, CPG, stride_n, rows,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
-    SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """grid (N, SBLOCKS, C / BLOCK_C), as _rows_stats_kernel."""
     n = tl.program_id(0).to(tl.int64)
     sblock = tl.program_id(1).to(tl.int64)
     G = C // CPG
     r_begin = sblock * rows
     r_end = tl.minimum(r_begin + rows, S)
     base = n * stride_n
-    for cb in range(0, C, BLOCK_C):
-        offs_c = cb + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        grp = n * G + offs_c // CPG
-        # x - mean as (x - K_g) - (mean - K_g): exact-ish when |mean| >> std
-        k = tl.load(x_ptr + base + (offs_c // CPG) * CPG, mask=mask_c, other=0.0).to(tl.float32)
-        m = tl.load(shifted_mean_ptr + grp, mask=mask_c, other=0.0)
-        a, b = _channel_coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, offs_c, mask_c,
-                                     tl.load(rstd_ptr + grp, mask=mask_c, other=0.0),
-                                     HAS_WEIGHT, HAS_BIAS, HAS_SCALE_SHIFT)
-        for rb in range(r_begin, r_end, BLOCK_R):
-            offs_r = rb + tl.arange(0, BLOCK_R)
-            mask = (offs_r < r_end)[:, None] & mask_c[None, :]
-            offs = base + offs_r[:, None].to(tl.int64) * C + offs_c[None, :]
-            xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            v = ((xv - k[None, :]) - m[None, :]) * a[None, :] + b[None, :]
-            if SILU:
-                v = v * tl.sigmoid(v)
-            tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    grp = n * G + offs_c // CPG
+    # x - mean as (x - K_g) - (mean - K_g): exact-ish when |mean| >> std
+    k = tl.load(x_ptr + base + (offs_c // CPG) * CPG, mask=mask_c, other=0.0).to(tl.float32)
+    m = tl.load(shifted_mean_ptr + grp, mask=mask_c, other=0.0)
+    a, b = _channel_coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, offs_c, mask_c,
+                                 tl.load(rstd_ptr + grp, mask=mask_c, other=0.0),
+                                 HAS_WEIGHT, HAS_BIAS, HAS_SCALE_SHIFT)
+    for rb in range(r_begin, r_end, BLOCK_R):
+        offs_r = rb + tl.arange(0, BLOCK_R)
+        mask = (offs_r < r_end)[:, None] & mask_c[None, :]
+        offs = base + offs_r[:, None].to(tl.int64) * C + offs_c[None, :]
+        xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = _act(((xv - k[None, :]) - m[None, :]) * a[None, :] + b[None, :], ACT)
+        tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows_config(N, C, S, device, rows=None):
-    """(BLOCK_C, BLOCK_R, rows per program, row blocks) for the channels_last plan."""
-    block_c = 64 if C % 64 == 0 or C > 64 else triton.next_power_of_2(C)
-    if C % 128 == 0:
-        block_c = 128
-    tile = 4096 if device.type == "cuda" else 1024
-    block_r = max(1, min(tile // block_c, triton.next_power_of_2(S)))
-    if rows is None:
-        if device.type == "cuda":
-            target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-            rows = triton.cdiv(S, max(1, min(target // N, 256)))
-        else:
-            rows = S
-    rows = triton.cdiv(max(rows, 1), block_r) * block_r
-    return block_c, block_r, rows, triton.cdiv(S, rows)
+# ---------------------------------------------------------------------------------------------
+# launch configuration: a plain function of the problem, for the launcher and for static checks
 
 
-def _launch_config(N, C, S, G, stride_c, device, splits=None):
-    """(BLOCK_C, BLOCK_S, SPLITS, chunk_s, num_warps). Tiles of ~TILE elements: along s when s is the
-    contiguous axis (whole channels at a time, no padding for Cg = 10 or 20), along the group's
-    channels first when c is (channels_last)."""
+def _p2(v):
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+def _warps(tile):
+    return 16 if tile > 8192 else 8 if tile >= 2048 else 4
+
+
+def _group_tile(cpg, S, channels_last, limit):
+    """(BLOCK_C, BLOCK_S) of a tile of at most `limit` elements over a group's channels and positions:
+    along s when s is the contiguous axis (whole channels at a time), along c first when c is."""
+    if channels_last and cpg > 1:
+        block_c = min(_p2(cpg), limit // 16)
+        block_s = max(1, min(_p2(S), limit // block_c))
+    else:
+        block_s = min(_p2(S), limit)
+        block_c = max(1, min(_p2(cpg), limit // block_s))
+    return block_c, block_s
+
+
+def launch_config(N, C, S, G, elem_bytes, channels_last, num_sms=None, *, plan=None, splits=None, rows=None,
+                  tile=None):
+    """The launch of group_norm_forward for x viewed as (N, C, S) with G groups, as a dict:
+
+        plan        "resident", "split", "looped" or "rows" (see the module docstring)
+        kernels     the kernels launched, in order
+        block_c, block_s (groups plans) / block_c, block_r, rows, sblocks (rows plan), splits, chunk_s,
+        num_warps, grid (of the main kernel), and for the static checks the compile-time flags.
+
+    elem_bytes: 4, 2 (x's element size); channels_last: stride_c == 1 (and C, S > 1); num_sms: the
+    GPU's SM count, or None for the CPU interpreter (which runs programs one after another, so the
+    fewest programs are fastest). plan / splits / rows / tile (the register tile's element budget)
+    force a plan and its chunking (tests reach every path on the CPU with them)."""
     cpg = C // G
-    on_gpu = device.type == "cuda"
-    tile = 4096 if on_gpu else 1024
-    if stride_c == 1 and cpg > 1:
-        block_c = min(triton.next_power_of_2(cpg), tile // 16)
-        block_s = max(16, min(triton.next_power_of_2(S), tile // block_c))
-    else:
-        block_s = max(16, min(triton.next_power_of_2(S), tile))
-        block_c = max(1, min(triton.next_power_of_2(cpg), tile // block_s))
-    if splits is not None:
-        splits = max(1, min(splits, triton.cdiv(S, block_s)))
-    elif on_gpu:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(1, min(triton.cdiv(4 * sms, N * G), triton.cdiv(S, block_s), 64))
-    else:
-        splits = 1  # the CPU interpreter runs programs one after another: fewest is fastest
-    chunk_s = triton.cdiv(triton.cdiv(S, splits), block_s) * block_s
+    on_gpu = num_sms is not None
+    full_c, full_s = _p2(cpg), _p2(S)
+    fits = full_c * full_s <= RESIDENT_MAX
+    cl = channels_last and C > 1 and S > 1
+    if plan is None:
+        if on_gpu:
+            big = N * C * S * elem_bytes > L2_REUSE_BYTES and N * G >= 2 * num_sms
+            if fits and N * G >= num_sms:
+                plan = "resident"
+            elif big:
+                plan = "looped"  # a second pass over the whole tensor would miss L2: re-read per group
+            else:
+                plan = "rows" if cl else "split"
+        else:
+            plan = "resident" if fits and splits is None else "rows" if cl and splits is None else (
+                "split" if splits is not None and splits > 1 else "looped")
+    if plan == "rows":
+        if not cl:
+            raise ValueError("group_norm: the 'rows' plan needs a channels_last input with C, S > 1")
+        block_c = 128 if C % 128 == 0 else 64 if (C % 64 == 0 or C > 64) else _p2(C)
+        block_r = max(1, min((tile or (LOOP_TILE if on_gpu else 1024)) // block_c, _p2(S)))
+        cblocks = triton.cdiv(C, block_c)
+        if rows is None:  # ~4 programs per SM over (sample, row block, channel block)
+            rows = triton.cdiv(S, max(1, min(triton.cdiv(4 * num_sms, N * cblocks), 256))) if on_gpu else S
+        rows = triton.cdiv(max(rows, 1), block_r) * block_r
+        sblocks = triton.cdiv(S, rows)
+        return dict(plan="rows", kernels=("_rows_stats_kernel", "_rows_finalize_kernel", "_rows_apply_kernel"),
+                    block_c=block_c, block_r=block_r, rows=rows, sblocks=sblocks, grid=(N, sblocks, cblocks),
+                    num_warps=_warps(block_c * block_r), splits=1, chunk_s=S)
+    if plan == "resident":
+        if not fits:
+            raise ValueError(f"group_norm: a group of {cpg} x {S} does not fit a resident tile "
+                             f"({full_c} x {full_s} > {RESIDENT_MAX})")
+        return dict(plan="resident", kernels=("_resident_kernel",), block_c=full_c, block_s=full_s,
+                    splits=1, chunk_s=S, grid=(N * G,), num_warps=_warps(full_c * full_s))
+    if plan == "looped":
+        block_c, block_s = _group_tile(cpg, S, channels_last, tile or (LOOP_TILE if on_gpu else 1024))
+        return dict(plan="looped", kernels=("_looped_kernel",), block_c=block_c, block_s=block_s, splits=1,
+                    chunk_s=S, grid=(N * G,), num_warps=_warps(block_c * block_s))
+    if plan != "split":
+        raise ValueError(f"group_norm: unknown plan {plan!r}")
+    # split: every chunk one register tile where possible, enough programs for every SM
+    block_c, block_s = _group_tile(cpg, S, channels_last, tile or (RESIDENT_MAX if on_gpu else 1024))
+    if splits is None:
+        want = triton.cdiv(2 * num_sms, N * G) if on_gpu else 1
+        splits = max(want, triton.cdiv(full_c * full_s, block_c * block_s))
+    splits = max(1, min(int(splits), S, 64))
+    chunk_s = triton.cdiv(S, splits)
+    if chunk_s < block_s:  # a smaller tile that the chunk fills
+        block_s = max(1, min(block_s, _p2(chunk_s)))
+    chunk_s = triton.cdiv(chunk_s, block_s) * block_s
     splits = triton.cdiv(S, chunk_s)
-    num_warps = 8 if block_c * block_s >= 2048 else 4
-    return block_c, block_s, splits, chunk_s, num_warps
+    return dict(plan="split", kernels=("_partial_kernel", "_apply_kernel"), block_c=block_c, block_s=block_s,
+                splits=splits, chunk_s=chunk_s, grid=(N * G, splits), num_warps=_warps(block_c * block_s))
 
 
-def group_norm_forward(x3, num_groups, weight, bias, scale, shift, eps, silu, y3, splits=None, plan=None,
-                       rows=None):
+def group_norm_forward(x3, num_groups, weight, bias, scale, shift, eps, act, y3, splits=None, plan=None,
+                       rows=None, tile=None):
     """Launch on x3/y3 viewed as (N, C, S) (any strides, shared by both). Returns (mean, rstd), (N, G) fp32.
 
-    plan: "rows" (channels_last only: programs over (sample, rows) x all channels, three launches) or
-    "groups" (programs over (group, chunk)); default: "rows" for channels_last with C, S > 1.
-    splits / rows force the chunking of either plan (tests use them to reach every path on CPU)."""
+    act: activation code, 0 none, 1 SiLU, 2 GELU (erf), 3 GELU (tanh); a bool is the old silu flag.
+    plan / splits / rows / tile: force a plan of `launch_config` and its chunking (tests)."""
     N, C, S = x3.shape
     G = num_groups
+    act = int(act)
     mean = torch.empty((N, G), device=x3.device, dtype=torch.float32)
     rstd = torch.empty((N, G), device=x3.device, dtype=torch.float32)
     sn, sc, ss = x3.stride()
     channels_last = sc == 1 and ss == C and C > 1 and S > 1
-    plan = plan or ("rows" if channels_last else "groups")
-    if plan == "rows":
-        if not channels_last:
-            raise ValueError("group_norm: the 'rows' plan needs a channels_last input")
-        return _launch_rows(x3, y3, G, weight, bias, scale, shift, eps, silu, mean, rstd, rows)
-    block_c, block_s, splits, chunk_s, num_warps = _launch_config(N, C, S, G, sc, x3.device, splits)
+    num_sms = (torch.cuda.get_device_properties(x3.device).multi_processor_count
+               if x3.device.type == "cuda" else None)
+    cfg = launch_config(N, C, S, G, x3.element_size(), channels_last, num_sms, plan=plan, splits=splits,
+                        rows=rows, tile=tile)
     dummy = x3
     params = (weight if weight is not None else dummy, bias if bias is not None else dummy,
               scale if scale is not None else dummy, shift if shift is not None else dummy)
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SCALE_SHIFT=scale is not None,
-                 SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
-    if splits == 1:
-        _fused_kernel[(N * G,)](x3, y3, *params, mean, rstd, C, S, C // G, sn, sc, ss, eps, **flags)
+                 ACT=act, num_warps=cfg["num_warps"])
+    cpg = C // G
+    if cfg["plan"] == "rows":
+        bc, br, nrows, sblocks = cfg["block_c"], cfg["block_r"], cfg["rows"], cfg["sblocks"]
+        part = torch.empty((N, sblocks, C, 2), device=x3.device, dtype=torch.float32)
+        _rows_stats_kernel[cfg["grid"]](x3, part, C, S, sn, nrows, BLOCK_C=bc, BLOCK_R=br,
+                                        num_warps=cfg["num_warps"])
+        shifted_mean = torch.empty_like(mean)
+        _rows_finalize_kernel[(N * G,)](x3, part, mean, rstd, shifted_mean, C, S, cpg, sn, nrows, sblocks, eps,
+                                        SB_P2=_p2(sblocks), num_warps=1)
+        _rows_apply_kernel[cfg["grid"]](x3, y3, *params, shifted_mean, rstd, C, S, cpg, sn, nrows,
+                                        BLOCK_C=bc, BLOCK_R=br, **flags)
         return mean, rstd
-    part = torch.empty((N * G, splits, 2), device=x3.device, dtype=torch.float32)
-    grid = (N * G, splits)
-    _stats_kernel[grid](x3, part, C, S, C // G, sn, sc, ss, chunk_s, splits,
-                        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
-    _apply_kernel[grid](x3, y3, *params, part, mean, rstd, C, S, C // G, sn, sc, ss, chunk_s, splits, eps,
-                        SPLITS_P2=triton.next_power_of_2(splits), **flags)
-    return mean, rstd
-
-
-def _launch_rows(x3, y3, G, weight, bias, scale, shift, eps, silu, mean, rstd, rows):
-    N, C, S = x3.shape
-    sn = x3.stride(0)
-    block_c, block_r, rows, sblocks = _rows_config(N, C, S, x3.device, rows)
-    num_warps = 8 if block_c * block_r >= 2048 else 4
-    part = torch.empty((N, sblocks, C, 2), device=x3.device, dtype=torch.float32)
-    _rows_stats_kernel[(N, sblocks)](x3, part, C, S, sn, rows, BLOCK_C=block_c, BLOCK_R=block_r,
-                                     num_warps=num_warps)
-    shifted_mean = torch.empty_like(mean)
-    _rows_finalize_kernel[(N * G,)](x3, part, mean, rstd, shifted_mean, C, S, C // G, sn, rows, sblocks, eps,
-                                    SB_P2=triton.next_power_of_2(sblocks), num_warps=1)
-    dummy = x3
-    _rows_apply_kernel[(N, sblocks)](
-        x3, y3, weight if weight is not None else dummy, bias if bias is not None else dummy,
-        scale if scale is not None else dummy, shift if shift is not None else dummy, shifted_mean, rstd,
-        C, S, C // G, sn, rows,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SCALE_SHIFT=scale is not None,
-        SILU=silu, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=num_warps)
+    tiles = dict(BLOCK_C=cfg["block_c"], BLOCK_S=cfg["block_s"])
+    if cfg["plan"] == "resident":
+        _resident_kernel[(N * G,)](x3, y3, *params, mean, rstd, C, S, cpg, sn, sc, ss, eps, **tiles, **flags)
+    elif cfg["plan"] == "looped":
+        _looped_kernel[(N * G,)](x3, y3, *params, mean, rstd, C, S, cpg, sn, sc, ss, eps, **tiles, **flags)
+    else:
+        nsplit, chunk_s = cfg["splits"], cfg["chunk_s"]
+        part = torch.empty((N * G, nsplit, 2), device=x3.device, dtype=torch.float32)
+        grid = (N * G, nsplit)
+        _partial_kernel[grid](x3, part, C, S, cpg, sn, sc, ss, chunk_s, nsplit, **tiles,
+                              num_warps=cfg["num_warps"])
+        _apply_kernel[grid](x3, y3, *params, part, mean, rstd, C, S, cpg, sn, sc, ss, chunk_s, nsplit, eps,
+                            SPLITS_P2=_p2(nsplit), **tiles, **flags)
     return mean, rstd
