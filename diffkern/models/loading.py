@@ -28,7 +28,8 @@ import torch
 from diffkern.models import compvis, compvis_text
 from diffkern.models.compvis import CheckpointError
 from diffkern.models.weights import (MODEL_CLASSES, folder_weights, key_problems, materialize,
-                                     model_class, on_meta, read_json, read_state_dict)
+                                     model_class, on_meta, plain_name, read_json_object, read_state_dict,
+                                     reading)
 
 __all__ = ["CheckpointError", "LoadedPipeline", "load", "load_component_folder", "read_state_dict"]
 
@@ -131,10 +132,12 @@ def load(path, *, dtype=None, device="cpu", variant=None, component=None, predic
 def load_component_folder(folder, *, dtype=None, device="cpu", variant=None):
     """The module of one diffusers component folder (config.json + weights), class by "_class_name"."""
     folder = Path(folder)
-    config = read_json(folder / "config.json")
+    config = read_json_object(folder / "config.json")
     name = config.get("_class_name")
     if name is None and (config.get("architectures") or config.get("model_type")):
         return _load_text_encoder(folder, dtype=dtype, device=device, variant=variant)
+    if name is not None and not isinstance(name, str):
+        raise CheckpointError(f"{folder / 'config.json'}: \"_class_name\" must be a string, got {name!r}")
     cls = model_class(name)
     sd = folder_weights(folder, "diffusion_pytorch_model", variant)
     factory = lambda: cls.from_config(config)  # noqa: E731
@@ -154,13 +157,14 @@ def _load_text_encoder(folder, *, dtype, device, variant):
         present = sorted(p.name for p in folder.iterdir())
         raise FileNotFoundError(f"{folder}: no model.{variant}.safetensors or model.{variant}.bin "
                                 f"(variant={variant!r}); files there: {present}")
-    if "CLIPTextModel" not in (read_json(folder / "config.json").get("architectures") or []):
+    if "CLIPTextModel" not in (read_json_object(folder / "config.json").get("architectures") or []):
         raise NotImplementedError(f"{folder}: weight variants are supported for CLIPTextModel text "
                                   "encoders only")
     from transformers import CLIPTextModel
 
-    model = CLIPTextModel.from_pretrained(folder, variant=variant, dtype=dtype or "auto",
-                                          local_files_only=True)
+    with reading(f"{folder} (text encoder, variant {variant!r})"):
+        model = CLIPTextModel.from_pretrained(folder, variant=variant, dtype=dtype or "auto",
+                                              local_files_only=True)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -188,7 +192,7 @@ def _load_part(name, cls, folder, *, dtype, device, variant, notes):
 
         return text_encoders.load_tokenizer(str(folder))
     if cls.endswith("Scheduler"):
-        return read_json(folder / "scheduler_config.json")
+        return read_json_object(folder / "scheduler_config.json")
     if cls in _NOT_LOADED:
         notes.append(f"{name} ({cls}) not loaded: diffkern pipelines do not run it")
         return None
@@ -197,8 +201,12 @@ def _load_part(name, cls, folder, *, dtype, device, variant, notes):
 
 
 def _load_pipeline_folder(folder, *, dtype, device, variant, component, prediction_type):
-    index = read_json(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     parts = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2}
+    for name, (_, cls) in parts.items():
+        plain_name(name, f"{folder / 'model_index.json'}: component")
+        if cls is not None and not isinstance(cls, str):
+            raise CheckpointError(f"{folder / 'model_index.json'}: {name!r} names its class {cls!r}, not a string")
     if component is not None:
         if component not in parts:
             raise ValueError(f"load: component {component!r} is not in {folder / 'model_index.json'} "
@@ -320,6 +328,10 @@ def _load_single_file(path, *, dtype, device, component, prediction_type, tokeni
         plans = _single_file_plans(parts, wanted, sample_size=sample_size, notes=notes)
     except CheckpointError as e:  # a tensor needed to infer a config is missing
         raise CheckpointError(f"{path}: {e}") from e
+    except (KeyError, IndexError, ValueError, TypeError, ArithmeticError, AttributeError, RuntimeError) as e:
+        # tensors of shapes no SD model has (a config inferred from them cannot be built)
+        raise CheckpointError(f"{path}: the tensors do not describe a Stable Diffusion 1.x / 2.x model "
+                              f"({type(e).__name__}: {e})") from e
 
     # Every problem of every part goes into one error, so one run shows all that is wrong.
     problems = []

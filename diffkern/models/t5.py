@@ -154,8 +154,11 @@ def load_t5(folder, *, dtype=None, device="cpu", variant=None):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"text_encoder: {folder} is not a folder (expected a T5EncoderModel "
                                 "folder with config.json and its weights)")
+    from diffkern.models.weights import reading
+
     kw = {"variant": variant} if variant is not None else {}
-    model = T5EncoderModel.from_pretrained(folder, dtype=dtype or "auto", local_files_only=True, **kw)
+    with reading(f"{folder} (T5EncoderModel)"):
+        model = T5EncoderModel.from_pretrained(folder, dtype=dtype or "auto", local_files_only=True, **kw)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -166,4 +169,7 @@ def load_t5_tokenizer(folder):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"tokenizer: {folder} is not a folder (expected tokenizer.json or "
                                 "spiece.model of a T5 tokenizer)")
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    from diffkern.models.weights import reading
+
+    with reading(f"{folder} (T5 tokenizer)"):
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import namedtuple
@@ -192,31 +191,36 @@ class LDMBertModel(nn.Module):
         The module is built on the meta device and the weights assigned, so no time is spent on a
         random initialisation of ~500M parameters. with_logits=False skips the unused head.
         """
+        from diffkern.models.weights import CheckpointError, key_problems, on_meta
+
         cfg = _read_json(os.path.join(folder, "config.json"))
         arch = {k: v for k, v in cfg.items() if k in LDMBERT_DEFAULTS}
-        with torch.device("meta"):
-            model = cls(with_logits=with_logits, **arch)
+        model = on_meta(lambda: cls(with_logits=with_logits, **arch), os.path.join(folder, "config.json"))
         state = _read_weights(folder)
         if not with_logits:
             state = {k: v for k, v in state.items() if not k.startswith("to_logits.")}
+        problems = key_problems(model, state, str(folder))
+        if problems:
+            raise CheckpointError(f"{folder}: the weights do not fit its config.json's LDMBertModel:\n  "
+                                  + "\n  ".join(problems))
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON object file (CheckpointError naming it when unreadable or not an object)."""
+    from diffkern.models.weights import read_json_object
+
+    return read_json_object(path)
 
 
 def _read_weights(folder):
+    from diffkern.models.weights import read_state_dict
+
     for name in ("model.safetensors", "pytorch_model.bin"):
         path = os.path.join(folder, name)
         if os.path.exists(path):
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(path)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return read_state_dict(path)  # CheckpointError naming the file for anything unreadable
     raise FileNotFoundError(f"folder: no model.safetensors or pytorch_model.bin in {folder}")
 
 
@@ -289,14 +293,20 @@ def load_text_encoder(folder, dtype=None, device=None):
 
     CLIPTextModel configs load through transformers; LDMBertModel configs build ours.
     """
+    from diffkern.models.weights import CheckpointError, reading
+
     cfg = _read_json(os.path.join(folder, "config.json"))
-    arch = (cfg.get("architectures") or [None])[0]
+    archs = cfg.get("architectures") or [None]
+    if not isinstance(archs, list):
+        raise CheckpointError(f"{os.path.join(folder, 'config.json')}: \"architectures\" must be a list, got {archs!r}")
+    arch = archs[0]
     if arch == "LDMBertModel" or cfg.get("model_type") == "ldmbert":
         return LDMBertModel.from_pretrained(folder, dtype=dtype, device=device)
     if arch in ("CLIPTextModel", "CLIPTextModelWithProjection") or cfg.get("model_type") == "clip_text_model":
         from transformers import CLIPTextModel
 
-        model = CLIPTextModel.from_pretrained(folder, dtype=dtype)
+        with reading(f"{folder} (CLIPTextModel)"):
+            model = CLIPTextModel.from_pretrained(folder, dtype=dtype, local_files_only=True)
         return model.to(device).eval().requires_grad_(False)
     raise ValueError(f"folder: {folder} holds a {arch or cfg.get('model_type')!r} text encoder; "
                      "supported: CLIPTextModel (SD 1.x / 2.x) and LDMBertModel (LDM text2im)")
@@ -309,10 +319,15 @@ def load_tokenizer(folder):
 
     config_path = os.path.join(folder, "tokenizer_config.json")
     name = _read_json(config_path).get("tokenizer_class") if os.path.exists(config_path) else None
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"{config_path}: \"tokenizer_class\" must be a string, got {name!r}")
     if name is None:
         name = "BertTokenizer" if os.path.exists(os.path.join(folder, "vocab.txt")) else "CLIPTokenizer"
     name = name.removesuffix("Fast")
     if name not in ("CLIPTokenizer", "BertTokenizer"):
         raise ValueError(f"folder: tokenizer class {name!r} in {folder} is not supported "
                          "(supported: CLIPTokenizer, BertTokenizer)")
-    return getattr(transformers, name).from_pretrained(folder)
+    from diffkern.models.weights import reading
+
+    with reading(f"{folder} ({name})"):
+        return getattr(transformers, name).from_pretrained(folder, local_files_only=True)

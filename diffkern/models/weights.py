@@ -8,6 +8,7 @@ CheckpointError naming it; keys that do not fit a module are listed all at once 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 from pathlib import Path
@@ -83,9 +84,42 @@ def read_state_dict(path):
 def read_json(path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: cannot read the JSON file ({type(e).__name__}: "
                               f"{first_line(e)})") from e
+
+
+def read_json_object(path):
+    """read_json of a file that must hold a JSON object (config.json, model_index.json, ...): CheckpointError
+    naming the file when it holds a list, a string or a number instead."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object ({{...}}), got a {type(value).__name__}")
+    return value
+
+
+@contextlib.contextmanager
+def reading(where):
+    """Around a third-party reader (transformers' from_pretrained, a tokenizer, safetensors): whatever it raises
+    on a bad file becomes one CheckpointError naming `where` (missing files stay FileNotFoundError,
+    unsupported classes NotImplementedError)."""
+    try:
+        yield
+    except (CheckpointError, FileNotFoundError, NotImplementedError):
+        raise
+    except Exception as e:  # a reader's error on a bad file is the file's problem, said with its name
+        hint = ""
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            hint = " (pickles are read with weights_only=True: convert the file to .safetensors with a tool you trust)"
+        raise CheckpointError(f"{where}: cannot load it ({type(e).__name__}: {first_line(e)}){hint}") from e
+
+
+def plain_name(name, where):
+    """A component / shard file name inside its folder: no path separators, no '..' (CheckpointError)."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or Path(name).name != name:
+        raise CheckpointError(f"{where}: {name!r} is not a plain name inside the folder")
+    return name
 
 
 def first_line(error):
@@ -102,14 +136,34 @@ def folder_weights(folder, stem, variant):
             return read_state_dict(single)
         index = folder / f"{stem}{suffix}.index{tag}.json"
         if index.is_file():
-            shards = sorted(set(read_json(index)["weight_map"].values()))
-            sd = {}
-            for shard in shards:
-                sd.update(read_state_dict(folder / shard))
-            return sd
+            return _sharded(folder, index)
     present = sorted(p.name for p in folder.iterdir())
     raise FileNotFoundError(f"{folder}: no {stem}{tag}.safetensors or {stem}{tag}.bin (variant={variant!r}); "
                             f"files there: {present}")
+
+
+def _sharded(folder, index):
+    """The tensors of a sharded checkpoint: every shard its index names (a {"weight_map": {tensor: shard}}
+    object), each read once; CheckpointError naming the index for a malformed map, a missing shard, or a
+    tensor the map promises that its shard does not hold."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: expected a non-empty \"weight_map\" object {{tensor name: shard file}}, got "
+                              f"{type(weight_map).__name__ if weight_map is not None else 'none'}")
+    bad = [f"{k!r}: {v!r}" for k, v in weight_map.items() if not isinstance(v, str)]
+    if bad:
+        raise CheckpointError(f"{index}: weight_map values must be shard file names: {compvis._cap(bad)}")
+    sd = {}
+    for shard in sorted(set(weight_map.values())):
+        plain_name(shard, f"{index}: weight_map shard")
+        if not (folder / shard).is_file():
+            raise CheckpointError(f"{index}: names the shard {shard}, which is not in {folder}")
+        sd.update(read_state_dict(folder / shard))
+    missing = sorted(k for k in weight_map if k not in sd)
+    if missing:
+        raise CheckpointError(f"{index}: {len(missing)} tensors it maps are in none of the shards: "
+                              f"{compvis._cap(missing)}")
+    return sd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,8 +184,10 @@ def on_meta(factory, what):
     try:
         with torch.device("meta"):
             return factory()
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{what}: its config is not supported by diffkern: {e}") from e
+    except (ValueError, TypeError, KeyError, IndexError, ArithmeticError, AttributeError, AssertionError) as e:
+        # a config value the constructor cannot use (a zero head width, a wrong type, a missing entry ...)
+        raise CheckpointError(f"{what}: its config is not supported by diffkern: {type(e).__name__}: "
+                              f"{first_line(e)}") from e
 
 
 def key_problems(module, sd, what, file_name=None):

@@ -187,14 +187,14 @@ def if_folder_pipeline(path, *, img2img=False, inpaint=False):
     _class_name), or None for any other path. An IF-I folder serves text-to-image, img2img=True and
     inpaint=True alike (the same weights); an IF-II folder super-resolution and its img2img / inpaint
     variants."""
-    import json
     import os
+
+    from diffkern.models.weights import read_json_object
 
     index = os.path.join(str(path), "model_index.json")
     if not os.path.isfile(index):
         return None
-    with open(index) as f:
-        name = json.load(f).get("_class_name")
+    name = read_json_object(index).get("_class_name")  # CheckpointError naming a malformed file
     if name not in _IF_FOLDERS:
         return None
     from diffkern import pipelines as P

@@ -328,3 +328,188 @@ def test_argument_and_folder_errors(tmp_path):
     (tmp_path / "x.ckpt").write_bytes(b"")
     with pytest.raises(ValueError, match="variant"):
         load(tmp_path / "x.ckpt", variant="fp16")
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile files: every one a CheckpointError naming the file (never AttributeError / KeyError / ...)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def good_pipe(tmp_path_factory):
+    """A small SD pipeline folder (diffusers' save_pretrained) to break one file at a time."""
+    from transformers import CLIPTokenizer
+
+    root = tmp_path_factory.mktemp("hostile")
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(root / "tok"), model_max_length=16)
+    pipe = diffusers.StableDiffusionPipeline(
+        unet=tiny_unet(), vae=tiny_vae(), text_encoder=tiny_clip(), tokenizer=tokenizer, scheduler=sd_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+def _copy(good, tmp_path):
+    import shutil
+
+    return shutil.copytree(good, tmp_path / "pipe")
+
+
+def _json(path, value):
+    path.write_text(json.dumps(value))
+
+
+def _shard(folder):
+    """Rewrite the UNet's weights as two shards + index (diffusers' layout); returns (index path, weight_map)."""
+    from safetensors.torch import load_file, save_file
+
+    single = folder / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(single))
+    names = sorted(sd)
+    half = len(names) // 2
+    parts = {"a-00001.safetensors": names[:half], "a-00002.safetensors": names[half:]}
+    for shard, keys in parts.items():
+        save_file({k: sd[k].contiguous() for k in keys}, str(folder / shard))
+    single.unlink()
+    weight_map = {k: shard for shard, keys in parts.items() for k in keys}
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    _json(index, {"metadata": {}, "weight_map": weight_map})
+    return index, weight_map
+
+
+def _break(case, pipe):
+    """Break one file of the pipeline folder `pipe`; returns (path to load, text the error must contain)."""
+    unet = pipe / "unet"
+    if case == "config-list":
+        _json(unet / "config.json", [1, 2])
+        return unet, "config.json: expected a JSON object"
+    if case == "config-not-json":
+        (unet / "config.json").write_bytes(b"\xff\xfe{not json")
+        return unet, "config.json: cannot read the JSON file"
+    if case == "config-zero-heads":
+        cfg = json.loads((unet / "config.json").read_text())
+        _json(unet / "config.json", dict(cfg, attention_head_dim=0, block_out_channels="abc"))
+        return unet, "its config is not supported"
+    if case == "class-name-number":
+        cfg = json.loads((unet / "config.json").read_text())
+        _json(unet / "config.json", dict(cfg, _class_name=7))
+        return unet, '"_class_name" must be a string'
+    if case == "model-index-list":
+        _json(pipe / "model_index.json", ["unet"])
+        return pipe, "model_index.json: expected a JSON object"
+    if case == "model-index-escape":
+        index = json.loads((pipe / "model_index.json").read_text())
+        _json(pipe / "model_index.json", dict(index, **{"../unet": ["diffusers", "UNet2DConditionModel"]}))
+        return pipe, "'../unet' is not a plain name"
+    if case == "model-index-class":
+        index = json.loads((pipe / "model_index.json").read_text())
+        _json(pipe / "model_index.json", dict(index, unet=["diffusers", 42]))
+        return pipe, "names its class 42"
+    if case == "scheduler-list":
+        _json(pipe / "scheduler" / "scheduler_config.json", [])
+        return pipe, "scheduler_config.json: expected a JSON object"
+    index, weight_map = _shard(unet)
+    if case == "shard-no-map":
+        _json(index, {"metadata": {}})
+        return unet, 'expected a non-empty "weight_map"'
+    if case == "shard-map-list":
+        _json(index, {"weight_map": list(weight_map)})
+        return unet, 'expected a non-empty "weight_map"'
+    if case == "shard-missing":
+        (unet / "a-00002.safetensors").unlink()
+        return unet, "names the shard a-00002.safetensors, which is not in"
+    if case == "shard-escape":
+        _json(index, {"weight_map": dict(weight_map, x="../../etc/passwd")})
+        return unet, "'../../etc/passwd' is not a plain name"
+    if case == "shard-promises-more":
+        _json(index, {"weight_map": dict(weight_map, **{"extra.weight": "a-00001.safetensors"})})
+        return unet, "1 tensors it maps are in none of the shards: extra.weight"
+    if case == "shard-not-tensors":
+        (unet / "a-00001.safetensors").write_bytes(b"\x00" * 64)
+        return unet, "a-00001.safetensors: cannot read the checkpoint"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["config-list", "config-not-json", "config-zero-heads", "class-name-number",
+                                  "model-index-list", "model-index-escape", "model-index-class", "scheduler-list",
+                                  "shard-no-map", "shard-map-list", "shard-missing", "shard-escape",
+                                  "shard-promises-more", "shard-not-tensors"])
+def test_hostile_folders_raise_checkpoint_error_naming_the_file(good_pipe, tmp_path, case):
+    path, expected = _break(case, _copy(good_pipe, tmp_path))
+    with pytest.raises(CheckpointError) as err:
+        load(path)
+    assert expected in str(err.value) and str(path) in str(err.value), str(err.value)
+
+
+def test_hostile_text_encoder_and_tokenizer_files(good_pipe, tmp_path):
+    pipe = _copy(good_pipe, tmp_path)
+    te = pipe / "text_encoder"
+    for weights in te.glob("model*.safetensors"):
+        weights.unlink()
+    (te / "pytorch_model.bin").write_bytes(b"\x80\x02garbage that is no pickle")
+    with pytest.raises(CheckpointError, match="text_encoder") as err:
+        load(pipe)
+    assert "cannot" in str(err.value)
+    _json(te / "config.json", {"architectures": "CLIPTextModel", "model_type": "clip_text_model"})
+    with pytest.raises(CheckpointError, match='"architectures" must be a list'):
+        load(te)
+    _json(te / "config.json", ["not", "a", "config"])
+    with pytest.raises(CheckpointError, match="text_encoder/config.json: expected a JSON object"):
+        load(te)
+    _json(pipe / "tokenizer" / "tokenizer_config.json", [1])
+    from diffkern.models.text_encoders import load_tokenizer
+
+    with pytest.raises(CheckpointError, match="tokenizer_config.json: expected a JSON object"):
+        load_tokenizer(str(pipe / "tokenizer"))
+    (pipe / "tokenizer" / "tokenizer_config.json").unlink()
+    for name in ("vocab.json", "tokenizer.json"):
+        (pipe / "tokenizer" / name).write_text("[1, 2, 3]")
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        load_tokenizer(str(pipe / "tokenizer"))
+
+
+def test_hostile_t5_unclip_if_and_glide_files(tmp_path):
+    """The other folder loaders: T5 (IF), Karlo's diffusers folders, IF's folder detection, GLIDE's tokenizer."""
+    import gzip
+
+    from diffkern.models.glide.tokenizer import GlideTokenizer
+    from diffkern.models.t5 import load_t5, load_t5_tokenizer
+    from diffkern.models.unclip.folders import load_unclip_folder, unclip_pipeline_class
+    from diffkern.pipelines.imagen import if_folder_pipeline
+
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    _json(t5 / "config.json", {"model_type": "t5", "architectures": ["T5EncoderModel"], "d_model": 8, "d_ff": 16,
+                               "d_kv": 4, "num_heads": 2, "num_layers": 1, "vocab_size": 32})
+    (t5 / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken header}")
+    with pytest.raises(CheckpointError, match="t5"):
+        load_t5(str(t5))
+    (t5 / "tokenizer.json").write_text("{\"not\": \"a tokenizer\"}")
+    with pytest.raises(CheckpointError, match="T5 tokenizer"):
+        load_t5_tokenizer(str(t5))
+
+    karlo = tmp_path / "karlo"
+    karlo.mkdir()
+    _json(karlo / "model_index.json", ["UnCLIPPipeline"])
+    with pytest.raises(CheckpointError, match="model_index.json: expected a JSON object"):
+        unclip_pipeline_class(karlo)
+    with pytest.raises(CheckpointError, match="model_index.json: expected a JSON object"):
+        if_folder_pipeline(karlo)
+    _json(karlo / "model_index.json", {"_class_name": "UnCLIPPipeline", "../prior": ["diffusers", "PriorTransformer"]})
+    with pytest.raises(CheckpointError, match="not a plain name"):
+        load_unclip_folder(karlo)
+    _json(karlo / "model_index.json", {"_class_name": "UnCLIPPipeline", "prior_scheduler": ["diffusers",
+                                                                                             "UnCLIPScheduler"]})
+    (karlo / "prior_scheduler").mkdir()
+    _json(karlo / "prior_scheduler" / "scheduler_config.json", [0])
+    with pytest.raises(CheckpointError, match="scheduler_config.json: expected a JSON object"):
+        load_unclip_folder(karlo)
+
+    glide = tmp_path / "glide_tok"
+    glide.mkdir()
+    (glide / "encoder.json.gz").write_bytes(b"not gzip at all")
+    (glide / "vocab.bpe.gz").write_bytes(gzip.compress(b"#version: 0.2\n"))
+    with pytest.raises(CheckpointError, match="encoder.json.gz: cannot read"):
+        GlideTokenizer.from_path(glide)
+    (glide / "encoder.json.gz").write_bytes(gzip.compress(b"[1, 2]"))
+    with pytest.raises(CheckpointError, match="expected a JSON object"):
+        GlideTokenizer.from_path(glide)

@@ -60,8 +60,27 @@ def _read_text(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
-    data = path.read_bytes()
-    return (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8")
+    from diffkern.models.weights import CheckpointError
+
+    try:
+        data = path.read_bytes()
+        return (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:  # unreadable, a broken gzip, not UTF-8
+        raise CheckpointError(f"{path}: cannot read the tokenizer file ({type(e).__name__}: {e})") from e
+
+
+def _json_object(path):
+    from diffkern.models.weights import CheckpointError
+
+    try:
+        value = json.loads(_read_text(path))
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
+        raise CheckpointError(f"{path}: expected a JSON object {{token: id}}, got {type(value).__name__}")
+    return value
 
 
 def _find(folder, names, what):
@@ -148,7 +167,7 @@ class GlideTokenizer(_BytePairEncoder):
             raise FileNotFoundError(f"GlideTokenizer.from_path: path must be a folder, got {folder}")
         enc = _find(folder, ("encoder.json.gz", "encoder.json", "vocab.json"), "vocabulary")
         bpe = _find(folder, ("vocab.bpe.gz", "vocab.bpe", "merges.txt"), "merges file")
-        encoder = json.loads(_read_text(enc))
+        encoder = _json_object(enc)
         lines = _read_text(bpe).split("\n")
         merges = [tuple(line.split()) for line in lines[1:] if line.strip()]  # line 0 is "#version"
         return cls(encoder, merges)
@@ -181,7 +200,7 @@ class ClipTokenizer(_BytePairEncoder):
         """OpenAI's bpe_simple_vocab_16e6.txt(.gz), or a CLIP tokenizer folder (vocab.json + merges.txt)."""
         path = Path(path)
         if path.is_dir():
-            encoder = json.loads(_read_text(_find(path, ("vocab.json",), "vocab.json")))
+            encoder = _json_object(_find(path, ("vocab.json",), "vocab.json"))
             lines = _read_text(_find(path, ("merges.txt",), "merges.txt")).split("\n")
             merges = [tuple(line.split()) for line in lines[1:] if line.strip()]
             return cls(encoder, merges)

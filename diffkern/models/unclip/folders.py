@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffkern.models.weights import MODEL_CLASSES, read_json
+from diffkern.models.weights import MODEL_CLASSES, CheckpointError, plain_name, read_json_object, reading
 
 UNCLIP_PIPELINES = ("UnCLIPPipeline", "UnCLIPImageVariationPipeline")
 _CLIP_TOWERS = ("CLIPTextModelWithProjection", "CLIPVisionModelWithProjection")
@@ -21,7 +21,7 @@ def unclip_pipeline_class(folder):
     index = Path(folder) / "model_index.json"
     if not Path(folder).is_dir() or not index.is_file():
         return None
-    name = read_json(index).get("_class_name")
+    name = read_json_object(index).get("_class_name")
     return name if name in UNCLIP_PIPELINES else None
 
 
@@ -29,7 +29,8 @@ def load_clip_tower(cls, folder, dtype=None, device="cpu"):
     """A transformers CLIPTextModelWithProjection / CLIPVisionModelWithProjection folder, frozen, in eval mode."""
     import transformers
 
-    model = getattr(transformers, cls).from_pretrained(str(folder), local_files_only=True, dtype=dtype or "auto")
+    with reading(f"{folder} ({cls})"):
+        model = getattr(transformers, cls).from_pretrained(str(folder), local_files_only=True, dtype=dtype or "auto")
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -44,12 +45,15 @@ def load_unclip_folder(folder, *, dtype=None, device="cpu", variant=None):
     from diffkern.schedulers import UnCLIPScheduler
 
     folder = Path(folder)
-    index = read_json(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     out = {}
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2:
             continue
         cls = spec[1]
+        plain_name(name, f"{folder / 'model_index.json'}: component")
+        if cls is not None and not isinstance(cls, str):
+            raise CheckpointError(f"{folder / 'model_index.json'}: {name!r} names its class {cls!r}, not a string")
         sub = folder / name
         if cls is None:
             out[name] = None
@@ -65,9 +69,12 @@ def load_unclip_folder(folder, *, dtype=None, device="cpu", variant=None):
         elif cls.startswith("CLIPImageProcessor") or cls == "CLIPFeatureExtractor":
             import transformers  # transformers 5 may save the PIL variant's name (CLIPImageProcessorPil)
 
-            out[name] = getattr(transformers, cls, transformers.CLIPImageProcessor).from_pretrained(str(sub))
+            with reading(f"{sub} ({cls})"):
+                out[name] = getattr(transformers, cls, transformers.CLIPImageProcessor).from_pretrained(str(sub))
         elif cls.endswith("Scheduler"):
-            out[name] = UnCLIPScheduler.from_pretrained(str(sub))
+            read_json_object(sub / "scheduler_config.json")  # a bad file is named before the scheduler reads it
+            with reading(f"{sub} ({cls})"):
+                out[name] = UnCLIPScheduler.from_pretrained(str(sub))
         else:
             raise NotImplementedError(f"{folder}: component {name!r} of class {cls!r} is not loadable by diffkern")
     return out
