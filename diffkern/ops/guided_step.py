@@ -288,8 +288,23 @@ _cuda_unavailable = _backends.extension_unavailable("guided_step_forward", need_
 _triton_unavailable = _backends.triton_unavailable
 
 
+def launch_limits(x, clip, cuda):
+    """Reasons a kernel backend cannot launch on x's sizes: samples are grid axis 1 (at most 65535 on a
+    GPU) and the CUDA radix select of dynamic thresholding counts in 32 bits. Checked here, so that a
+    backend never accepts a call and then fails in its launcher (or with another op's message)."""
+    why = []
+    B = x.shape[0]
+    if cuda and B > 65535:
+        why.append(f"at most 65535 samples per call, got {B}")
+    n = x.numel() // max(B, 1)
+    if cuda and clip == "dynamic" and n >= 2 ** 32:
+        why.append(f"clip='dynamic' takes at most 2^32 - 1 elements per sample on CUDA, got {n}")
+    return why
+
+
 def _triton_reasons(call):
-    return _backends.tensor_reasons(call.sample, _backends.triton_device_types(), KERNEL_DTYPES)
+    return (_backends.tensor_reasons(call.sample, _backends.triton_device_types(), KERNEL_DTYPES)
+            + launch_limits(call.sample, call.clip, call.sample.device.type == "cuda"))
 
 _fam = _dispatch.op_family(OP)
 _fam.register(_dispatch.Backend(
@@ -306,7 +321,7 @@ _fam.register(_dispatch.Backend(
 _fam.register(_dispatch.Backend(
     "cuda", _kernel_runner(_launch_compiled), _cuda_unavailable,
     lambda call: _backends.tensor_reasons(call.sample, ("cuda",), KERNEL_DTYPES)
-    + ([f"at most 65535 samples per call, got {call.sample.shape[0]}"] if call.sample.shape[0] > 65535 else []),
+    + launch_limits(call.sample, call.clip, True),
     "CUDA C++ kernel, one pass (two with dynamic thresholding: the radix select of dynamic_threshold)"))
 # Automatic choice, fastest first. CPU: the C++ kernel is 20-74x the diffusers-style eager chain on
 # the benchmark shapes (benchmarks/results/guided_step-cpu-*.md); the Triton interpreter is for

@@ -14,7 +14,7 @@ import torch
 from diffkern import _dispatch, _ext
 from diffkern.kernels import reference_multistep as reference
 from diffkern.ops import _backends
-from diffkern.ops.guided_step import guidance_and_clip_scalars, thresholds_by_selection
+from diffkern.ops.guided_step import guidance_and_clip_scalars, launch_limits, thresholds_by_selection
 
 OP = "sampler_update"
 CLIPS = ("none", "static", "dynamic")
@@ -210,13 +210,14 @@ _fam.register(_dispatch.Backend(
     "C++ kernel, at::parallel_for, one pass (two with dynamic thresholding)"))
 _fam.register(_dispatch.Backend(
     "triton", _kernel_runner(_launch_triton), _backends.triton_unavailable,
-    lambda call: _backends.tensor_reasons(call.sample, _backends.triton_device_types(), KERNEL_DTYPES),
+    lambda call: _backends.tensor_reasons(call.sample, _backends.triton_device_types(), KERNEL_DTYPES)
+    + launch_limits(call.sample, call.clip, call.sample.device.type == "cuda"),
     "Triton kernel, one pass (two with dynamic thresholding)"))
 _fam.register(_dispatch.Backend(
     "cuda", _kernel_runner(_launch_compiled),
     _backends.extension_unavailable("sampler_update_forward", need_cuda=True),
     lambda call: _backends.tensor_reasons(call.sample, ("cuda",), KERNEL_DTYPES)
-    + ([f"at most 65535 samples per call, got {call.sample.shape[0]}"] if call.sample.shape[0] > 65535 else []),
+    + launch_limits(call.sample, call.clip, True),
     "CUDA C++ kernel, one pass (two with dynamic thresholding)"))
 # Automatic choice, fastest first. CPU: the C++ kernel (benchmarks/results/schedulers-cpu-*.md has the
 # scheduler steps against diffusers'); the Triton interpreter is for tests only. CUDA: the cuda kernel

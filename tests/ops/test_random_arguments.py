@@ -78,7 +78,7 @@ def _params(op, cases, kernel_cases=None):
     """(backend, case) params; the Triton interpreter (slow) runs the first kernel_cases cases."""
     out = []
     for b in ("reference", "sdpa", "cpu", "triton", "cuda"):
-        if b == "sdpa" and op != "attention" or b == "cpu" and op == "attention":
+        if b == "sdpa" and op != "attention" or b in ("cpu", "cuda") and op == "attention":
             continue
         n = len(cases) if b != "triton" or kernel_cases is None else kernel_cases
         marks = (pytest.mark.cuda,) if b == "cuda" else ()
@@ -838,3 +838,16 @@ def test_compiled_entry_points_validate_inputs():
         with pytest.raises((ValueError, TypeError)) as info:
             _call_ext(ext, name, a)
         assert name.split("_forward")[0] in str(info.value), f"case {i}: {info.value}"
+
+
+def test_kernel_backends_declare_their_launch_limits():
+    """A kernel backend refuses (with its reason) what its launch cannot take, instead of accepting the
+    call and failing in the launcher or with dynamic_threshold's message."""
+    from diffkern.ops.guided_step import launch_limits
+
+    many = torch.empty(65536, 1, device="meta")
+    assert any("65535 samples" in r for r in launch_limits(many, "none", True))
+    assert launch_limits(many, "none", False) == []  # the CPU kernels and the interpreter have no grid limit
+    long = torch.empty(1, 2 ** 32, device="meta")
+    assert any("2^32" in r for r in launch_limits(long, "dynamic", True))
+    assert launch_limits(long, "static", True) == []

@@ -1,6 +1,6 @@
 """Triton guided_step: one elementwise pass over (sample, model_output[, uncond][, noise]).
 
-Grid (B, cdiv(N, BLOCK)), N = C * spatial: a program owns one block of one sample, so the per-sample
+Grid (cdiv(N, BLOCK), B), N = C * spatial: a program owns one block of one sample, so the per-sample
 coefficients are scalars. With STATS_ONLY the pass writes |unclipped x0| as float32 and nothing else
 (the statistics pass of dynamic thresholding); the host then picks the per-sample thresholds.
 With SEEDED the noise is drawn in the kernel: Philox4x32-10 (tl.philox) on the counter
@@ -41,8 +41,8 @@ def _guided_step_kernel(
     LEARNED: tl.constexpr, HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SEEDED: tl.constexpr,
     STATS_ONLY: tl.constexpr, EPS_FROM_CLIPPED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     cp = coeffs_ptr + b * K
     sa = tl.load(cp)
@@ -107,7 +107,7 @@ def guided_step(call, x, m, u, noise, coeffs, prev, x0, thresholds, abs_out, blo
         block = 1024 if x.device.type == "cuda" else 256
     block = min(block, max(16, triton.next_power_of_2(N)))
     dummy = coeffs
-    grid = (B, triton.cdiv(N, block))
+    grid = (triton.cdiv(N, block), B)  # blocks on axis 0 (up to 2^31 - 1), samples on axis 1 (65535)
     _guided_step_kernel[grid](
         x, m, u if u is not None else x, noise if noise is not None else x, coeffs,
         thresholds if thresholds is not None else dummy, prev, x0,

@@ -1,6 +1,6 @@
 """Triton sampler_update: one elementwise pass over (sample, model_output[, uncond], history...[, noise]).
 
-Grid (B, cdiv(N, BLOCK)), N = elements per sample: a program owns one block of one sample, so the
+Grid (cdiv(N, BLOCK), B), N = elements per sample: a program owns one block of one sample, so the
 per-sample coefficients are scalars. H (the number of history tensors, at most 6) is a constexpr:
 the unused pointer slots get a dummy and are never loaded. With STATS_ONLY the pass writes |d|
 (unclipped) as float32 and nothing else (the statistics pass of dynamic thresholding).
@@ -45,8 +45,8 @@ def _sampler_update_kernel(
     HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, AUX: tl.constexpr, STATS_ONLY: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     base = b * N
     cp = coeffs_ptr + b * K
@@ -100,7 +100,8 @@ def sampler_update(call, x, m, u, noise, hist, coeffs, out, d, aux, thresholds, 
     block = min(block, max(16, triton.next_power_of_2(N)))
     slots = list(hist) + [x] * (6 - len(hist))
     dummy = coeffs
-    _sampler_update_kernel[(B, triton.cdiv(N, block))](
+    _sampler_update_kernel[(triton.cdiv(N, block), B)](  # axis 1 (samples): at most 65535
+       
         x, m, u if u is not None else x, noise if noise is not None else x, *slots, coeffs,
         thresholds if thresholds is not None else dummy, out, d, aux if aux is not None else out,
         abs_out if abs_out is not None else dummy,
