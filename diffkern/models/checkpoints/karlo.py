@@ -433,16 +433,21 @@ def _read(path, what):
 
 
 def _clip_parts(clip, dtype, device):
-    if isinstance(clip, dict):
+    if isinstance(clip, dict) and "text_encoder" in clip and "tokenizer" in clip:
         return clip["text_encoder"], clip["tokenizer"]
     if isinstance(clip, (tuple, list)) and len(clip) == 2:
         return clip
     if isinstance(clip, (str, Path)) and Path(clip).is_dir():
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+        from diffkern.models.weights import reading
+
         # Karlo pads with "!" (id 0), as diffusers' conversion sets it; the padding mask hides it anyway.
-        tokenizer = CLIPTokenizer.from_pretrained(str(clip), pad_token="!")
-        encoder = CLIPTextModelWithProjection.from_pretrained(str(clip), local_files_only=True, dtype=dtype or "auto")
+        with reading(f"{clip} (CLIP tokenizer)"):
+            tokenizer = CLIPTokenizer.from_pretrained(str(clip), pad_token="!", local_files_only=True)
+        with reading(f"{clip} (CLIPTextModelWithProjection)"):
+            encoder = CLIPTextModelWithProjection.from_pretrained(str(clip), local_files_only=True,
+                                                                  dtype=dtype or "auto")
         return encoder.to(device).eval().requires_grad_(False), tokenizer
     raise ValueError("clip: expected a local CLIP ViT-L/14 folder (openai/clip-vit-large-patch14), a "
                      f"(text_encoder, tokenizer) pair or a dict with those keys, got {clip!r}")
