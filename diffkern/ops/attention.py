@@ -52,6 +52,9 @@ def attention(q, k, v, *, attn_bias=None, causal=False, scale=None, kv_prefix=No
         - An Inf does the same with "non-finite" for NaN: Inf or NaN, whichever the arithmetic
           gives (+Inf scores give NaN rows, inf - inf in the softmax). A score that comes out -inf
           acts as a masked key.
+        - A finite float attn_bias entry stays finite whatever q's dtype: sdpa and xformers take the
+          mask in q's dtype, so a wider bias (float32 beside float16 q) is shifted per row by its
+          largest visible finite entry before the cast (softmax ignores the shift).
         - Everything else stays finite. One exception, as in every fused kernel: a non-finite k or
           v of a key that a row masks may still reach that row (0 * NaN in the probabilities x
           values product, or NaN + -inf in a peer's scores), so masking is no NaN filter.
@@ -299,6 +302,8 @@ def _triton_reasons(c):
     why = _backends.device_reasons(c.q, _backends.triton_device_types())
     if c.q.shape[-1] > MAX_HEAD_DIM_TRITON or c.q.shape[-1] < 1:
         why.append(f"head dim {c.q.shape[-1]} not supported (takes 1 to {MAX_HEAD_DIM_TRITON})")
+    if c.q.device.type == "cuda" and c.q.shape[0] * c.q.shape[1] > 65535:  # B * H is grid axis 1
+        why.append(f"at most 65535 batch x heads on a GPU, got {c.q.shape[0] * c.q.shape[1]}")
     return why + _backends.dtype_reasons(c.q, KERNEL_DTYPES)
 
 _fam = _dispatch.op_family(OP)
