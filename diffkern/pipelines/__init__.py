@@ -69,11 +69,12 @@ def load_pipeline(path, *, dtype=None, device="cpu", scheduler=None, img2img=Fal
         cls = UnCLIPPipeline if unclip == "UnCLIPPipeline" else UnCLIPImageVariationPipeline
         return cls.from_pretrained(path, dtype=dtype, device=device, variant=load_kwargs.get("variant"))
 
-    from diffkern.pipelines.ldm._components import folder_pipeline_class
+    from diffkern.pipelines.ldm._components import folder_pipeline_class, load_folder_pipeline
 
     ldm_or_sdxl = folder_pipeline_class(path, img2img=img2img, inpaint=inpaint)  # diffusers LDM / SDXL folders
     if ldm_or_sdxl is not None:
-        return ldm_or_sdxl.from_pretrained(path, torch_dtype=dtype, variant=load_kwargs.get("variant")).to(device)
+        return load_folder_pipeline(path, ldm_or_sdxl, dtype=dtype, device=device, scheduler=scheduler,
+                                    variant=load_kwargs.get("variant"))
 
     from diffkern.pipelines.imagen import if_folder_pipeline
 

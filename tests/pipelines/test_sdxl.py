@@ -139,4 +139,8 @@ def test_from_pretrained_loads_diffkern_components(parts, tmp_path):
     from diffkern.pipelines import load_pipeline
 
     assert type(load_pipeline(tmp_path)) is StableDiffusionXLPipeline
-    assert type(load_pipeline(tmp_path, img2img=True)) is StableDiffusionXLImg2ImgPipeline
+    other = load_pipeline(tmp_path, img2img=True, scheduler="dpm++2m_karras")
+    assert type(other) is StableDiffusionXLImg2ImgPipeline
+    assert type(other.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert other.scheduler.config.use_karras_sigmas
+    assert other.scheduler.__module__.startswith("diffkern")

@@ -172,3 +172,18 @@ def folder_pipeline_class(path, *, img2img=False, inpaint=False):
     import diffkern.pipelines as pipelines
 
     return getattr(pipelines, choice)
+
+
+def load_folder_pipeline(path, cls, *, dtype=None, device="cpu", variant=None, scheduler=None):
+    """load_pipeline's route for LDM / SDXL folders: cls.from_pretrained(path) on `device`; scheduler None
+    keeps the folder's (its diffkern class), a name (an alias of diffkern.schedulers.ALIASES or a class
+    name) builds another on the folder's scheduler config, an instance is used as it is."""
+    kwargs = {k: v for k, v in (("torch_dtype", dtype), ("variant", variant)) if v is not None}
+    if scheduler is not None and not isinstance(scheduler, str):
+        kwargs["scheduler"] = scheduler
+    pipe = cls.from_pretrained(path, **kwargs)
+    if isinstance(scheduler, str):
+        from diffkern.pipelines._common import make_scheduler
+
+        pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
+    return pipe.to(device)
