@@ -13,15 +13,15 @@ combine a pipeline would do); `scheduler.fallback_reason(...)` names the option:
 
 | scheduler | runs diffusers' step for |
 | --- | --- |
-| DDPMScheduler | variance_type "learned", "fixed_large_log" (or any other non-fused type) |
-| DDIMScheduler, DDIMInverseScheduler | (none: every config is fused) |
-| UnCLIPScheduler | variance_type other than "fixed_small_log" / "learned_range" |
+| DDPMScheduler | variance_type "learned", "fixed_large_log" (or another type diffusers takes); "learned_range" with no variance channels in model_output |
+| DDIMScheduler | thresholding with sample_max_value < 1 (diffusers' clamp to [1, max] is then max) |
+| DDIMInverseScheduler | (none) |
+| UnCLIPScheduler | variance_type other than "fixed_small_log" / "learned_range"; "learned_range" with no variance channels |
 | EulerDiscreteScheduler | s_churn > 0 within [s_tmin, s_tmax] (noise added before the x0) |
 | EulerAncestralDiscreteScheduler | prediction_type "sample" (diffusers raises NotImplementedError) |
-| HeunDiscreteScheduler, LMSDiscreteScheduler | (none) |
-| PNDMScheduler | (none) |
-| DPMSolverMultistepScheduler | algorithm_type "dpmsolver" / "sde-dpmsolver" (noise prediction), use_flow_sigmas |
-| UniPCMultistepScheduler | solver_p (an external predictor), use_flow_sigmas |
+| HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler | (none) |
+| DPMSolverMultistepScheduler | algorithm_type "dpmsolver" / "sde-dpmsolver" (noise prediction); use_flow_sigmas; thresholding with sample_max_value < 1 |
+| UniPCMultistepScheduler | solver_p (an external predictor); use_flow_sigmas; thresholding with sample_max_value < 1 |
 
 Every class also hands an unknown prediction_type to diffusers' step, which raises its own error.
 

@@ -204,3 +204,22 @@ def test_drop_in_diffusers_sd_pipeline(sd_parts, name, extra):
     assert type(pipe.scheduler).__module__.startswith("diffkern.")
     got = pipe(generator=torch.Generator().manual_seed(0), **kw).images
     assert abs(got - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_is_one_fused_op_call(name, monkeypatch):
+    # the fast path runs (no silent fallback to diffusers' step) for the default and SD configs
+    import diffkern.ops
+
+    calls = []
+    for op in ("guided_step", "sampler_update"):
+        real = getattr(diffkern.ops, op)
+        monkeypatch.setattr(diffkern.ops, op, lambda *a, _real=real, _op=op, **k: calls.append(_op) or _real(*a, **k))
+    ours = scheduler_class(name)(**_cfg(name))
+    assert ours.fallback_reason() is None
+    ours.set_timesteps(5)
+    x = torch.randn(1, 3, 4, 4)
+    t = ours.timesteps[0]
+    out = ours.step(torch.tanh(ours.scale_model_input(x, t)), t, x, uncond_output=torch.tanh(x * 0.5),
+                    guidance_scale=2.0)
+    assert len(calls) == 1 and torch.isfinite(out.prev_sample).all()
