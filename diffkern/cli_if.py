@@ -58,6 +58,9 @@ def add_arguments(group):
                        "(default 250,100)")
     group.add_argument("--if-timesteps", default=None, help="comma-separated IF schedule names per stage, "
                        "'-' for none (e.g. smart100,smart50 or fast27,super27)")
+    group.add_argument("--if-low-res-noise", choices=["once", "per_call"], default=None,
+                       help="stage II's noise augmentation of its low-res input: once (diffusers, default) or "
+                       "per_call (DeepFloyd IF's own code: fresh noise at every UNet call, per guidance half)")
     group.add_argument("--sequential", action="store_const", const=True, default=None,
                        help="load each stage when it runs and free it after (T5 right after the prompt)")
 
@@ -126,8 +129,10 @@ def _settings(args, stages):
     for i, (level, top) in enumerate(zip(noise[1:], (999, _max_noise_level(args.if_stage3, stages))), 2):
         if level is not None and not 0 <= level <= top:
             raise UsageError(f"--if-noise-levels: stage {'I' * i}'s must be in [0, {top}], got {level}")
+    if args.if_low_res_noise is not None and stages < 2:
+        raise UsageError("--if-low-res-noise: stage II's option; give --if-stage2 (or --stages 2 / 3)")
     return dict(stages=stages, num_inference_steps=steps, guidance_scale=tuple(guidance), timesteps=timesteps,
-                noise_level=noise)
+                noise_level=noise, low_res_noise=args.if_low_res_noise or "once")
 
 
 def _finite(text):

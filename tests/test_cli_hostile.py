@@ -178,6 +178,7 @@ def test_glide_unclip_if_check_before_loading(tmp_path, capsys):
     (stage1 / "model_index.json").write_text("{}")
     for extra, expected in ((["--if-steps", "0"], "--if-steps: stage I needs at least 1 step"),
                             (["--if-guidance", "4,nan"], "--if-guidance: 'nan' is not a valid value"),
+                            (["--if-low-res-noise", "per_call"], "--if-low-res-noise: stage II's option"),
                             (["--output", str(tmp_path / "a.png" / "b.png")], None)):
         (tmp_path / "a.png").write_text("a file")
         assert main(["generate", "--if-stage1", str(stage1), "--prompt", "p", *extra]) == 2

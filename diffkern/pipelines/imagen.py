@@ -18,6 +18,7 @@ after, the T5 encoder right after the prompt is encoded; otherwise everything st
 from __future__ import annotations
 
 import gc
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -111,7 +112,7 @@ class IFCascadePipeline:
                  return_stages=False, clean_caption=True, num_inference_steps=(None, None, None),
                  timesteps=(None, None, None), guidance_scale=(None, None, None),
                  noise_level=(None, None, None), thresholding=(None, None, None), height=None, width=None,
-                 progress=None):
+                 progress=None, low_res_noise="once"):
         """Run stages 1..`stages` (default: every stage present) for `prompt` (or T5 `prompt_embeds`).
 
         Per-stage settings are 3-tuples (None = the stage's default, STAGE_DEFAULTS):
@@ -119,8 +120,14 @@ class IFCascadePipeline:
         guidance_scale, noise_level (stages II and III), thresholding (None or a dict with any of
         thresholding / dynamic_thresholding_ratio / sample_max_value, overriding that stage's
         scheduler config for the call). height / width: stage I's size. output_type applies to the
-        last stage run. Returns IFCascadeOutput.
+        last stage run. low_res_noise: stage II's noise augmentation, "once" (diffusers) or "per_call"
+        (DeepFloyd IF's own: fresh noise at every UNet call, per guidance half; see
+        IFSuperResolutionPipeline). Returns IFCascadeOutput.
         """
+        from diffkern.pipelines.deepfloyd_if import LOW_RES_NOISE
+
+        if low_res_noise not in LOW_RES_NOISE:
+            raise ValueError(f"low_res_noise: expected one of {LOW_RES_NOISE}, got {low_res_noise!r}")
         present = [i for i in (1, 2, 3) if self._stages[i] is not None]
         stages = present[-1] if stages is None else stages
         if stages not in (1, 2, 3) or any(i not in present for i in range(1, stages + 1)):
@@ -149,6 +156,11 @@ class IFCascadePipeline:
                 kw.update(height=height, width=width)
             else:
                 kw["image"] = image
+                if i == 2 and low_res_noise != "once":  # only diffkern's stage II takes it
+                    if "low_res_noise" not in inspect.signature(type(pipe).__call__).parameters:
+                        raise ValueError(f"low_res_noise={low_res_noise!r}: stage II ({type(pipe).__name__}) does "
+                                         "not take it; use diffkern's IFSuperResolutionPipeline")
+                    kw["low_res_noise"] = low_res_noise
             kw.update(_text_kwargs(pipe, i, embeds, prompt, negative_prompt, num_images_per_prompt))
             out = _with_thresholding(pipe, thresholding[i - 1], kw)
             image = out.images
