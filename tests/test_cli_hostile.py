@@ -120,7 +120,8 @@ def test_output_that_is_a_folder_or_unwritable(tmp_path, capsys):
     ckpt.mkdir()
     (tmp_path / "dir.png").mkdir()
     (tmp_path / "a_file").write_text("x")
-    for output, expected in ((tmp_path / "dir.png", "is a folder"), ("/proc/diffkern-no/x.png", "cannot write in /proc"),
+    for output, expected in ((tmp_path / "dir.png", "is a folder"),
+                             ("/proc/diffkern-no/x.png", "cannot write in /proc"),
                              (tmp_path / "a_file" / "x.png", "exists and is not a folder"),
                              (tmp_path / "a_file" / "deeper" / "x.png", "cannot be made"),
                              (tmp_path / "x.nope", "needs an image extension")):
@@ -146,7 +147,8 @@ def test_sd_checks_sizes_strength_and_init_image_before_loading(tmp_path, capsys
         assert expected in msg and "cannot load" not in msg, (extra, msg)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a", "height": 33}\n')
-    assert main(["generate", "--checkpoint", str(ckpt), "--prompts", str(prompts), "--outdir", str(tmp_path / "o")]) == 2
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompts", str(prompts),
+                 "--outdir", str(tmp_path / "o")]) == 2
     msg = _one_line_error(capsys.readouterr().err)
     assert '"height": must be a positive multiple of 8' in msg and ":1" in msg, msg
 

@@ -270,7 +270,8 @@ class IFPipelineBase:
         """The reverse process over `timesteps` from x. Under guidance one UNet call on [x; x]; the
         scheduler's fused step takes (cond, uncond) and combines the eps channels only (the variance
         channels come from the text branch). `extra`: channels appended to the UNet input (stage II's
-        noised upscale), or a function returning them for the whole guided batch at each call; `mask`: inpainting's blend, x = (1 - m) x_prev + m x_new after each step."""
+        noised upscale), or a function returning them for the whole guided batch at each call; `mask`:
+        inpainting's blend, x = (1 - m) x_prev + m x_new after each step."""
         guided = guidance_scale > 1.0
         C_img = x.shape[1]
         learned = self.scheduler.config.variance_type in ("learned", "learned_range")

@@ -203,7 +203,8 @@ class KarloSampler:
         if self.prediction_type == "sample":
             x0 = pred
         else:
-            x0 = self._f32("sqrt_recip_alphas_cumprod", i, x) * x - self._f32("sqrt_recipm1_alphas_cumprod", i, x) * pred
+            x0 = (self._f32("sqrt_recip_alphas_cumprod", i, x) * x
+                  - self._f32("sqrt_recipm1_alphas_cumprod", i, x) * pred)
         if self.clip_range is not None:
             x0 = x0.clamp(-self.clip_range, self.clip_range)
         mean = self._f32("posterior_mean_coef1", i, x) * x0 + self._f32("posterior_mean_coef2", i, x) * x

@@ -318,6 +318,7 @@ def test_load_karlo_uses_karlos_sampler():
 if __name__ == "__main__":  # rewrite the committed table from Karlo's code
     TABLE.write_text(json.dumps({"_produced_by": "karlo.modules.create_gaussian_diffusion(steps=1000, "
                                  "noise_schedule='squaredcos_cap_v2', timestep_respacing=str(N)) of kakaobrain/karlo "
-                                 "(SpacedDiffusion buffers, float64); python -m tests.models.unclip.test_karlo_sampling",
+                                 "(SpacedDiffusion buffers, float64); "
+                                 "python -m tests.models.unclip.test_karlo_sampling",
                                  **karlo_table()}, indent=0) + "\n")
     print(f"wrote {TABLE}")
