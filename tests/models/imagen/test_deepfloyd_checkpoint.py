@@ -246,8 +246,8 @@ TINY = dict(image_size=16, in_channels=3, out_channels=6, model_channels=32, num
     dict(TINY, channel_mult="1,2", attention_resolutions="8", num_head_channels=8, activation="silu",
          disable_self_attentions=True),
     # disable_self_attentions as a list of downsample factors, per-level res blocks, IF's default channel_mult
-    dict(TINY, image_size=32, num_res_blocks=[1, 2, 1, 1], attention_resolutions="16,8,4",
-         num_head_channels=8, activation="gelu", disable_self_attentions=[4, 8]),
+    dict(TINY, num_res_blocks=[1, 2, 1, 1], attention_resolutions="8,4,2", num_head_channels=8,
+         activation="gelu", disable_self_attentions=[4, 8]),
 ], ids=["list-ds-num_heads-gelu_jit", "str-res-silu", "disable-list-default-mult"])
 def test_config_forms_match_ifs_own_unet(tmp_path, params):
     UNetModel = _if_unet_class()
