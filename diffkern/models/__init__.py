@@ -1,8 +1,12 @@
 """Diffusion models on diffkern ops, state-dict compatible with the released checkpoints.
 
-- UNet2DConditionModel: the LDM / Stable Diffusion 1.x-2.x latent UNet (diffusers' config and keys).
-- AutoencoderKL: the LDM / SD KL autoencoder (diffusers' config and keys).
-- UNet2DModel: diffusers' pixel UNet (the Karlo / unCLIP super-resolution models).
+The diffusers-layout models stand on diffusers: ModelMixin + ConfigMixin subclasses with diffusers'
+constructors, keys and output classes (save_pretrained / from_pretrained / from_config are diffusers' own);
+their blocks call diffkern.nn / diffkern.ops. diffusers is a required import of this package.
+
+- UNet2DConditionModel: the LDM / Stable Diffusion 1.x-2.x / SDXL / IF / unCLIP-decoder UNet.
+- AutoencoderKL: the LDM / SD KL autoencoder (DiagonalGaussianDistribution is diffusers').
+- UNet2DModel: diffusers' pixel UNet (the Karlo / unCLIP super-resolution models, DDPM layouts).
 - unclip: PriorTransformer and UnCLIPTextProjModel of DALL-E 2 / Karlo (diffkern.models.unclip).
 - from_diffusers: convert an instantiated diffusers UNet2DConditionModel / AutoencoderKL.
 - load: diffusers pipeline / component folders and CompVis / Stability single files (loading.py).

@@ -1,14 +1,18 @@
-"""Model configs that read like diffusers': a dict with attribute access, checked against a schema."""
+"""Config helpers of the diffusers-layout models (whose configs are diffusers' own: ConfigMixin).
+
+- ModelConfig: a read-only-by-attribute dict, for the non-diffusers parts that still carry a config
+  (LDM-BERT's, test doubles).
+- check_options / per_level: the models' checks of diffusers config values they do not implement.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import inspect
 
 
 class ModelConfig(dict):
     """A plain dict of a model's constructor arguments, also readable as attributes
-    (``unet.config.in_channels``), as diffusers' ``FrozenDict`` configs are, so code written for
-    diffusers models (pipelines, schedulers' helpers) reads ours unchanged."""
+    (``model.config.in_channels``), as diffusers' ``FrozenDict`` configs are."""
 
     def __getattr__(self, name):
         try:
@@ -23,24 +27,19 @@ class ModelConfig(dict):
         return f"ModelConfig({dict.__repr__(self)})"
 
 
-def resolve_config(model_name, defaults, given, fixed=None):
-    """Fill `given` with `defaults` and check it; returns a ModelConfig.
+def defaults(cls):
+    """{argument: default} of a model's constructor: diffusers' defaults, which a config.json leaves out."""
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if name != "self" and p.default is not inspect.Parameter.empty}
 
-    - Keys starting with "_" (diffusers' "_class_name", "_diffusers_version", ...) are dropped.
-    - A key that is not in `defaults` is an error naming it: it is an option we do not know, and
-      silently ignoring it could build a different network than the checkpoint's.
-    - fixed: {key: allowed values}; a value outside them is an option we do not support.
-    """
-    unknown = sorted(k for k in given if not k.startswith("_") and k not in defaults)
-    if unknown:
-        raise ValueError(f"{model_name}: unknown config option(s) {unknown}")
-    config = dict(defaults)
-    config.update({k: v for k, v in given.items() if not k.startswith("_")})
-    for key, allowed in (fixed or {}).items():
+
+def check_options(model_name, config, supported):
+    """ValueError naming the option when config[key] is not one of supported[key] (values this
+    diffkern model does not implement; diffusers' class would build something else)."""
+    for key, allowed in supported.items():
         if config[key] not in allowed:
-            raise ValueError(f"{model_name}: {key}={config[key]!r} is not supported "
+            raise ValueError(f"{model_name}: {key}={config[key]!r} is not supported by diffkern "
                              f"(supported: {', '.join(repr(a) for a in allowed)})")
-    return ModelConfig(config)
 
 
 def per_level(model_name, key, value, levels):
@@ -53,28 +52,37 @@ def per_level(model_name, key, value, levels):
     return [value] * levels
 
 
-class ConfiguredModel(nn.Module):
-    """Base of the models built from a diffusers-style config: `from_config`, `.dtype`, `.device`, and
-    config keys readable as attributes (``unet.in_channels``), as diffusers' models allow."""
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            config = self.__dict__.get("config")
-            if config is not None and name in config:
-                return config[name]
-            raise
+def _not_covered(model, option):
+    raise NotImplementedError(
+        f"{type(model).__name__}.{option}: diffusers' attention processors are not supported by diffkern's "
+        "models: their attention runs on diffkern.ops.attention (pick its backend with diffkern.use_backend "
+        "or the DIFFKERN_BACKEND environment variable)")
 
-    @classmethod
-    def from_config(cls, config):
-        """Build from a diffusers config dict (or any mapping, e.g. a diffusers FrozenDict)."""
-        return cls(**dict(config))
+
+class NoAttentionProcessors:
+    """diffusers' attention-processor API (attn_processors, set_attn_processor, attention slicing, xFormers,
+    attention backends, QKV fusion, IP-Adapter / custom-diffusion processors) on a diffkern model:
+    NotImplementedError naming the option, never a silent no-op."""
 
     @property
-    def dtype(self):
-        return next(self.parameters()).dtype
+    def attn_processors(self):
+        _not_covered(self, "attn_processors")
 
-    @property
-    def device(self):
-        return next(self.parameters()).device
+    def set_attn_processor(self, processor):
+        _not_covered(self, "set_attn_processor")
+
+    def set_default_attn_processor(self):
+        _not_covered(self, "set_default_attn_processor")
+
+    def set_attention_slice(self, slice_size="auto"):
+        _not_covered(self, "set_attention_slice")
+
+    def enable_xformers_memory_efficient_attention(self, attention_op=None):
+        _not_covered(self, "enable_xformers_memory_efficient_attention")
+
+    def set_attention_backend(self, backend):
+        _not_covered(self, "set_attention_backend")
+
+    def fuse_qkv_projections(self):
+        _not_covered(self, "fuse_qkv_projections")

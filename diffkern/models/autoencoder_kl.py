@@ -11,10 +11,14 @@ enable_slicing give diffusers' tiled and sliced results, so the model drops into
 from __future__ import annotations
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from diffkern.models._config import ConfiguredModel, resolve_config
-from diffkern.models.outputs import AutoencoderKLOutput, DecoderOutput
+from diffkern.models._config import NoAttentionProcessors, check_options, defaults
+from diffkern.models.unet_blocks.cross_attn import Checkpointed
 from diffkern.nn.group_norm import GroupNorm
 from diffkern.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffkern.nn.transformer import SpatialSelfAttention
@@ -22,78 +26,11 @@ from diffkern.nn.transformer import SpatialSelfAttention
 _NAME = "AutoencoderKL"
 VAE_EPS = 1e-6  # every GroupNorm of the CompVis autoencoder
 
-# diffusers' constructor defaults (diffusers 0.42).
-DEFAULTS = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-    up_block_types=("UpDecoderBlock2D",),
-    block_out_channels=(64,), layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=32,
-    sample_size=32, scaling_factor=0.18215, shift_factor=None, latents_mean=None, latents_std=None,
-    force_upcast=True, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
-)
 UNSUPPORTED = dict(act_fn=("silu", "swish"))
 
 
-class DiagonalGaussianDistribution:
-    """The encoder's posterior N(mean, exp(logvar)), from moments (B, 2 * latent, h, w) = [mean | logvar].
-
-    logvar is clamped to [-30, 20] as in LDM. sample(generator) draws the noise exactly as diffusers
-    does (torch.randn of mean's shape, dtype and device, from `generator`), so equal generators give
-    equal latents.
-    """
-
-    def __init__(self, parameters, deterministic=False):
-        self.parameters = parameters
-        self.mean, logvar = torch.chunk(parameters, 2, dim=1)
-        self.logvar = torch.clamp(logvar, -30.0, 20.0)
-        self.deterministic = deterministic
-        if deterministic:
-            self.std = self.var = torch.zeros_like(self.mean)
-        else:
-            self.std = torch.exp(0.5 * self.logvar)
-            self.var = torch.exp(self.logvar)
-
-    def sample(self, generator=None):
-        """mean + std * eps, eps ~ N(0, I) drawn from `generator` (a torch.Generator, a list of one
-        per batch element, or None for the global RNG)."""
-        shape, dtype, device = self.mean.shape, self.mean.dtype, self.mean.device
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != shape[0]:
-                raise ValueError(f"sample: got {len(generator)} generators for a batch of {shape[0]}")
-            noise = torch.cat([self._randn((1,) + tuple(shape[1:]), g, dtype, device) for g in generator])
-        else:
-            noise = self._randn(shape, generator, dtype, device)
-        return self.mean + self.std * noise
-
-    @staticmethod
-    def _randn(shape, generator, dtype, device):
-        # A generator on another device (a CPU generator for CUDA latents, the usual way to make
-        # results device-independent) draws where it lives; the noise then moves.
-        where = device if generator is None else generator.device
-        return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
-
-    def mode(self):
-        return self.mean
-
-    def kl(self, other=None):
-        """KL(self || other), or KL(self || N(0, I)) when other is None, summed over (C, H, W)."""
-        if self.deterministic:
-            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
-        if other is None:
-            return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
-        return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0
-                               - self.logvar + other.logvar, dim=[1, 2, 3])
-
-    def nll(self, sample, dims=(1, 2, 3)):
-        """Negative log-likelihood of `sample` under this Gaussian, summed over `dims`."""
-        if self.deterministic:
-            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
-        log_two_pi = torch.log(torch.tensor(2.0 * torch.pi, dtype=self.mean.dtype, device=self.mean.device))
-        return 0.5 * torch.sum(log_two_pi + self.logvar + (sample - self.mean).pow(2) / self.var,
-                               dim=list(dims))
-
-
-class MidBlock(nn.Module):
-    """UNetMidBlock2D without time embedding: resnet, single-head self-attention, resnet."""
+class UNetMidBlock2D(Checkpointed, nn.Module):
+    """diffusers' UNetMidBlock2D without time embedding: resnet, single-head self-attention, resnet."""
 
     def __init__(self, channels, groups, add_attention=True):
         super().__init__()
@@ -104,10 +41,10 @@ class MidBlock(nn.Module):
                            if add_attention else None)
 
     def forward(self, h):
-        h = self.resnets[0](h)
+        h = self._run(self.resnets[0], h)
         if self.attentions is not None:
             h = self.attentions[0](h)
-        return self.resnets[1](h)
+        return self._run(self.resnets[1], h)
 
 
 class _Level(nn.Module):
@@ -131,7 +68,7 @@ class _Level(nn.Module):
         return h if resamplers is None else resamplers[0](h)
 
 
-class Encoder(nn.Module):
+class Encoder(Checkpointed, nn.Module):
     """Image (B, in, H, W) -> moments (B, 2 * latent, h, w); each level floors the size by 2."""
 
     def __init__(self, cfg):
@@ -141,18 +78,18 @@ class Encoder(nn.Module):
         self.down_blocks = nn.ModuleList([
             _Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, "down" if i < levels - 1 else None)
             for i in range(levels)])
-        self.mid_block = MidBlock(ch[-1], groups, cfg.mid_block_add_attention)
+        self.mid_block = UNetMidBlock2D(ch[-1], groups, cfg.mid_block_add_attention)
         self.conv_norm_out = GroupNorm(groups, ch[-1], eps=VAE_EPS, activation="silu")
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
         for block in self.down_blocks:
-            h = block(h)
-        return self.conv_out(self.conv_norm_out(self.mid_block(h)))
+            h = self._run(block, h)
+        return self.conv_out(self.conv_norm_out(self._run(self.mid_block, h)))
 
 
-class Decoder(nn.Module):
+class Decoder(Checkpointed, nn.Module):
     """Latent (B, latent, h, w) -> image (B, out, h * 2**(levels-1), ...)."""
 
     def __init__(self, cfg):
@@ -160,7 +97,7 @@ class Decoder(nn.Module):
         rev, groups = list(cfg.block_out_channels)[::-1], cfg.norm_num_groups
         levels = len(rev)
         self.conv_in = nn.Conv2d(cfg.latent_channels, rev[0], kernel_size=3, padding=1)
-        self.mid_block = MidBlock(rev[0], groups, cfg.mid_block_add_attention)
+        self.mid_block = UNetMidBlock2D(rev[0], groups, cfg.mid_block_add_attention)
         self.up_blocks = nn.ModuleList([
             _Level(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, groups,
                    "up" if i < levels - 1 else None)
@@ -169,29 +106,57 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(rev[-1], cfg.out_channels, kernel_size=3, padding=1)
 
     def forward(self, z):
-        h = self.mid_block(self.conv_in(z))
+        h = self._run(self.mid_block, self.conv_in(z))
         # The up blocks may be kept in another dtype than the rest (diffusers' upcast pattern).
         h = h.to(next(self.up_blocks.parameters()).dtype)
         for block in self.up_blocks:
-            h = block(h)
+            h = self._run(block, h)
         return self.conv_out(self.conv_norm_out(h))
 
 
-class AutoencoderKL(ConfiguredModel):
+class AutoencoderKL(NoAttentionProcessors, ModelMixin, ConfigMixin):
     """KL autoencoder: encode(x).latent_dist -> DiagonalGaussianDistribution, decode(z).sample -> image.
 
-    AutoencoderKL(**config) with diffusers' config keys (see DEFAULTS); keys starting with "_" are
-    ignored, unknown keys and unsupported values raise ValueError naming the key. config.scaling_factor
-    (0.18215 for SD1/LDM) is what latents are multiplied by before the UNet; this module does not
-    apply it (as diffusers' does not).
+    diffusers' ModelMixin + ConfigMixin with diffusers' constructor (arguments and defaults of 0.42):
+    from_config / from_pretrained / save_pretrained are diffusers' own. Values this module does not
+    implement (act_fn other than SiLU, block types other than DownEncoderBlock2D / UpDecoderBlock2D)
+    raise ValueError naming the option. config.scaling_factor (0.18215 for SD1/LDM) is what latents are
+    multiplied by before the UNet; this module does not apply it (as diffusers' does not).
 
     forward(sample, sample_posterior=False, return_dict=True, generator=None) =
     decode(posterior.sample(generator) or mode()).
     """
 
-    def __init__(self, **config):
+    config_name = "config.json"
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["BasicTransformerBlock", "ResnetBlock2D"]
+    _group_offload_block_modules = ["quant_conv", "post_quant_conv", "encoder", "decoder"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(64,),
+        layers_per_block=1,
+        act_fn="silu",
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+        scaling_factor=0.18215,
+        shift_factor=None,
+        latents_mean=None,
+        latents_std=None,
+        force_upcast=True,
+        use_quant_conv=True,
+        use_post_quant_conv=True,
+        mid_block_add_attention=True,
+    ):
         super().__init__()
-        self.config = cfg = resolve_config(_NAME, DEFAULTS, config, UNSUPPORTED)
+        cfg = self.config
+        check_options(_NAME, cfg, UNSUPPORTED)
         levels = len(cfg.block_out_channels)
         for key, types, allowed in (("down_block_types", cfg.down_block_types, "DownEncoderBlock2D"),
                                     ("up_block_types", cfg.up_block_types, "UpDecoderBlock2D")):
@@ -211,6 +176,10 @@ class AutoencoderKL(ConfiguredModel):
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, kernel_size=1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, kernel_size=1) if cfg.use_post_quant_conv else None
         self.use_slicing = self.use_tiling = False
+        # diffusers' tiling attributes (users set them to change the tile size)
+        size = cfg.sample_size[0] if isinstance(cfg.sample_size, (list, tuple)) else cfg.sample_size
+        self.tile_sample_min_size = size
+        self.tile_latent_min_size = int(size / (2 ** (levels - 1)))
         self.tile_overlap_factor = 0.25
 
     # ------------------------------------------------------------------------------------------
@@ -230,15 +199,6 @@ class AutoencoderKL(ConfiguredModel):
 
     def disable_slicing(self):
         self.use_slicing = False
-
-    @property
-    def tile_sample_min_size(self):
-        size = self.config.sample_size
-        return size[0] if isinstance(size, (list, tuple)) else size
-
-    @property
-    def tile_latent_min_size(self):
-        return int(self.tile_sample_min_size / (2 ** (len(self.config.block_out_channels) - 1)))
 
     def _moments(self, x):
         if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
@@ -325,3 +285,6 @@ def _blend(a, b, extent, dim):
     head = a.narrow(dim, a.shape[dim] - extent, extent) * (1 - w).to(b.dtype).to(b.device) \
         + b.narrow(dim, 0, extent) * w.to(b.dtype).to(b.device)
     return torch.cat([head, b.narrow(dim, extent, b.shape[dim] - extent)], dim=dim)
+
+
+DEFAULTS = defaults(AutoencoderKL)  # diffusers' constructor defaults (what a config.json leaves out)

@@ -56,7 +56,7 @@ def from_diffusers(module):
     if left:  # only a non-persistent buffer could be missed by a strict load
         raise RuntimeError(f"from_diffusers: tensors not set by the state dict: {left}")
     # Run-time switches a user may have set on the diffusers model (VAE tiling / slicing) carry over.
-    for flag in ("use_tiling", "use_slicing", "tile_overlap_factor"):
+    for flag in ("use_tiling", "use_slicing", "tile_overlap_factor", "tile_sample_min_size", "tile_latent_min_size"):
         if flag in vars(ours) and hasattr(module, flag):
             setattr(ours, flag, getattr(module, flag))
     return ours.train(module.training)

@@ -2,9 +2,10 @@
 Karlo (unCLIP) 64 -> 256 super-resolution models are configs of it (6 input channels: noisy image +
 upsampled low-resolution image; ResnetDownsampleBlock2D / ResnetUpsampleBlock2D; no attention).
 
-UNet2DModel(**config) takes diffusers' config (a `super_res_first/config.json`) and has exactly
-diffusers' state_dict keys. Supported: DownBlock2D / ResnetDownsampleBlock2D down blocks, UpBlock2D /
-ResnetUpsampleBlock2D up blocks, UNetMidBlock2D (with or without its self-attention) or none, "default"
+UNet2DModel is diffusers' ModelMixin + ConfigMixin with diffusers' constructor (from_pretrained /
+save_pretrained / from_config are diffusers' own) and exactly diffusers' state_dict keys. Supported:
+DownBlock2D / AttnDownBlock2D / ResnetDownsampleBlock2D down blocks, UpBlock2D / AttnUpBlock2D /
+ResnetUpsampleBlock2D up blocks (the DDPM default layout included), UNetMidBlock2D (with or without its self-attention) or none, "default"
 and "scale_shift" (ADM) time conditioning, positional time embeddings, class embeddings of type
 None / "identity" / "timestep" / num_class_embeds. The down and up blocks are the UNet family's
 (diffkern.models.unet_blocks, shared with UNet2DConditionModel); every GroupNorm + SiLU (and the
@@ -13,72 +14,51 @@ scale-shift) is one fused diffkern GroupNorm call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from diffkern.models._config import ConfiguredModel, resolve_config
+from diffkern.models._config import NoAttentionProcessors, check_options, defaults
 from diffkern.models.unet_blocks import build_block
-from diffkern.models.unet_blocks.cross_attn import resnet
+from diffkern.models.unet_blocks.cross_attn import Checkpointed, PixelSelfAttention, resnet
 from diffkern.nn.group_norm import GroupNorm
 from diffkern.nn.resnet import TimestepEmbedding, timestep_embedding
-from diffkern.nn.transformer import SpatialSelfAttention
 
 _NAME = "UNet2DModel"
 
-# diffusers' constructor defaults (0.42).
-DEFAULTS = dict(
-    sample_size=None, in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
-    time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2D",
-    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1,
-    downsample_type="conv", upsample_type="conv", dropout=0.0, act_fn="silu", attention_head_dim=8,
-    norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5, resnet_time_scale_shift="default",
-    add_attention=True, class_embed_type=None, num_class_embeds=None, num_train_timesteps=None,
-)
 FIXED = dict(time_embedding_type=("positional",), mid_block_type=("UNetMidBlock2D", None),
              downsample_type=("conv",), upsample_type=("conv",), act_fn=("silu", "swish", "gelu", "mish", "relu"),
              resnet_time_scale_shift=("default", "scale_shift"), class_embed_type=(None, "identity", "timestep"))
-DOWN_TYPES = ("DownBlock2D", "ResnetDownsampleBlock2D")
-UP_TYPES = ("UpBlock2D", "ResnetUpsampleBlock2D")
+DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
+UP_TYPES = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
 
 
-@dataclass
-class UNet2DOutput:
-    """`sample`: (B, out_channels, H, W), the model's prediction."""
-
-    sample: torch.Tensor
-
-    def __getitem__(self, i):
-        return (self.sample,)[i]
-
-
-class _Mid(nn.Module):
-    """UNetMidBlock2D: resnet, (self-attention or nothing), resnet."""
+class UNetMidBlock2D(Checkpointed, nn.Module):
+    """diffusers' UNetMidBlock2D of the pixel UNet: resnet, (self-attention or nothing), resnet."""
 
     def __init__(self, ch, temb, *, add_attention, head_dim, attn_groups, output_scale_factor, **res):
         super().__init__()
         self.resnets = nn.ModuleList([resnet(ch, ch, temb, output_scale_factor=output_scale_factor, **res)
                                       for _ in range(2)])
         self.attentions = nn.ModuleList([
-            SpatialSelfAttention(ch, head_dim, norm_num_groups=attn_groups, eps=res["resnet_eps"],
-                                 rescale_output_factor=output_scale_factor)]) if add_attention else None
+            PixelSelfAttention(ch, head_dim, norm_num_groups=attn_groups, eps=res["resnet_eps"],
+                               rescale_output_factor=output_scale_factor)]) if add_attention else None
 
     def forward(self, h, temb):
-        h = self.resnets[0](h, temb)
+        h = self._run(self.resnets[0], h, temb)
         if self.attentions is not None:
             h = self.attentions[0](h)
-        return self.resnets[1](h, temb)
+        return self._run(self.resnets[1], h, temb)
 
 
-class UNet2DModel(ConfiguredModel):
+class UNet2DModel(NoAttentionProcessors, ModelMixin, ConfigMixin):
     """Pixel-space UNet without text: eps prediction from a noisy image and a timestep.
 
-    UNet2DModel(**config) with diffusers' config keys (see DEFAULTS); unknown keys or unsupported
-    values raise ValueError naming the key.
+    diffusers' ModelMixin + ConfigMixin with diffusers' constructor (arguments and defaults of 0.42);
+    values this module does not implement (FIXED, block types outside DOWN_TYPES / UP_TYPES) raise
+    ValueError naming the option.
 
     forward(sample (B, in_channels, H, W), timestep, class_labels=None, return_dict=True)
     -> UNet2DOutput (or a 1-tuple). timestep: a number (read as an integer, as diffusers does), a 0-d
@@ -86,9 +66,45 @@ class UNet2DModel(ConfiguredModel):
     "identity" (added to the time embedding), timesteps for "timestep", indices for num_class_embeds.
     """
 
-    def __init__(self, **config):
+    config_name = "config.json"
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size=None,
+        in_channels=3,
+        out_channels=3,
+        center_input_sample=False,
+        time_embedding_type="positional",
+        time_embedding_dim=None,
+        freq_shift=0,
+        flip_sin_to_cos=True,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(224, 448, 672, 896),
+        layers_per_block=2,
+        mid_block_scale_factor=1,
+        downsample_padding=1,
+        downsample_type="conv",
+        upsample_type="conv",
+        dropout=0.0,
+        act_fn="silu",
+        attention_head_dim=8,
+        norm_num_groups=32,
+        attn_norm_num_groups=None,
+        norm_eps=1e-5,
+        resnet_time_scale_shift="default",
+        add_attention=True,
+        class_embed_type=None,
+        num_class_embeds=None,
+        num_train_timesteps=None,
+    ):
         super().__init__()
-        self.config = cfg = resolve_config(_NAME, DEFAULTS, config, FIXED)
+        cfg = self.config
+        check_options(_NAME, cfg, FIXED)
         ch = list(cfg.block_out_channels)
         levels = len(ch)
         if len(cfg.down_block_types) != levels or len(cfg.up_block_types) != levels:
@@ -123,19 +139,21 @@ class UNet2DModel(ConfiguredModel):
         self.down_blocks = nn.ModuleList([
             build_block("down", kind, num_layers=cfg.layers_per_block, in_channels=ch[max(i - 1, 0)],
                         out_channels=ch[i], temb_channels=temb, add_downsample=i < levels - 1,
-                        downsample_padding=cfg.downsample_padding, **res)
+                        downsample_padding=cfg.downsample_padding,
+                        attention_head_dim=cfg.attention_head_dim or ch[i], **res)
             for i, kind in enumerate(cfg.down_block_types)])
         self.mid_block = None
         if cfg.mid_block_type is not None:
             head_dim = cfg.attention_head_dim if cfg.attention_head_dim is not None else ch[-1]
             attn_groups = cfg.attn_norm_num_groups or (None if scale_shift else cfg.norm_num_groups)
-            self.mid_block = _Mid(ch[-1], temb, add_attention=cfg.add_attention, head_dim=head_dim,
+            self.mid_block = UNetMidBlock2D(ch[-1], temb, add_attention=cfg.add_attention, head_dim=head_dim,
                                   attn_groups=attn_groups, output_scale_factor=cfg.mid_block_scale_factor, **res)
         rev = ch[::-1]
         self.up_blocks = nn.ModuleList([
             build_block("up", kind, num_layers=cfg.layers_per_block + 1, in_channels=rev[min(i + 1, levels - 1)],
                         prev_output_channel=rev[max(i - 1, 0)], out_channels=rev[i], temb_channels=temb,
-                        add_upsample=i < levels - 1, resolution_idx=i, **res)
+                        add_upsample=i < levels - 1, resolution_idx=i,
+                        attention_head_dim=cfg.attention_head_dim or rev[i], **res)
             for i, kind in enumerate(cfg.up_block_types)])
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps, activation="silu")
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
@@ -189,4 +207,7 @@ class UNet2DModel(ConfiguredModel):
                 size = None  # the plain x2 path, bit for bit diffusers'
             h = block(h, level, emb, upsample_size=size)
         out = self.conv_out(self.conv_norm_out(h))
-        return UNet2DOutput(out) if return_dict else (out,)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+
+DEFAULTS = defaults(UNet2DModel)  # diffusers' constructor defaults (what a config.json leaves out)

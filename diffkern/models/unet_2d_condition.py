@@ -25,39 +25,22 @@ from __future__ import annotations
 import warnings
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-from diffkern.models._config import ConfiguredModel, per_level, resolve_config
+from diffkern.models._config import NoAttentionProcessors, check_options, defaults, per_level
 from diffkern.models.embeddings import (GaussianFourierProjection, addition_embedding, class_embedding,
                                         one_width)
-from diffkern.models.outputs import UNet2DConditionOutput
 from diffkern.models.unet_blocks import block_types, build_block
 from diffkern.nn.group_norm import GroupNorm
 from diffkern.nn.resnet import ACTIVATIONS, TimestepEmbedding, activation, timestep_embedding
 from diffkern.nn.transformer import SpatialTransformer
 
-_NAME = "UNet2DConditionModel"
+__all__ = ["UNet2DConditionModel", "UNet2DConditionOutput"]
 
-# diffusers' constructor defaults (diffusers 0.42), which is what a config.json leaves out.
-DEFAULTS = dict(
-    sample_size=None, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
-    freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    only_cross_attention=False, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-    downsample_padding=1, mid_block_scale_factor=1, dropout=0.0, act_fn="silu", norm_num_groups=32,
-    norm_eps=1e-5, cross_attention_dim=1280, transformer_layers_per_block=1,
-    reverse_transformer_layers_per_block=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
-    attention_head_dim=8, num_attention_heads=None, dual_cross_attention=False, use_linear_projection=False,
-    class_embed_type=None, addition_embed_type=None, addition_time_embed_dim=None, num_class_embeds=None,
-    upcast_attention=False, resnet_time_scale_shift="default", resnet_skip_time_act=False,
-    resnet_out_scale_factor=1.0, time_embedding_type="positional", time_embedding_dim=None,
-    time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None, conv_in_kernel=3,
-    conv_out_kernel=3, projection_class_embeddings_input_dim=None, attention_type="default",
-    class_embeddings_concat=False, mid_block_only_cross_attention=None, cross_attention_norm=None,
-    addition_embed_type_num_heads=64,
-)
+_NAME = "UNet2DConditionModel"
 
 # Options whose other values build networks (or forward passes) this module does not implement.
 _ACTS = tuple(ACTIVATIONS)
@@ -71,11 +54,13 @@ UNSUPPORTED = dict(
 )
 
 
-class UNet2DConditionModel(ConfiguredModel):
+class UNet2DConditionModel(NoAttentionProcessors, ModelMixin, ConfigMixin):
     """Conditional UNet: eps / v / x0 prediction from a noisy sample, a timestep and text tokens.
 
-    UNet2DConditionModel(**config) with diffusers' config keys (see DEFAULTS); keys starting with
-    "_" are ignored, unknown keys and unsupported values raise ValueError naming the key.
+    diffusers' ModelMixin + ConfigMixin with diffusers' constructor (same arguments and defaults as
+    diffusers 0.42), so from_config / from_pretrained / save_pretrained (variants, shards, safetensors,
+    torch_dtype) are diffusers' own; values of an option this module does not implement (UNSUPPORTED,
+    block types outside diffkern.models.unet_blocks) raise ValueError naming the option.
 
     Heads: as in diffusers, for the SD blocks `attention_head_dim` is really the NUMBER of heads per
     level when `num_attention_heads` is None (SD1/LDM: 8 heads; SD2: [5, 10, 20, 20]), each head
@@ -88,11 +73,68 @@ class UNet2DConditionModel(ConfiguredModel):
     2**(levels - 1) upsample back to the skip connections' sizes.
     """
 
-    def __init__(self, **config):
+    config_name = "config.json"
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["BasicTransformerBlock", "ResnetBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    _skip_layerwise_casting_patterns = ["norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size=None,
+        in_channels=4,
+        out_channels=4,
+        center_input_sample=False,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        only_cross_attention=False,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        downsample_padding=1,
+        mid_block_scale_factor=1,
+        dropout=0.0,
+        act_fn="silu",
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        cross_attention_dim=1280,
+        transformer_layers_per_block=1,
+        reverse_transformer_layers_per_block=None,
+        encoder_hid_dim=None,
+        encoder_hid_dim_type=None,
+        attention_head_dim=8,
+        num_attention_heads=None,
+        dual_cross_attention=False,
+        use_linear_projection=False,
+        class_embed_type=None,
+        addition_embed_type=None,
+        addition_time_embed_dim=None,
+        num_class_embeds=None,
+        upcast_attention=False,
+        resnet_time_scale_shift="default",
+        resnet_skip_time_act=False,
+        resnet_out_scale_factor=1.0,
+        time_embedding_type="positional",
+        time_embedding_dim=None,
+        time_embedding_act_fn=None,
+        timestep_post_act=None,
+        time_cond_proj_dim=None,
+        conv_in_kernel=3,
+        conv_out_kernel=3,
+        projection_class_embeddings_input_dim=None,
+        attention_type="default",
+        class_embeddings_concat=False,
+        mid_block_only_cross_attention=None,
+        cross_attention_norm=None,
+        addition_embed_type_num_heads=64,
+    ):
         super().__init__()
-        self.config = cfg = resolve_config(_NAME, DEFAULTS, config, UNSUPPORTED)
-        if cfg.encoder_hid_dim is not None and cfg.encoder_hid_dim_type is None:
-            dict.__setitem__(cfg, "encoder_hid_dim_type", "text_proj")  # diffusers records the default too
+        check_options(_NAME, self.config, UNSUPPORTED)
+        if encoder_hid_dim is not None and encoder_hid_dim_type is None:
+            self.register_to_config(encoder_hid_dim_type="text_proj")  # diffusers records the default too
+        cfg = self.config
         if cfg.encoder_hid_dim_type is not None and cfg.encoder_hid_dim is None:
             raise ValueError(f"{_NAME}: encoder_hid_dim must be set when encoder_hid_dim_type is "
                              f"{cfg.encoder_hid_dim_type!r}")
@@ -402,3 +444,6 @@ def _check_cross_attention_kwargs(kwargs):
         warnings.warn(f"cross_attention_kwargs {list(kwargs)} are not expected by diffkern's attention and "
                       "will be ignored.", stacklevel=3)
     return None
+
+
+DEFAULTS = defaults(UNet2DConditionModel)  # diffusers' constructor defaults (what a config.json leaves out)

@@ -139,13 +139,21 @@ def test_from_diffusers_keeps_dtype_and_mode():
     ("time_embedding_type", "learned"),
     ("encoder_hid_dim_type", "image_proj"),
     ("down_block_types", ("KDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")),
-    ("up_block_types", ("UpBlock2D", "CrossAttnUpBlock2D", "AttnUpBlock2D")),
+    ("up_block_types", ("UpBlock2D", "CrossAttnUpBlock2D", "KUpBlock2D")),
     ("mid_block_type", "UNetMidBlock2DNope"),
-    ("not_an_option", 1),
 ])
 def test_unsupported_options_name_themselves(option, value):
     with pytest.raises(ValueError, match=option):
         UNet2DConditionModel(**{**CONFIGS["sd1"], option: value})
+
+
+def test_unknown_keys_follow_diffusers():
+    """diffusers' constructor: an unknown keyword is a TypeError; from_config ignores unknown config keys
+    (with diffusers' warning)."""
+    with pytest.raises(TypeError, match="not_an_option"):
+        UNet2DConditionModel(**CONFIGS["sd1"], not_an_option=1)
+    unet = UNet2DConditionModel.from_config({**CONFIGS["sd1"], "not_an_option": 1})
+    assert isinstance(unet, UNet2DConditionModel) and unet.config.in_channels == 4
 
 
 def test_private_keys_are_ignored():

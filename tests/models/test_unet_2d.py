@@ -58,7 +58,7 @@ def test_unet_2d_state_dict_keys_equal_diffusers():
 
 def test_unet_2d_bad_config_and_inputs():
     with pytest.raises(ValueError, match="down_block_types"):
-        UNet2DModel(**dict(TINY_SR, down_block_types=("AttnDownBlock2D",) * 3))
+        UNet2DModel(**dict(TINY_SR, down_block_types=("SkipDownBlock2D",) * 3))
     with pytest.raises(ValueError, match="time_embedding_type"):
         UNet2DModel(**dict(TINY_SR, time_embedding_type="fourier"))
     model = UNet2DModel(**TINY_SR)

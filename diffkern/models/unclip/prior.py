@@ -16,25 +16,19 @@ it is; Karlo's original checkpoint goes through diffkern.models.checkpoints.karl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.transformers.prior_transformer import PriorTransformerOutput
 from torch import nn
 
-from diffkern.models._config import ConfiguredModel, resolve_config
+from diffkern.models._config import NoAttentionProcessors, check_options, defaults
 from diffkern.nn.attention import Attention
 from diffkern.nn.resnet import timestep_embedding
 
 _NAME = "PriorTransformer"
 
-# diffusers' constructor defaults (0.42) = the Karlo prior (1,022,030,080 parameters).
-DEFAULTS = dict(
-    num_attention_heads=32, attention_head_dim=64, num_layers=20, embedding_dim=768, num_embeddings=77,
-    additional_embeddings=4, dropout=0.0, time_embed_act_fn="silu", norm_in_type=None,
-    embedding_proj_norm_type=None, encoder_hid_proj_type="linear", added_emb_type="prd", time_embed_dim=None,
-    embedding_proj_dim=None, clip_embed_dim=None,
-)
 FIXED = dict(norm_in_type=(None, "layer"), embedding_proj_norm_type=(None, "layer"),
              encoder_hid_proj_type=(None, "linear"), added_emb_type=("prd", None),
              time_embed_act_fn=("silu", "swish", "gelu", "relu", "mish"))
@@ -42,16 +36,6 @@ _ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "relu": nn.R
 
 # diffusers' mask value: a large finite negative, not -inf (a fully padded text row still averages).
 _MASKED = -10000.0
-
-
-@dataclass
-class PriorTransformerOutput:
-    """`predicted_image_embedding`: (B, clip_embed_dim), the predicted CLIP image embedding."""
-
-    predicted_image_embedding: torch.Tensor
-
-    def __getitem__(self, i):
-        return (self.predicted_image_embedding,)[i]
 
 
 class _TimeMLP(nn.Module):
@@ -110,11 +94,12 @@ class PriorBlock(nn.Module):
         return self.ff(self.norm3(x)) + x
 
 
-class PriorTransformer(ConfiguredModel):
+class PriorTransformer(NoAttentionProcessors, ModelMixin, ConfigMixin):
     """The unCLIP prior: predicts the CLIP image embedding from a noised one, the timestep and the text.
 
-    PriorTransformer(**config) with diffusers' config keys (see DEFAULTS; unknown keys or values
-    raise ValueError naming them).
+    diffusers' ModelMixin + ConfigMixin with diffusers' constructor (arguments and defaults of 0.42 =
+    the Karlo prior, 1,022,030,080 parameters); values this module does not implement (FIXED) raise
+    ValueError naming the option.
 
     forward(hidden_states (B, embedding_dim), timestep, proj_embedding (B, embedding_proj_dim),
             encoder_hidden_states (B, num_embeddings, embedding_dim) or None,
@@ -125,9 +110,30 @@ class PriorTransformer(ConfiguredModel):
     pass the text mask); masked keys get -10000 added (not -inf), causal and padding masks add up.
     """
 
-    def __init__(self, **config):
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        num_attention_heads=32,
+        attention_head_dim=64,
+        num_layers=20,
+        embedding_dim=768,
+        num_embeddings=77,
+        additional_embeddings=4,
+        dropout=0.0,
+        time_embed_act_fn="silu",
+        norm_in_type=None,
+        embedding_proj_norm_type=None,
+        encoder_hid_proj_type="linear",
+        added_emb_type="prd",
+        time_embed_dim=None,
+        embedding_proj_dim=None,
+        clip_embed_dim=None,
+    ):
         super().__init__()
-        self.config = cfg = resolve_config(_NAME, DEFAULTS, config, FIXED)
+        cfg = self.config
+        check_options(_NAME, cfg, FIXED)
         inner = cfg.num_attention_heads * cfg.attention_head_dim
         self.num_attention_heads, self.attention_head_dim = cfg.num_attention_heads, cfg.attention_head_dim
         self.additional_embeddings = cfg.additional_embeddings
@@ -223,9 +229,12 @@ class PriorTransformer(ConfiguredModel):
         h = self.norm_out(h)
         h = h[:, -1] if self.prd_embedding is not None else h[:, n_text + 2:]
         out = self.proj_to_clip_embeddings(h)
-        return PriorTransformerOutput(out) if return_dict else (out,)
+        return PriorTransformerOutput(predicted_image_embedding=out) if return_dict else (out,)
 
     def post_process_latents(self, prior_latents):
         """Sampled (normalised) embeddings -> CLIP image embeddings: x * clip_std + clip_mean."""
         device = prior_latents.device
         return prior_latents * self.clip_std.to(device) + self.clip_mean.to(device)
+
+
+DEFAULTS = defaults(PriorTransformer)  # diffusers' constructor defaults (what a config.json leaves out)

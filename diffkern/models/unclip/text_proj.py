@@ -9,20 +9,19 @@ text_feat_proj, clip_emb and cf_param).
 from __future__ import annotations
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from diffkern.models._config import ConfiguredModel, resolve_config
-
 _NAME = "UnCLIPTextProjModel"
-DEFAULTS = dict(clip_extra_context_tokens=4, clip_embeddings_dim=768, time_embed_dim=None,
-                cross_attention_dim=None)
 
 
-class UnCLIPTextProjModel(ConfiguredModel):
+class UnCLIPTextProjModel(ModelMixin, ConfigMixin):
     """CLIP image + text embeddings -> the decoder's context tokens and additive time embedding.
 
-    UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=768, *, time_embed_dim,
-    cross_attention_dim) (Karlo: time_embed_dim 1280, cross_attention_dim 1536: 7,878,400 parameters).
+    UnCLIPTextProjModel(*, clip_extra_context_tokens=4, clip_embeddings_dim=768, time_embed_dim,
+    cross_attention_dim): diffusers' ModelMixin + ConfigMixin with diffusers' constructor (Karlo:
+    time_embed_dim 1280, cross_attention_dim 1536: 7,878,400 parameters).
 
     forward(*, image_embeddings (B, D), prompt_embeds (B', D), text_encoder_hidden_states (B', T, D),
             do_classifier_free_guidance) -> (context (B', extra + T, cross_attention_dim),
@@ -31,9 +30,13 @@ class UnCLIPTextProjModel(ConfiguredModel):
     (the prompt side is already [uncond; cond]), as in diffusers.
     """
 
-    def __init__(self, **config):
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, *, clip_extra_context_tokens=4, clip_embeddings_dim=768, time_embed_dim,
+                 cross_attention_dim):
         super().__init__()
-        self.config = cfg = resolve_config(_NAME, DEFAULTS, config)
+        cfg = self.config
         for key in ("time_embed_dim", "cross_attention_dim"):
             if not isinstance(cfg[key], int) or cfg[key] <= 0:
                 raise ValueError(f"{_NAME}: {key} must be a positive int, got {cfg[key]!r}")

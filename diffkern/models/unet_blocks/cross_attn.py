@@ -1,7 +1,8 @@
 """The blocks of the LDM / Stable Diffusion / SDXL UNet: diffusers' DownBlock2D, CrossAttnDownBlock2D,
 UNetMidBlock2DCrossAttn, UNetMidBlock2D, UpBlock2D and CrossAttnUpBlock2D (names, keys, maths).
 
-Each block owns `resnets` (ResnetBlock2D), optionally `attentions` (SpatialTransformer, one after
+Also AttnDownBlock2D / AttnUpBlock2D (pixel self-attention after each resnet: UNet2DModel's DDPM layout).
+Each block owns `resnets` (ResnetBlock2D), optionally `attentions` (Transformer2DModel, one after
 each resnet) and `downsamplers` / `upsamplers` (a one-element ModuleList, as diffusers nests them).
 Built through the registry with diffusers' get_*_block keyword arguments (see registry.py).
 """
@@ -12,8 +13,10 @@ import torch
 from torch import nn
 
 from diffkern.models.unet_blocks.registry import register_block
+from diffkern.nn.attention import Attention
+from diffkern.nn.group_norm import GroupNorm
 from diffkern.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
-from diffkern.nn.transformer import SpatialTransformer
+from diffkern.nn.transformer import SpatialSelfAttention, SpatialTransformer
 
 
 def resnet(in_channels, out_channels, temb_channels, *, resnet_eps=1e-6, resnet_groups=32, dropout=0.0,
@@ -24,6 +27,19 @@ def resnet(in_channels, out_channels, temb_channels, *, resnet_eps=1e-6, resnet_
                          dropout=dropout, output_scale_factor=output_scale_factor, act_fn=resnet_act_fn,
                          time_embedding_norm=resnet_time_scale_shift, skip_time_act=skip_time_act, up=up,
                          down=down)
+
+
+class Checkpointed:
+    """diffusers' gradient-checkpointing switch: ModelMixin.enable_gradient_checkpointing() sets
+    `gradient_checkpointing` and `_gradient_checkpointing_func` on every module that has the attribute;
+    such a module runs its sub-modules through `_run`, which recomputes them in the backward pass."""
+
+    gradient_checkpointing = False
+
+    def _run(self, module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(module, *args)
+        return module(*args)
 
 
 def fourier_filter(x, threshold, scale):
@@ -51,8 +67,35 @@ def _per_layer(depth, num_layers):
     return list(depth) if isinstance(depth, (list, tuple)) else [depth] * num_layers
 
 
-class _Level(nn.Module):
-    """`num_layers` resnets, each followed by a SpatialTransformer when `cross_attention`."""
+class PixelSelfAttention(SpatialSelfAttention):
+    """SpatialSelfAttention with diffusers' head arithmetic of the pixel UNet's attention (AttnDownBlock2D,
+    AttnUpBlock2D, UNetMidBlock2D): channels // head_dim heads of head_dim, so the inner width may be
+    narrower than the channels (e.g. 8 channels, head_dim 3: 2 heads, inner width 6)."""
+
+    def __init__(self, channels, head_dim, *, norm_num_groups=32, eps=1e-6, rescale_output_factor=1.0):
+        if not 0 < head_dim <= channels:
+            raise ValueError(f"attention_head_dim {head_dim} must be in [1, {channels}] (the channels)")
+        Attention.__init__(self, channels, heads=channels // head_dim, dim_head=head_dim, qkv_bias=True,
+                           out_bias=True)
+        self.rescale_output_factor = rescale_output_factor
+        self.group_norm = GroupNorm(norm_num_groups, channels, eps=eps)
+
+
+class Transformer2DModel(Checkpointed, SpatialTransformer):
+    """diffkern's SpatialTransformer under diffusers' module name in the UNet blocks, with diffusers'
+    gradient-checkpointing switch (its whole call is recomputed in the backward pass)."""
+
+    def forward(self, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(super().forward, *args)
+        return super().forward(*args)
+
+
+class _Level(Checkpointed, nn.Module):
+    """`num_layers` resnets, each followed by a Transformer2DModel when `cross_attention`, or by a
+    pixel self-attention when `self_attention` (diffusers' AttnDownBlock2D / AttnUpBlock2D)."""
+
+    self_attention = False
 
     def _build(self, in_channels_per_layer, out_channels, temb_channels, num_layers, cross_attention, kw):
         res_kw = {k: kw[k] for k in ("resnet_eps", "resnet_groups", "dropout", "resnet_time_scale_shift",
@@ -66,16 +109,24 @@ class _Level(nn.Module):
             depth = _per_layer(kw.get("transformer_layers_per_block", 1), num_layers)
             # diffusers' convention: the head width is whatever the channels leave per head.
             self.attentions = nn.ModuleList([
-                SpatialTransformer(heads, out_channels // heads, out_channels, kw["cross_attention_dim"],
+                Transformer2DModel(heads, out_channels // heads, out_channels, kw["cross_attention_dim"],
                                    depth=depth[i], norm_num_groups=kw.get("resnet_groups", 32),
                                    use_linear_projection=kw.get("use_linear_projection", False),
                                    dropout=kw.get("dropout", 0.0),
                                    only_cross_attention=kw.get("only_cross_attention", False))
                 for i in range(num_layers)])
+        elif self.self_attention:  # UNet2DModel's AttnDownBlock2D / AttnUpBlock2D (diffusers' arguments)
+            head_dim = kw.get("attention_head_dim") or out_channels
+            self.attentions = nn.ModuleList([
+                PixelSelfAttention(out_channels, head_dim, norm_num_groups=kw.get("resnet_groups", 32),
+                                   eps=kw.get("resnet_eps", 1e-6))
+                for _ in range(num_layers)])
 
     def _attend(self, i, h, context, attention_mask, encoder_attention_mask):
         if self.attentions is None:
             return h
+        if not self.has_cross_attention:
+            return self.attentions[i](h)
         return self.attentions[i](h, context, attention_mask, encoder_attention_mask)
 
 
@@ -99,7 +150,8 @@ class DownBlock2D(_Level):
                 cross_attention_kwargs=None, encoder_attention_mask=None, additional_residuals=None):
         h, skips = hidden_states, ()
         for i, block in enumerate(self.resnets):
-            h = self._attend(i, block(h, temb), encoder_hidden_states, attention_mask, encoder_attention_mask)
+            h = self._attend(i, self._run(block, h, temb), encoder_hidden_states, attention_mask,
+                             encoder_attention_mask)
             if i == len(self.resnets) - 1 and additional_residuals is not None:  # T2I-adapter, diffusers' place
                 h = h + additional_residuals
             skips += (h,)
@@ -113,7 +165,11 @@ class CrossAttnDownBlock2D(DownBlock2D):
     cross_attention = True
 
 
-class UNetMidBlock2DCrossAttn(nn.Module):
+class AttnDownBlock2D(DownBlock2D):
+    self_attention = True
+
+
+class UNetMidBlock2DCrossAttn(Checkpointed, nn.Module):
     """resnet, then (transformer, resnet) x num_layers, at constant width (diffusers' mid blocks;
     cross_attention=False with num_layers=0 is UNetMidBlock2D without attention)."""
 
@@ -134,7 +190,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         depth = _per_layer(kw.get("transformer_layers_per_block", 1), layers)
         heads = kw.get("num_attention_heads", 1)
         self.attentions = nn.ModuleList([
-            SpatialTransformer(heads, in_channels // heads, in_channels, kw["cross_attention_dim"],
+            Transformer2DModel(heads, in_channels // heads, in_channels, kw["cross_attention_dim"],
                                depth=depth[i], norm_num_groups=groups,
                                use_linear_projection=kw.get("use_linear_projection", False),
                                dropout=kw.get("dropout", 0.0))
@@ -142,9 +198,10 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 
     def forward(self, hidden_states, temb=None, encoder_hidden_states=None, attention_mask=None,
                 cross_attention_kwargs=None, encoder_attention_mask=None):
-        h = self.resnets[0](hidden_states, temb)
+        h = self._run(self.resnets[0], hidden_states, temb)
         for attn, block in zip(self.attentions, self.resnets[1:]):
-            h = block(attn(h, encoder_hidden_states, attention_mask, encoder_attention_mask), temb)
+            h = attn(h, encoder_hidden_states, attention_mask, encoder_attention_mask)
+            h = self._run(block, h, temb)
         return h
 
 
@@ -185,7 +242,7 @@ class UpBlock2D(_Level):
             skip, skips = skips[-1], skips[:-1]
             if use_freeu:
                 h, skip = freeu(self.resolution_idx, h, skip, self.s1, self.s2, self.b1, self.b2)
-            h = block(torch.cat([h, skip], dim=1), temb)
+            h = self._run(block, torch.cat([h, skip], dim=1), temb)
             h = self._attend(i, h, encoder_hidden_states, attention_mask, encoder_attention_mask)
         if self.upsamplers is not None:
             h = self.upsamplers[0](h, upsample_size)
@@ -196,6 +253,11 @@ class CrossAttnUpBlock2D(UpBlock2D):
     cross_attention = True
 
 
-for _kind, _cls in (("down", DownBlock2D), ("down", CrossAttnDownBlock2D), ("mid", UNetMidBlock2DCrossAttn),
-                    ("mid", UNetMidBlock2D), ("up", UpBlock2D), ("up", CrossAttnUpBlock2D)):
+class AttnUpBlock2D(UpBlock2D):
+    self_attention = True
+
+
+for _kind, _cls in (("down", DownBlock2D), ("down", CrossAttnDownBlock2D), ("down", AttnDownBlock2D),
+                    ("mid", UNetMidBlock2DCrossAttn), ("mid", UNetMidBlock2D), ("up", UpBlock2D),
+                    ("up", CrossAttnUpBlock2D), ("up", AttnUpBlock2D)):
     register_block(_kind, _cls.__name__)(_cls)

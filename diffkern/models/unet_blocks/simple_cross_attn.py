@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffkern.models.unet_blocks.cross_attn import resnet
+from diffkern.models.unet_blocks.cross_attn import Checkpointed, resnet
 from diffkern.models.unet_blocks.registry import register_block
 from diffkern.nn.attention import AddedKVAttention
 
@@ -44,7 +44,7 @@ def _mask(attention_mask, encoder_hidden_states, encoder_attention_mask):
     return None if encoder_hidden_states is None else encoder_attention_mask
 
 
-class ResnetDownsampleBlock2D(nn.Module):
+class ResnetDownsampleBlock2D(Checkpointed, nn.Module):
     """resnet (+ added-KV attention) x num_layers, then a down=True resnet when add_downsample."""
 
     has_cross_attention = False
@@ -69,12 +69,12 @@ class ResnetDownsampleBlock2D(nn.Module):
         mask = _mask(attention_mask, encoder_hidden_states, encoder_attention_mask)
         h, skips = hidden_states, ()
         for i, block in enumerate(self.resnets):
-            h = block(h, temb)
+            h = self._run(block, h, temb)
             if self.attentions is not None:
-                h = self.attentions[i](h, encoder_hidden_states, mask)
+                h = self._run(self.attentions[i], h, encoder_hidden_states, mask)
             skips += (h,)
         if self.downsamplers is not None:
-            h = self.downsamplers[0](h, temb)
+            h = self._run(self.downsamplers[0], h, temb)
             skips += (h,)
         return h, skips
 
@@ -83,7 +83,7 @@ class SimpleCrossAttnDownBlock2D(ResnetDownsampleBlock2D):
     has_cross_attention = True
 
 
-class UNetMidBlock2DSimpleCrossAttn(nn.Module):
+class UNetMidBlock2DSimpleCrossAttn(Checkpointed, nn.Module):
     """resnet, then (added-KV attention, resnet) x num_layers (mid_block_scale_factor on every resnet)."""
 
     has_cross_attention = True
@@ -102,13 +102,13 @@ class UNetMidBlock2DSimpleCrossAttn(nn.Module):
     def forward(self, hidden_states, temb=None, encoder_hidden_states=None, attention_mask=None,
                 cross_attention_kwargs=None, encoder_attention_mask=None):
         mask = _mask(attention_mask, encoder_hidden_states, encoder_attention_mask)
-        h = self.resnets[0](hidden_states, temb)
+        h = self._run(self.resnets[0], hidden_states, temb)
         for attn, block in zip(self.attentions, self.resnets[1:]):
-            h = block(attn(h, encoder_hidden_states, mask), temb)
+            h = self._run(block, self._run(attn, h, encoder_hidden_states, mask), temb)
         return h
 
 
-class ResnetUpsampleBlock2D(nn.Module):
+class ResnetUpsampleBlock2D(Checkpointed, nn.Module):
     """(concat a skip, resnet (+ added-KV attention)) x num_layers, then an up=True resnet when
     add_upsample (which doubles the size: diffusers gives it no upsample_size)."""
 
@@ -138,12 +138,12 @@ class ResnetUpsampleBlock2D(nn.Module):
         mask = _mask(attention_mask, encoder_hidden_states, encoder_attention_mask)
         h, skips = hidden_states, tuple(res_hidden_states_tuple)
         for i, block in enumerate(self.resnets):
-            h = block(torch.cat([h, skips[-1]], dim=1), temb)
+            h = self._run(block, torch.cat([h, skips[-1]], dim=1), temb)
             skips = skips[:-1]
             if self.attentions is not None:
-                h = self.attentions[i](h, encoder_hidden_states, mask)
+                h = self._run(self.attentions[i], h, encoder_hidden_states, mask)
         if self.upsamplers is not None:
-            h = self.upsamplers[0](h, temb)
+            h = self._run(self.upsamplers[0], h, temb)
         return h
 
 
