@@ -60,6 +60,8 @@ FAMILIES = {
     "glide": "diffkern.cli_glide",  # GLIDE 64 -> 256, CLIP guidance, inpainting (--base)
     "unclip": "diffkern.cli_unclip",  # DALL-E 2 / Karlo, variations, interpolations, text diffs (--karlo)
     "if": "diffkern.cli_if",  # DeepFloyd IF / Imagen cascade 64 -> 256 -> 1024, --stages 1|2|3 (--if-stage1)
+    "sdxl": "diffkern.cli_sdxl",  # SDXL base / refiner hand-off / img2img / inpainting (--sdxl)
+    "ldm": "diffkern.cli_ldm",  # LDM release: unconditional, 4x SR, class-conditional, inpainting (--ldm)
 }
 
 
