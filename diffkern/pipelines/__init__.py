@@ -30,8 +30,11 @@ from diffkern.pipelines.imagen import IFCascadeOutput, IFCascadePipeline, Imagen
 from diffkern.pipelines.latent_diffusion import LDMTextToImagePipeline
 from diffkern.pipelines.ldm import (LDMClassConditionalPipeline, LDMInpaintPipeline, LDMPipeline,
                                     LDMSuperResolutionPipeline)
-from diffkern.pipelines.stable_diffusion_xl import (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
-                                                    StableDiffusionXLPipeline)
+from diffkern.pipelines.stable_diffusion_xl import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffkern.pipelines.stable_diffusion import (
     LatentDiffusionPipelineBase,
     StableDiffusionImg2ImgPipeline,
@@ -71,7 +74,8 @@ def load_pipeline(path, *, dtype=None, device="cpu", scheduler=None, img2img=Fal
 
     from diffkern.pipelines.ldm._components import folder_pipeline_class, load_folder_pipeline
 
-    ldm_or_sdxl = folder_pipeline_class(path, img2img=img2img, inpaint=inpaint)  # diffusers LDM / SDXL folders
+    # diffusers LDM / SDXL folders
+    ldm_or_sdxl = folder_pipeline_class(path, img2img=img2img, inpaint=inpaint)
     if ldm_or_sdxl is not None:
         return load_folder_pipeline(path, ldm_or_sdxl, dtype=dtype, device=device, scheduler=scheduler,
                                     variant=load_kwargs.get("variant"))
