@@ -133,8 +133,11 @@ def pick_device(requested):
 def write_images(images, paths):
     """Save PIL images to their paths (folders made), saying each."""
     for image, path in zip(images, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+        except (OSError, ValueError) as e:  # the disk filled, the folder went away, ...: one line, not a traceback
+            raise UsageError(f"--output: cannot write {path} ({e})") from None
         print(f"wrote {path}")
     return paths
 
