@@ -4,7 +4,14 @@
 #
 #   PYTHON=python3.12 make test                          choose the interpreter for the venv
 #   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu   where no local CPU wheel exists
-#   make bench BENCH_ARGS="--quick --no-compile"         pass options to python -m diffkern.bench
+#   make bench                                           the quick suite (< 5 min), results in benchmarks/out/
+#   make bench BENCH_ARGS=--full                         every shape, dtype and model
+#   make bench BENCH_ARGS="--full --out benchmarks/results"   the official (committed) results
+#   make constraints                                     re-pin benchmarks/constraints.txt from this .venv
+#
+# Every pip install is constrained by benchmarks/constraints.txt (the versions the suite is tested
+# with). On a GPU machine torch, triton and nvidia-* are left out of the constraints: torch is then the
+# default CUDA build (or the one already in the venv) with the triton it brings.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,21 +21,30 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 TORCH_INDEX ?=
 BENCH_ARGS ?=
+CONSTRAINTS ?= benchmarks/constraints.txt
+# what pip is given: the file itself on a CPU machine, a copy without the CUDA-build packages on a GPU one
+PIP_CONSTRAINTS := $(if $(HAS_GPU),$(VENV)/constraints-gpu.txt,$(CONSTRAINTS))
+PIP := $(PY) -m pip install -q -c $(PIP_CONSTRAINTS)
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: setup test bench bench-pytest info clean
+.PHONY: setup test bench bench-pytest info clean constraints
 
 setup: $(VENV)/.built
 
-$(VENV)/.deps:
+$(VENV)/constraints-gpu.txt: $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "setuptools>=64" wheel ninja pybind11 numpy pytest pytest-benchmark "triton>=3.0" tqdm matplotlib
+	grep -v -E -i '^(torch|triton|nvidia-[a-z0-9-]+)==' $(CONSTRAINTS) > $@
+
+$(VENV)/.deps: $(CONSTRAINTS) $(if $(HAS_GPU),$(VENV)/constraints-gpu.txt)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(PIP) setuptools wheel ninja pybind11 numpy pytest pytest-benchmark pytest-timeout parameterized triton tqdm matplotlib
 	# transformers: the frozen CLIP text encoders and tokenizers of SD/LDM (it does not pull torch)
-	$(PY) -m pip install -q transformers safetensors Pillow
-	# diffusers is the models' and schedulers' test oracle; --no-deps keeps it from touching torch
-	$(PY) -m pip install -q --no-deps diffusers
-	$(PY) -m pip install -q huggingface_hub regex requests importlib_metadata
+	$(PIP) transformers safetensors Pillow
+	# diffusers: a dependency of diffkern.models / schedulers / pipelines and their test oracle;
+	# --no-deps keeps it from touching torch, its own dependencies are the next line
+	$(PIP) --no-deps diffusers
+	$(PIP) huggingface_hub regex requests importlib_metadata filelock
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
@@ -47,6 +63,11 @@ bench-pytest: setup
 
 info: setup
 	$(PY) -m diffkern.info
+
+constraints:
+	$(PY) -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' > $(CONSTRAINTS).new
+	$(PY) -m pip freeze --all --exclude-editable | grep -i -E '^(setuptools|wheel)==' >> $(CONSTRAINTS).new
+	{ grep '^#' $(CONSTRAINTS); cat $(CONSTRAINTS).new; } > $(CONSTRAINTS) && rm $(CONSTRAINTS).new
 
 clean:
 	rm -rf build *.egg-info diffkern/_C*.so $(VENV)/.built
