@@ -111,7 +111,7 @@ def test_base_to_refiner_hand_off_matches_diffusers(parts):
 def test_image_to_image_matches_diffusers(parts):
     theirs, ours = _pair(StableDiffusionXLImg2ImgPipeline, diffusers.StableDiffusionXLImg2ImgPipeline,
                          unet=_unet(6), **parts)
-    _same(theirs, ours, prompt="a painting of a dog", image=_image(), strength=0.7, num_inference_steps=3,
+    _same(theirs, ours, prompt="a painting of a dog", image=_image(), strength=0.7, num_inference_steps=2,
           output_type="np")
 
 
@@ -121,7 +121,7 @@ def test_inpainting_matches_diffusers(parts, channels):
                          unet=_unet(6, in_channels=channels), **parts)
     mask = torch.zeros(1, 1, 32, 32)
     mask[..., 8:24, 4:20] = 1
-    _same(theirs, ours, prompt="a cat", image=_image(1), mask_image=mask, strength=0.9, num_inference_steps=3,
+    _same(theirs, ours, prompt="a cat", image=_image(1), mask_image=mask, strength=0.9, num_inference_steps=2,
           output_type="np", height=32, width=32)
 
 
