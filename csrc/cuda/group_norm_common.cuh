@@ -290,13 +290,17 @@ __device__ __forceinline__ void channel_coeffs(const Params& p, int64_t n, int64
   B = fmaf(b, sc, sh);
 }
 
+// erff's polynomial kept out of line: inlined into the rows kernel's unrolled loop it made ptxas spill
+// (4 bytes, sm_90a); only GELU launches call it.
+__device__ __noinline__ float gelu_erf(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); }
+
 __device__ __forceinline__ float act(float v, int kind) {
   // SiLU v / (1 + exp(-v)); __fdividef returns 0 for huge denominators, so v -> -inf gives -0, not NaN.
   // GELU 0.5 v (1 + erf(v / sqrt(2))); its tanh form v / (1 + exp(-2u)), u = sqrt(2 / pi) (v + 0.044715 v^3)
   // (0.5 (1 + tanh(u)) = sigmoid(2u)). kind is uniform over the launch: the branch never diverges.
   switch (kind) {
     case 1: return __fdividef(v, 1.f + __expf(-v));
-    case 2: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    case 2: return gelu_erf(v);
     case 3: return __fdividef(v, 1.f + __expf(-1.5957691216057308f * fmaf(0.044715f * v, v * v, v)));
     default: return v;
   }

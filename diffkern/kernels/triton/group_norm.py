@@ -14,7 +14,7 @@ Plans (what the fastest public GroupNorm kernels do; no grid-wide synchronisatio
   (mean, M2), `_apply_kernel` merges the group's partials (a few floats, Chan's formula) and applies
   to its chunk, whose second read comes from L2.
 - "looped": groups too large for registers at a large batch (a tensor larger than L2, and at least
-  2 groups per SM), either layout: one program per group reads it tile by tile for the statistics,
+  one group per SM), either layout: one program per group reads it tile by tile for the statistics,
   then again to apply, while the group (<= a few hundred KB per program) is still in L2.
 - "rows" (channels_last with C, S > 1, few groups, no resident tile): grid (sample, block of spatial
   rows, block of channels), coalesced along C: per-channel partials, a tiny per-group merge, then the
@@ -34,8 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest register tile (elements) of a resident group / split chunk / looped tile, and its warps.
+# Largest register tile (elements) of a resident group, of a split chunk, of a looped tile. ptxas caps a
+# 16-warp program at 128 registers a thread: 16384 elements is 32 a thread (fp32 value + int32 offset).
 RESIDENT_MAX = 16384
+SPLIT_TILE = 8192
 LOOP_TILE = 4096
 L2_REUSE_BYTES = 24 << 20  # half of an H100's 50 MB L2: a second read of a tensor this size mostly hits
 H100_SMS = 132
@@ -66,12 +68,14 @@ def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 @triton.jit
 def _tile_load(x_ptr, base, c_begin, c_end, s_begin, s_end, stride_c, stride_s, K,
                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """(x - K as float32 (0 where masked), mask, offsets, count) of the tile [c_begin, +BLOCK_C) x [s_begin, +BLOCK_S)."""
+    """(x - K as float32 (0 where masked), mask, offsets from base, count) of the tile [c_begin, +BLOCK_C) x
+    [s_begin, +BLOCK_S). The offsets are int32 (one sample has < 2^31 elements; the launcher checks):
+    half the registers of int64 ones, which a whole-group tile holds from its load to its store."""
     offs_c = c_begin + tl.arange(0, BLOCK_C)
     offs_s = s_begin + tl.arange(0, BLOCK_S)
     mask = (offs_c < c_end)[:, None] & (offs_s < s_end)[None, :]
-    offs = base + offs_c[:, None].to(tl.int64) * stride_c + offs_s[None, :].to(tl.int64) * stride_s
-    v = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - K, 0.0)
+    offs = offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
+    v = tl.where(mask, tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32) - K, 0.0)
     cnt = ((tl.minimum(c_end, c_begin + BLOCK_C) - c_begin) * (tl.minimum(s_end, s_begin + BLOCK_S) - s_begin))
     return v, mask, offs, cnt.to(tl.float32)
 
@@ -135,7 +139,7 @@ def _chunk_apply(x_ptr, y_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, base, n, c0, 
         for sb in range(s_begin, s_end, BLOCK_S):
             v, mask, offs, _ = _tile_load(x_ptr, base, cb, CPG, sb, s_end, stride_c, stride_s, K, BLOCK_C, BLOCK_S)
             out = _act((v - m) * a[:, None] + b[:, None], ACT)
-            tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + base + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -165,7 +169,7 @@ def _resident_kernel(
     a, b = _channel_coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, n, C, c0 + offs_c, offs_c < CPG,
                                  tl.full([BLOCK_C], 1.0, tl.float32) * rstd, HAS_WEIGHT, HAS_BIAS, HAS_SCALE_SHIFT)
     out = _act((v - m) * a[:, None] + b[:, None], ACT)
-    tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + base + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -199,7 +203,7 @@ def _partial_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     ng = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(1)
     G = C // CPG
     base = (ng // G) * stride_n + (ng % G) * CPG * stride_c
     K = tl.load(x_ptr + base).to(tl.float32)
@@ -223,7 +227,7 @@ def _apply_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     ng = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(1)
     G = C // CPG
     n = ng // G
     c0 = (ng % G) * CPG
@@ -258,7 +262,7 @@ def _rows_stats_kernel(
 ):
     """grid (N, SBLOCKS, C / BLOCK_C): per-channel partials of one block of rows."""
     n = tl.program_id(0).to(tl.int64)
-    sblock = tl.program_id(1).to(tl.int64)
+    sblock = tl.program_id(1)
     nsb = tl.num_programs(1)
     r_begin = sblock * rows
     r_end = tl.minimum(r_begin + rows, S)
@@ -272,7 +276,7 @@ def _rows_stats_kernel(
     for rb in range(r_begin, r_end, BLOCK_R):
         offs_r = rb + tl.arange(0, BLOCK_R)
         mask = (offs_r < r_end)[:, None] & mask_c[None, :]
-        v = tl.load(base + offs_r[:, None].to(tl.int64) * C + offs_c[None, :], mask=mask, other=0.0)
+        v = tl.load(base + offs_r[:, None] * C + offs_c[None, :], mask=mask, other=0.0)  # int32 within a sample
         v = tl.where(mask, v.to(tl.float32) - k[None, :], 0.0)
         t_cnt = (tl.minimum(r_end, rb + BLOCK_R) - rb).to(tl.float32)
         t_mean = tl.sum(v, axis=0) / t_cnt
@@ -327,7 +331,7 @@ def _rows_apply_kernel(
 ):
     """grid (N, SBLOCKS, C / BLOCK_C), as _rows_stats_kernel."""
     n = tl.program_id(0).to(tl.int64)
-    sblock = tl.program_id(1).to(tl.int64)
+    sblock = tl.program_id(1)
     G = C // CPG
     r_begin = sblock * rows
     r_end = tl.minimum(r_begin + rows, S)
@@ -344,10 +348,10 @@ def _rows_apply_kernel(
     for rb in range(r_begin, r_end, BLOCK_R):
         offs_r = rb + tl.arange(0, BLOCK_R)
         mask = (offs_r < r_end)[:, None] & mask_c[None, :]
-        offs = base + offs_r[:, None].to(tl.int64) * C + offs_c[None, :]
-        xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        offs = offs_r[:, None] * C + offs_c[None, :]  # int32 within a sample
+        xv = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         v = _act(((xv - k[None, :]) - m[None, :]) * a[None, :] + b[None, :], ACT)
-        tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + base + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +363,8 @@ def _p2(v):
 
 
 def _warps(tile):
-    return 16 if tile > 8192 else 8 if tile >= 2048 else 4
+    """At most 16 elements a thread below the resident maximum (32 there)."""
+    return 16 if tile > 4096 else 8 if tile >= 2048 else 4
 
 
 def _group_tile(cpg, S, channels_last, limit):
@@ -394,7 +399,7 @@ def launch_config(N, C, S, G, elem_bytes, channels_last, num_sms=None, *, plan=N
     cl = channels_last and C > 1 and S > 1
     if plan is None:
         if on_gpu:
-            big = N * C * S * elem_bytes > L2_REUSE_BYTES and N * G >= 2 * num_sms
+            big = N * C * S * elem_bytes > L2_REUSE_BYTES and N * G >= num_sms
             if fits and N * G >= num_sms:
                 plan = "resident"
             elif big:
@@ -430,7 +435,7 @@ def launch_config(N, C, S, G, elem_bytes, channels_last, num_sms=None, *, plan=N
     if plan != "split":
         raise ValueError(f"group_norm: unknown plan {plan!r}")
     # split: every chunk one register tile where possible, enough programs for every SM
-    block_c, block_s = _group_tile(cpg, S, channels_last, tile or (RESIDENT_MAX if on_gpu else 1024))
+    block_c, block_s = _group_tile(cpg, S, channels_last, tile or (SPLIT_TILE if on_gpu else 1024))
     if splits is None:
         want = triton.cdiv(2 * num_sms, N * G) if on_gpu else 1
         splits = max(want, triton.cdiv(full_c * full_s, block_c * block_s))
@@ -453,6 +458,9 @@ def group_norm_forward(x3, num_groups, weight, bias, scale, shift, eps, act, y3,
     N, C, S = x3.shape
     G = num_groups
     act = int(act)
+    if C * S >= 2 ** 31:
+        raise ValueError(f"group_norm (triton): one sample of {C * S} elements; the kernels index within a "
+                         "sample in int32 (< 2^31 elements)")
     mean = torch.empty((N, G), device=x3.device, dtype=torch.float32)
     rstd = torch.empty((N, G), device=x3.device, dtype=torch.float32)
     sn, sc, ss = x3.stride()
