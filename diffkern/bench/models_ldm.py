@@ -192,13 +192,15 @@ def _with_reference(fn):
         return fn()
 
 
-def run(device, quick=False, compile_reference=True, log=print, full_size=False):
+def run(device, quick=False, compile_reference=True, log=print, full_size=False, only=None):
     """Rows for `python -m diffkern.bench --ops models_ldm` (no torch.compile peers: whole pipelines and
     2.6 B-parameter UNets compile for minutes)."""
     import diffusers
 
     rows = []
     for case in cases(device, quick, full_size):
+        if only and not any(part in case.name for part in only):
+            continue
         fns = _callables(case, device)
         cands = [("reference", lambda f=fns["diffkern"]: _with_reference(f), "diffkern, reference backend"),
                  ("diffkern", fns["diffkern"], "automatic backends"),
@@ -236,14 +238,17 @@ def main(argv=None):
     p.add_argument("--full-size", action="store_true", help="on a CPU: the released sizes")
     p.add_argument("--quick", action="store_true", help="the SDXL UNet step only")
     p.add_argument("--out", default="benchmarks/out", help="results folder (official: benchmarks/results)")
+    p.add_argument("--cases", nargs="+", default=None, metavar="NAME",
+                   help="only the rows whose name contains one of these (sdxl-unet, cin256, vq-f4, "
+                   "end-to-end)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     allocator = harness.pin_cpu_allocator() if device.type == "cpu" else None
     env = harness.environment(device, allocator)
     env.update(harness.timing.machine_state())
-    rows = run(device, quick=args.quick, full_size=args.full_size)
+    rows = run(device, quick=args.quick, full_size=args.full_size, only=args.cases)
     tag = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
-    stem = f"{OP}-{tag}{'-full-size' if args.full_size else ''}"
+    stem = f"{OP}-{tag}{'-full-size' if args.full_size else ''}" + "".join(f"-{c}" for c in args.cases or ())
     _, report_md = report.write_reports(rows, args.out, stem, device.type)
     json_path, md_path = harness.write_results(rows, env, args.out, stem, [__doc__, ""] + report_md)
     print(harness.format_table(rows))
