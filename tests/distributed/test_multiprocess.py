@@ -23,7 +23,9 @@ def launched(tmp_path_factory, sd_dir, glide_files):
     glide, glide_tok, glide_options = glide_files
     (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     bad = [{"prompt": p} for p in PROMPTS]
-    bad[3]["height"] = 33  # not a multiple of the VAE's downscale: the pipeline refuses it, on rank 1
+    # more steps than the scheduler's 1000 training steps: a setting only the loaded scheduler can refuse, so it
+    # fails at run time, on rank 1 (a height of 33, say, is now refused by the CLI before anything is loaded)
+    bad[3]["steps"] = 1001
     (d / "bad.jsonl").write_text("".join(json.dumps(b) + "\n" for b in bad))
     cfg = {"sd": str(sd), "sd_args": SD_ARGS, "prompts": str(d / "prompts.txt"), "bad_prompts": str(d / "bad.jsonl"),
            "out_dp": str(d / "dp"), "out_cfg": str(d / "cfg"), "glide": str(glide), "glide_tok": str(glide_tok),
@@ -57,7 +59,7 @@ def test_failing_rank_reported_nothing_lost_and_resume_finishes_byte_identical(l
     # batches of 1 dealt round-robin: rank 1 has images 1 and 3 and fails on 3 (line 4); all stop after
     # that round, so image 4 (rank 0's third) is not made
     assert "rank 1 failed on image 3 (prompt line 4: 'an astronaut'" in proc.stderr
-    assert "height" in proc.stderr and "--resume" in proc.stderr
+    assert "1001" in proc.stderr and "--resume" in proc.stderr
     dp = d / "dp"
     assert sorted(files(dp)) == ["000000.png", "000001.png", "000002.png"]
     assert [r["index"] for r in read_records(dp / "manifest.jsonl")] == [0, 1, 2]
