@@ -183,7 +183,10 @@ def _dead_rows(c, keep):
     if c.bias is not None and c.bias.is_floating_point():
         neg = torch.isneginf(c.bias)
         rows = neg if rows is None else neg | rows
-    return None if rows is None else rows.all(-1, keepdim=True)
+    if rows is None:
+        return None
+    # over every key: a bias broadcast on the key dim (size 1) must not stand for zero keys (issue 22)
+    return rows.expand(rows.shape[:-1] + (c.total_keys,)).all(-1, keepdim=True)
 
 
 def _fit_bias(bias, keep, dtype):
@@ -235,7 +238,15 @@ def _nan_rows(c, k):
     return rows | seen[..., last, None]
 
 
+def _no_keys(c):
+    """The output when there is no key at all (Sp + Sk = 0): every row is fully masked, so exactly 0,
+    with a (zero) gradient path to q. Peers return NaN there for a NaN anywhere in q (torch 2.13 SDPA)."""
+    return c.q.masked_fill(torch.ones((), dtype=torch.bool, device=c.q.device), 0.0)
+
+
 def _run_sdpa(c):
+    if c.total_keys == 0:
+        return _no_keys(c)
     k, v = _with_prefix(c)
     # torch's is_causal path returns NaN rows for scale <= 0 (it scales the -inf mask: 0 * -inf), so
     # a non-positive scale takes the explicit-mask path below (issue 22)
@@ -261,6 +272,8 @@ def _run_sdpa(c):
 def _run_xformers(c):
     import xformers.ops as xops
 
+    if c.total_keys == 0:
+        return _no_keys(c)
     k, v = _with_prefix(c)
     bias, dead = None, None
     if c.bias is not None or c.causal:

@@ -236,6 +236,11 @@ ATT = pairwise(dict(
          special="none"),
     dict(dtype=F16, shape=(2, 3, 5, 7, 8), prefix=3, causal=True, bias="big", scale=None, layout="contiguous",
          special="nan_bias"),
+    # no key at all: every row is fully masked, 0 even for a NaN q (a size-1 bias key dim is no key)
+    dict(dtype=F16, shape=(2, 1, 6, 0, 4), prefix=0, causal=False, bias="scalar", scale=2, layout="contiguous",
+         special="nan_q"),
+    dict(dtype=F64, shape=(2, 1, 6, 0, 4), prefix=None, causal=False, bias=None, scale=1.7, layout="strided",
+         special="nan_q"),
 ]
 
 
@@ -348,7 +353,8 @@ GS = pairwise(dict(
     noise=["none", "tensor", "seed"],
     eps_from_clipped=[True, False],
     layout=["contiguous", "transposed", "strided", "offset"],
-    special=["none", "nan_x", "inf_model", "zero_eps_s1m0", "zero_sigma_inf_noise", "big_x0"],
+    special=["none", "nan_x", "inf_model", "zero_eps_s1m0", "zero_sigma_inf_noise", "big_x0", "inf_x", "nan_coeff",
+             "nan_uncond"],
 ), seed=23) + [  # pinned: x0 = pred must not alias model_output; quantiles next to inf
     dict(dtype=F32, shape=(2, 3, 4, 3), prediction_type="sample", clip="none", variance="fixed", uncond=False,
          noise="none", eps_from_clipped=True, layout="contiguous", special="none"),
@@ -388,6 +394,12 @@ def guided_step_case(k, device):
         coeffs[:, 5] = 0.0
     elif sp == "big_x0":
         x = x * 40
+    elif sp == "inf_x":
+        poke(x, -INF if k % 2 else INF, gen)
+    elif sp == "nan_coeff":  # a NaN coefficient poisons its sample (c_eps NaN is no zero: kept)
+        coeffs[B - 1, [2, 3, 4, 5][k % 4]] = NAN
+    elif sp == "nan_uncond" and u is not None:
+        poke(u, NAN, gen)
     kw = dict(prediction_type=c["prediction_type"], clip=c["clip"], variance=c["variance"],
               eps_from_clipped=c["eps_from_clipped"], guidance_scale=[1.0, 0.0, 7.5, -1.5][k % 4],
               clip_range=[1.0, 0.0, 2.5][k % 3], dynamic_percentile=[0.995, 0.0, 1.0, 0.5, 0.37][k % 5],
@@ -437,7 +449,8 @@ def guided_step_formula(x, m, coeffs, u, noise, kw):
     # magnitude of the terms, for the tolerance
     fx, fp = x.abs().nan_to_num(0, 0, 0), pred.abs().nan_to_num(0, 0, 0)  # non-finite: the masks judge
     mag = (fx + s1m.abs() * fp) / sa.abs() + fx + fp
-    mag = mag * (1 + c_x0.abs() + c_xt.abs() + c_eps.abs() + 1 / s1m.abs().clamp(min=1e-3)) + 10
+    fc = lambda t: t.abs().nan_to_num(0, 0, 0)
+    mag = mag * (1 + fc(c_x0) + fc(c_xt) + fc(c_eps) + 1 / s1m.abs().clamp(min=1e-3)) + 10
     return prev, x0, mag
 
 
@@ -458,7 +471,7 @@ def test_guided_step_random_arguments(backend, k):
     prev, x0, mag = guided_step_formula(*(t if t is None else t.cpu() for t in (x, m, coeffs, u, noise)), kw)
     tol = REL[x.dtype] * (mag + prev.abs().nan_to_num(0, 0, 0))
     if kw.get("noise_seed") is not None:
-        tol = tol + 1e-5 * (1 + coeffs.cpu().double().abs().max())  # float32 log / cos of the noise
+        tol = tol + 1e-5 * (1 + coeffs.cpu().double().abs().nan_to_num(0, 0, 0).max())  # float32 log / cos of the noise
     assert_matches(outs[1], x0, REL[x.dtype] * mag, f"guided_step[{backend}] x0, case {k} {c} {kw}")
     assert_matches(outs[0], prev, tol, f"guided_step[{backend}] prev, case {k} {c} {kw}")
 
@@ -475,7 +488,8 @@ SU = pairwise(dict(
     uncond=[False, True],
     noise=[False, True],
     layout=["contiguous", "transposed", "strided", "offset"],
-    special=["none", "nan_model", "inf_model", "inf_history_zero_coeff", "inf_noise_zero_std", "nan_x", "zeros"],
+    special=["none", "nan_model", "inf_model", "inf_history_zero_coeff", "inf_noise_zero_std", "nan_x", "zeros",
+             "nan_coeff", "inf_x"],
 ), seed=24) + [  # pinned (issue 22 item 3 and its class): NaN through each clip, inf d, c_j = 0 with d_j != 0
     dict(dtype=F32, shape=(2, 3, 4, 3), H=3, aux=True, clip=clip, uncond=True, noise=True, layout="contiguous",
          special=special, kw=dict(dynamic_percentile=p))
@@ -516,6 +530,10 @@ def sampler_update_case(k, device):
     elif sp == "zeros":
         x.zero_()
         m.zero_()
+    elif sp == "nan_coeff":
+        coeffs[B - 1, k % K] = NAN
+    elif sp == "inf_x":
+        poke(x, INF, gen)
     kw = dict(clip=c["clip"], aux=aux, guidance_scale=[1.0, 0.0, 5.0, -2.0][k % 4],
               clip_range=[1.0, 0.0, 0.7][k % 3], dynamic_percentile=[0.995, 1.0, 0.0, 0.5, 0.61][k % 5],
               dynamic_max_value=[1.0, 1.4, 50.0][k % 3])
@@ -591,7 +609,7 @@ DT = pairwise(dict(
     percentile=[0.0, 1.0, 0.5, 0.995, "random"],
     max_value=[None, 1.0, 2.5, 1e30],
     layout=["contiguous", "transposed", "strided", "offset"],
-    special=["none", "inf", "neg_inf", "nan", "zeros", "ties", "small"],
+    special=["none", "inf", "neg_inf", "nan", "zeros", "ties", "small", "all_inf", "neg_zero"],
 ), seed=25) + [  # pinned (issue 22 item 5): [1, inf] at weights 0 and >= 0.5 (torch.lerp's other branch)
     dict(dtype=dt, shape=(1, 2), percentile=p, max_value=None, layout="contiguous", special="one_inf")
     for dt, p in ((F32, 0.0), (F64, 0.0), (F32, 0.75), (F16, 0.25))
@@ -611,6 +629,10 @@ def dynamic_threshold_case(k, device):
         x = x.round()
     elif sp == "small":
         x = x * 0.1
+    elif sp == "all_inf":
+        x = torch.where(x < 0, -INF, INF)
+    elif sp == "neg_zero":
+        x = torch.where(x < 0, -0.0, x)
     elif sp == "one_inf":
         x = torch.tensor([[1.0, INF]], dtype=F64)
     p = c["percentile"]
