@@ -41,8 +41,11 @@ def dynamic_threshold(x, percentile=0.995, max_value=None, *, backend=None):
         alike; tests/ops/test_nonfinite.py): a sample holding any NaN gets s_b = NaN and an
         all-NaN output (as torch.quantile returns NaN). +-inf are ordered like any value: s_b =
         inf (only without max_value) gives 0 for finite elements and NaN (inf / inf) for infinite
-        ones, as the formula does; where both order statistics are inf, s_b = inf (torch.quantile
-        itself returns NaN there, 0 * inf in its interpolation). s_b and the
+        ones, as the formula does. The interpolation is s_b = v_lo + w (v_hi - v_lo), w = pos - lo,
+        in float64, and s_b = v_lo exactly when w = 0 or v_lo = v_hi: so [1, inf] at percentile 0
+        gives s_b = 1 (output [1, 1]), at any percentile > 0 s_b = inf; where both order statistics
+        are inf, s_b = inf (torch.quantile returns NaN in these cases: 0 * inf, or inf - inf in its
+        lerp for weights >= 0.5). s_b and the
         division are computed in float32 (float64 on the reference backend); the interpolation
         weight in float64. Not differentiable on the kernel backends (a sampler step needs no grad).
 
