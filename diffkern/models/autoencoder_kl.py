@@ -1,8 +1,8 @@
 """The KL-regularised autoencoder of Latent Diffusion / Stable Diffusion (the "VAE"), on diffkern ops.
 
-AutoencoderKL(**config) takes diffusers' AutoencoderKL config and has exactly its state_dict keys and
-shapes (DownEncoderBlock2D / UpDecoderBlock2D blocks, SiLU), so a checkpoint's `vae` folder loads with
-load_state_dict. encode / decode / forward return diffusers' output objects (AutoencoderKLOutput with
+AutoencoderKL is diffusers' ModelMixin + ConfigMixin with diffusers' constructor and exactly its
+state_dict keys and shapes (DownEncoderBlock2D / UpDecoderBlock2D blocks, SiLU), so a checkpoint's `vae`
+folder loads with from_pretrained. encode / decode / forward return diffusers' output objects (AutoencoderKLOutput with
 `.latent_dist`, DecoderOutput with `.sample`; return_dict=False gives tuples), and enable_tiling /
 enable_slicing give diffusers' tiled and sliced results, so the model drops into diffusers pipelines.
 `force_upcast` is carried in the config for the pipelines that read it (as diffusers' model does).
@@ -133,27 +133,11 @@ class AutoencoderKL(NoAttentionProcessors, ModelMixin, ConfigMixin):
     _group_offload_block_modules = ["quant_conv", "post_quant_conv", "encoder", "decoder"]
 
     @register_to_config
-    def __init__(
-        self,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(64,),
-        layers_per_block=1,
-        act_fn="silu",
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-        scaling_factor=0.18215,
-        shift_factor=None,
-        latents_mean=None,
-        latents_std=None,
-        force_upcast=True,
-        use_quant_conv=True,
-        use_post_quant_conv=True,
-        mid_block_add_attention=True,
-    ):
+    def __init__(self, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                 up_block_types=("UpDecoderBlock2D",), block_out_channels=(64,), layers_per_block=1, act_fn="silu",
+                 latent_channels=4, norm_num_groups=32, sample_size=32, scaling_factor=0.18215, shift_factor=None,
+                 latents_mean=None, latents_std=None, force_upcast=True, use_quant_conv=True, use_post_quant_conv=True,
+                 mid_block_add_attention=True):
         super().__init__()
         cfg = self.config
         check_options(_NAME, cfg, UNSUPPORTED)

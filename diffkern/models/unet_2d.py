@@ -71,37 +71,16 @@ class UNet2DModel(NoAttentionProcessors, ModelMixin, ConfigMixin):
     _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config
-    def __init__(
-        self,
-        sample_size=None,
-        in_channels=3,
-        out_channels=3,
-        center_input_sample=False,
-        time_embedding_type="positional",
-        time_embedding_dim=None,
-        freq_shift=0,
-        flip_sin_to_cos=True,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2D",
-        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(224, 448, 672, 896),
-        layers_per_block=2,
-        mid_block_scale_factor=1,
-        downsample_padding=1,
-        downsample_type="conv",
-        upsample_type="conv",
-        dropout=0.0,
-        act_fn="silu",
-        attention_head_dim=8,
-        norm_num_groups=32,
-        attn_norm_num_groups=None,
-        norm_eps=1e-5,
-        resnet_time_scale_shift="default",
-        add_attention=True,
-        class_embed_type=None,
-        num_class_embeds=None,
-        num_train_timesteps=None,
-    ):
+    def __init__(self, sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
+                 time_embedding_type="positional", time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                 mid_block_type="UNetMidBlock2D",
+                 up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                 block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1,
+                 downsample_padding=1, downsample_type="conv", upsample_type="conv", dropout=0.0, act_fn="silu",
+                 attention_head_dim=8, norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5,
+                 resnet_time_scale_shift="default", add_attention=True, class_embed_type=None, num_class_embeds=None,
+                 num_train_timesteps=None):
         super().__init__()
         cfg = self.config
         check_options(_NAME, cfg, FIXED)

@@ -1,14 +1,14 @@
 """The diffusers-layout conditional UNet on diffkern ops: Stable Diffusion 1.x / 2.x, SDXL, the
 unCLIP (Karlo) decoder and the DeepFloyd IF stages are configs of it, as in diffusers.
 
-UNet2DConditionModel(**config) takes diffusers' UNet2DConditionModel config (config.json of a
-checkpoint's `unet` folder) and has exactly diffusers' state_dict keys and shapes, so
+UNet2DConditionModel is diffusers' ModelMixin + ConfigMixin with diffusers' constructor, state_dict keys
+and output class, so diffusers' own loading and saving apply:
 
-    unet = UNet2DConditionModel.from_config(json.load(open("unet/config.json")))
-    unet.load_state_dict(safetensors.torch.load_file("unet/diffusion_pytorch_model.safetensors"))
+    unet = UNet2DConditionModel.from_pretrained("sd-folder", subfolder="unet", torch_dtype=torch.float16)
+    unet.save_pretrained("out")        # loads back into diffusers.UNet2DConditionModel as well
 
-loads a released checkpoint, and `forward` takes diffusers' arguments and returns diffusers' output,
-so the model drops into a diffusers pipeline (`pipe.unet = diffkern.models.from_diffusers(pipe.unet)`).
+and `forward` takes diffusers' arguments, so the model drops into a diffusers pipeline
+(`pipe.unet = diffkern.models.from_diffusers(pipe.unet)`).
 
 Supported: the block types of diffkern.models.unet_blocks (SD's CrossAttn / plain blocks, IF's and
 unCLIP's SimpleCrossAttn / ResnetDownsample / ResnetUpsample blocks, and whatever other families
@@ -17,7 +17,9 @@ register); class embeddings (num_class_embeds, "timestep", "identity", "projecti
 "text" (IF's attention pooling), "text_image" and "text_time" (SDXL); timestep_cond; positional or
 Fourier time features; any diffusers activation for act_fn / time_embedding_act_fn / timestep_post_act;
 scale-shift resnets; per-level layers, heads, cross-attention widths and transformer depths (per layer
-too); FreeU (enable_freeu). Options outside these raise ValueError naming the option.
+too); FreeU (enable_freeu); gradient checkpointing. Options outside these raise ValueError naming the
+option; diffusers' attention-processor API (attn_processors, set_attn_processor, attention slicing,
+xFormers, IP-Adapter / custom-diffusion processors, QKV fusion) raises NotImplementedError.
 """
 
 from __future__ import annotations
@@ -79,57 +81,23 @@ class UNet2DConditionModel(NoAttentionProcessors, ModelMixin, ConfigMixin):
     _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config
-    def __init__(
-        self,
-        sample_size=None,
-        in_channels=4,
-        out_channels=4,
-        center_input_sample=False,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        only_cross_attention=False,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        downsample_padding=1,
-        mid_block_scale_factor=1,
-        dropout=0.0,
-        act_fn="silu",
-        norm_num_groups=32,
-        norm_eps=1e-5,
-        cross_attention_dim=1280,
-        transformer_layers_per_block=1,
-        reverse_transformer_layers_per_block=None,
-        encoder_hid_dim=None,
-        encoder_hid_dim_type=None,
-        attention_head_dim=8,
-        num_attention_heads=None,
-        dual_cross_attention=False,
-        use_linear_projection=False,
-        class_embed_type=None,
-        addition_embed_type=None,
-        addition_time_embed_dim=None,
-        num_class_embeds=None,
-        upcast_attention=False,
-        resnet_time_scale_shift="default",
-        resnet_skip_time_act=False,
-        resnet_out_scale_factor=1.0,
-        time_embedding_type="positional",
-        time_embedding_dim=None,
-        time_embedding_act_fn=None,
-        timestep_post_act=None,
-        time_cond_proj_dim=None,
-        conv_in_kernel=3,
-        conv_out_kernel=3,
-        projection_class_embeddings_input_dim=None,
-        attention_type="default",
-        class_embeddings_concat=False,
-        mid_block_only_cross_attention=None,
-        cross_attention_norm=None,
-        addition_embed_type_num_heads=64,
-    ):
+    def __init__(self, sample_size=None, in_channels=4, out_channels=4, center_input_sample=False,
+                 flip_sin_to_cos=True, freq_shift=0,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 mid_block_type="UNetMidBlock2DCrossAttn",
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 only_cross_attention=False, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                 downsample_padding=1, mid_block_scale_factor=1, dropout=0.0, act_fn="silu", norm_num_groups=32,
+                 norm_eps=1e-5, cross_attention_dim=1280, transformer_layers_per_block=1,
+                 reverse_transformer_layers_per_block=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
+                 attention_head_dim=8, num_attention_heads=None, dual_cross_attention=False,
+                 use_linear_projection=False, class_embed_type=None, addition_embed_type=None,
+                 addition_time_embed_dim=None, num_class_embeds=None, upcast_attention=False,
+                 resnet_time_scale_shift="default", resnet_skip_time_act=False, resnet_out_scale_factor=1.0,
+                 time_embedding_type="positional", time_embedding_dim=None, time_embedding_act_fn=None,
+                 timestep_post_act=None, time_cond_proj_dim=None, conv_in_kernel=3, conv_out_kernel=3,
+                 projection_class_embeddings_input_dim=None, attention_type="default", class_embeddings_concat=False,
+                 mid_block_only_cross_attention=None, cross_attention_norm=None, addition_embed_type_num_heads=64):
         super().__init__()
         check_options(_NAME, self.config, UNSUPPORTED)
         if encoder_hid_dim is not None and encoder_hid_dim_type is None:

@@ -10,8 +10,8 @@ diffkern.ops.attention), and the output read at the last token -> norm_out -> pr
 the predicted (normalised) CLIP image embedding x0. `post_process_latents` undoes the
 normalisation with the stored CLIP statistics (clip_mean, clip_std).
 
-State-dict keys and config equal diffusers' PriorTransformer, so a diffusers `prior/` folder loads as
-it is; Karlo's original checkpoint goes through diffkern.models.checkpoints.karlo.
+diffusers' ModelMixin + ConfigMixin with diffusers' PriorTransformer constructor, keys and output, so a
+diffusers `prior/` folder loads with from_pretrained; Karlo's original checkpoint goes through diffkern.models.checkpoints.karlo.
 """
 
 from __future__ import annotations
@@ -113,24 +113,10 @@ class PriorTransformer(NoAttentionProcessors, ModelMixin, ConfigMixin):
     config_name = "config.json"
 
     @register_to_config
-    def __init__(
-        self,
-        num_attention_heads=32,
-        attention_head_dim=64,
-        num_layers=20,
-        embedding_dim=768,
-        num_embeddings=77,
-        additional_embeddings=4,
-        dropout=0.0,
-        time_embed_act_fn="silu",
-        norm_in_type=None,
-        embedding_proj_norm_type=None,
-        encoder_hid_proj_type="linear",
-        added_emb_type="prd",
-        time_embed_dim=None,
-        embedding_proj_dim=None,
-        clip_embed_dim=None,
-    ):
+    def __init__(self, num_attention_heads=32, attention_head_dim=64, num_layers=20, embedding_dim=768,
+                 num_embeddings=77, additional_embeddings=4, dropout=0.0, time_embed_act_fn="silu", norm_in_type=None,
+                 embedding_proj_norm_type=None, encoder_hid_proj_type="linear", added_emb_type="prd",
+                 time_embed_dim=None, embedding_proj_dim=None, clip_embed_dim=None):
         super().__init__()
         cfg = self.config
         check_options(_NAME, cfg, FIXED)
