@@ -50,6 +50,9 @@ VQ_F4 = dict(in_channels=3, out_channels=3, latent_channels=3, layers_per_block=
              up_block_types=("UpDecoderBlock2D",) * 3, sample_size=256, vq_embed_dim=3)
 
 
+CPU_LATENT = 32  # latent side of every row on a CPU without --full-size (the tests shrink it)
+
+
 @dataclass
 class Case:
     name: str
@@ -64,11 +67,11 @@ def cases(device, quick=False, full_size=False):
     full = device.type == "cuda" or full_size
     dt = torch.float16 if device.type == "cuda" else torch.float32
     tag = "" if full else " (reduced width)"
-    xl = 128 if full else 32
+    xl = 128 if full else CPU_LATENT
     out = [Case("sdxl-unet-step" + tag, "sdxl-unet", (2, 4, xl, xl), dt, SDXL_BASE if full else SDXL_CPU)]
     if quick:
         return out
-    side = 64 if full else 32
+    side = 64 if full else CPU_LATENT
     out += [Case("cin256-unet-step", "cin-unet", (2, 3, side, side), dt, CIN256_UNET),
             Case("vq-f4-decode", "vq-decode", (1, 3, side, side), dt, VQ_F4),
             Case("sdxl-end-to-end" + tag, "sdxl-pipe", (1, 4, xl, xl), dt, SDXL_BASE if full else SDXL_CPU,
