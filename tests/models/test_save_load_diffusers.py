@@ -132,3 +132,13 @@ def test_unknown_and_unsupported_options():
         models.PriorTransformer(**dict(PRIOR, norm_in_type="group"))
     with pytest.raises(TypeError, match="time_embed_dim"):
         models.UnCLIPTextProjModel(cross_attention_dim=4)  # diffusers' required keyword
+
+
+def test_constructor_signatures_are_diffusers():
+    """Same argument names, order, kinds and defaults as diffusers' constructors (so configs mean the same)."""
+    import inspect
+
+    for name, (ours, theirs, _) in CASES.items():
+        a, b = (inspect.signature(c.__init__).parameters for c in (ours, theirs))
+        assert [(p.name, p.kind, p.default) for p in a.values()] == \
+               [(p.name, p.kind, p.default) for p in b.values()], name
