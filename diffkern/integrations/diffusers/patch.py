@@ -21,7 +21,7 @@ from torch import nn
 from diffkern.integrations.diffusers import norms, scheduler_swap
 from diffkern.integrations.diffusers.processors import DiffkernAttnAddedKVProcessor, DiffkernAttnProcessor
 
-KINDS = ("attention", "added_kv_attention", "resnet_norm_silu", "out_norm_silu", "scheduler")
+KINDS = ("attention", "added_kv_attention", "resnet_norm_silu", "out_norm_silu", "scheduler", "capturable_step")
 
 
 @dataclass
@@ -141,6 +141,36 @@ def _patch_attention(attn, where, report, kinds):
         report.left.append(("attention", where, why))
 
 
+_PROCESSOR_TUPLES = {"CROSS_ATTENTION_PROCESSORS": DiffkernAttnProcessor,
+                     "ADDED_KV_ATTENTION_PROCESSORS": DiffkernAttnAddedKVProcessor}
+
+
+def register_default_processors() -> None:
+    """Let diffusers' `set_default_attn_processor()` accept diffkern's processors.
+
+    diffusers' models (UNet2DConditionModel, AutoencoderKL, PriorTransformer, ControlNetModel, ...)
+    reset attention with `set_default_attn_processor()`, which raises unless every processor's class
+    is in the module-level tuple CROSS_ATTENTION_PROCESSORS (-> AttnProcessor) or
+    ADDED_KV_ATTENTION_PROCESSORS (-> AttnAddedKVProcessor); each model module imports those tuples
+    by name. diffkern's processors compute the same thing as AttnProcessor2_0 /
+    AttnAddedKVProcessor2_0, so they are appended to the tuple of their kind in every loaded diffusers
+    module that holds it (the tuples are used for that membership test only); called by `patch`, so
+    modules imported later are covered by the next patch. Idempotent; importing diffkern does nothing
+    of this.
+    """
+    import sys
+
+    import diffusers.models.attention_processor  # noqa: F401 (the defining module is always covered)
+
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not mod_name.startswith("diffusers"):
+            continue
+        for attr, ours in _PROCESSOR_TUPLES.items():
+            value = mod.__dict__.get(attr)
+            if isinstance(value, tuple) and ours not in value:
+                setattr(mod, attr, value + (ours,))
+
+
 def _patch_norms(m, where, report):
     from diffusers.models.resnet import ResnetBlock2D
 
@@ -182,7 +212,8 @@ def _dispatcher_note(m, where, report):
         report.left.append(("attention", where, why))
 
 
-def patch(obj, *, attention: bool = True, norm: bool = True, scheduler: bool = True) -> PatchReport:
+def patch(obj, *, attention: bool = True, norm: bool = True, scheduler: bool = True, compile=False,
+          cuda_graphs: bool = False) -> PatchReport:
     """Run a diffusers pipeline (or a module tree holding diffusers modules) on diffkern's kernels.
 
     Args:
@@ -191,6 +222,13 @@ def patch(obj, *, attention: bool = True, norm: bool = True, scheduler: bool = T
         attention: swap the attention processors of diffusers `Attention` modules.
         norm: fuse GroupNorm -> SiLU sites (ResnetBlock2D, conv_norm_out -> conv_act).
         scheduler: swap pipeline schedulers for diffkern's of the same name and config.
+        compile: run each denoising step (UNet + classifier-free guidance + scheduler update) as one
+            `torch.compile(fullgraph=True)` graph: True (torch.compile's default backend), a backend
+            name ("inductor", "aot_eager", ...) or a dict of torch.compile keyword arguments.
+            Pipelines: StableDiffusionPipeline, StableDiffusionXLPipeline, IFPipeline; schedulers:
+            DDIM (eta=0), Euler, DPM-Solver++ 1M/2M (see capturable.py); others raise when called.
+        cuda_graphs: capture that step in a CUDA graph on its first call and replay it for every
+            step (per-step coefficients are read on the device by a device-side step index). CUDA only.
 
     Returns:
         PatchReport. Images equal the unpatched pipeline's from the same generator (within
@@ -213,6 +251,8 @@ def patch(obj, *, attention: bool = True, norm: bool = True, scheduler: bool = T
     kinds = _processor_kinds()
     from diffusers.models.attention_processor import Attention
 
+    if attention:
+        register_default_processors()
     for where, m in walked:
         if attention and isinstance(m, Attention):
             _patch_attention(m, where, report, kinds)
@@ -222,6 +262,14 @@ def patch(obj, *, attention: bool = True, norm: bool = True, scheduler: bool = T
             _patch_norms(m, where, report)
     if scheduler and schedulers:
         _patch_schedulers(obj, schedulers, report)
+    if compile or cuda_graphs:
+        if not is_pipeline:
+            raise TypeError("patch: compile / cuda_graphs need a diffusers pipeline (the step spans the UNet and "
+                            f"the scheduler), got {type(obj).__name__}")
+        from diffkern.integrations.diffusers import capturable
+
+        capturable.patch_pipeline(obj, compile=compile, cuda_graphs=cuda_graphs)
+        report.replaced["capturable_step"] += 1
     if any("dispatcher" in why for _, _, why in report.left):
         report.notes.append(DISPATCHER_NOTE)
     if attention:
@@ -251,7 +299,11 @@ def _patch_schedulers(pipe, schedulers, report):
             report.left.append(("scheduler", name, why))
             continue
         saved[name] = (s, new)
-        setattr(pipe, name, new)  # through DiffusionPipeline.__setattr__: the pipeline config follows
+        entry = pipe.config[name]
+        setattr(pipe, name, new)  # through DiffusionPipeline.__setattr__, which registers diffkern's module
+        # model_index.json keeps naming diffusers' class: a saved patched pipeline loads with diffusers
+        # alone (diffkern's scheduler has diffusers' class name and config, so it saves as diffusers')
+        pipe.register_to_config(**{name: tuple(entry)})
         report.replaced["scheduler"] += 1
 
 
@@ -277,6 +329,10 @@ def unpatch(obj) -> PatchReport:
         elif norms.is_patched_out_norm(m):
             norms.unpatch_out_norm(m)
             report.replaced["out_norm_silu"] += 1
+    if not isinstance(obj, nn.Module):
+        from diffkern.integrations.diffusers import capturable
+
+        report.replaced["capturable_step"] += int(capturable.unpatch_pipeline(obj))
     saved = obj.__dict__.pop("_diffkern_saved_schedulers", {}) if not isinstance(obj, nn.Module) else {}
     for name, (original, ours) in saved.items():
         if getattr(obj, name, None) is ours:

@@ -30,14 +30,19 @@ def swap(scheduler):
     cls = diffkern_scheduler_class(name)
     if cls is None:
         return None, f"diffkern has no {name}"
-    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    # the whole config, private keys included: `_use_default_values` (the keys the user never set) must
+    # carry over, or `OtherScheduler.from_config(pipe.scheduler.config)` on the patched pipeline would
+    # take this scheduler's defaults for them where the unpatched one takes OtherScheduler's own
     try:
-        if hasattr(cls, "from_config"):
-            new = cls.from_config(config)
-        else:
-            new = cls(**config)
+        new = cls.from_config(scheduler.config)
     except Exception as e:  # a config value diffkern's class does not take: leave diffusers' scheduler
         return None, f"diffkern's {name} rejects this config: {type(e).__name__}: {e}"
+    # and keys this class does not take stay in its config as in diffusers' (e.g. clip_sample=False in
+    # SD's PNDM config must reach a DDIMScheduler.from_config(pipe.scheduler.config) later)
+    carried = {k: v for k, v in scheduler.config.items()
+               if k not in new.config or (k == "_use_default_values" and new.config[k] != v)}
+    if carried:
+        new.register_to_config(**carried)
     # built fresh from the config: diffusers pipelines call set_timesteps at every __call__, so the
     # old scheduler's timestep state needs no carrying over
     return new, ""
