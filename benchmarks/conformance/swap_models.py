@@ -138,13 +138,24 @@ def main(argv=None):
                              "installed with pip install --target, if the venv lacks them)")
     parser.add_argument("--timeout", type=int, default=300)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/conformance-models.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the markdown from the JSON of the last run (no tests run)")
     args = parser.parse_args(argv)
     tests = args.tests.resolve()
     files = [str(Path(tests.name) / f) for f in args.files]
     records = args.out.parent / (args.out.stem + ".json")
-    theirs, t_theirs = _run_pass(tests, files, False, "/tmp/swap_models-diffusers.json", args.extra_path, args.timeout)
-    ours, t_ours = _run_pass(tests, files, True, "/tmp/swap_models-diffkern.json", args.extra_path, args.timeout)
-    records.write_text(json.dumps({"diffusers": theirs, "diffkern": ours}, indent=1, sort_keys=True))
+    if args.report_only:
+        saved = json.loads(records.read_text())
+        theirs, ours = saved["diffusers"], saved["diffkern"]
+        t_theirs, t_ours = saved.get("wall_s", {}).get("diffusers", 0), saved.get("wall_s", {}).get("diffkern", 0)
+    else:
+        theirs, t_theirs = _run_pass(tests, files, False, "/tmp/swap_models-diffusers.json", args.extra_path,
+                                     args.timeout)
+        ours, t_ours = _run_pass(tests, files, True, "/tmp/swap_models-diffkern.json", args.extra_path,
+                                 args.timeout)
+        records.write_text(json.dumps({"diffusers": theirs, "diffkern": ours,
+                                       "wall_s": {"diffusers": t_theirs, "diffkern": t_ours}},
+                                      indent=1, sort_keys=True))
 
     import diffusers
     import torch
@@ -164,14 +175,37 @@ def main(argv=None):
         f"torch {torch.__version__}, CPU. Files: " + ", ".join(f"`{f}`" for f in args.files) + ".",
         "Each test runs twice in separate processes: once as written, once with diffkern's "
         + ", ".join(SWAPPED) + " in place of diffusers' (the names the test modules import). Hub tests "
-        "(no network here) run with HF_HUB_OFFLINE=1 and fail for both.",
+        "(no network here) run with HF_HUB_OFFLINE=1 and fail for both. diffusers' test helpers need accelerate, "
+        "psutil and requests_mock, which the project's venv does not carry: "
+        "`pip install --no-deps --target DIR accelerate psutil requests_mock`, then `--extra-path DIR`.",
         "",
         "| classes | passed | failed | skipped | wall s |",
         "|---|---|---|---|---|",
         f"| diffusers | {c_theirs['passed']} | {c_theirs['failed']} | {c_theirs['skipped']} | {t_theirs:.0f} |",
         f"| diffkern | {c_ours['passed']} | {c_ours['failed']} | {c_ours['skipped']} | {t_ours:.0f} |",
         "",
-        f"Pass with diffusers' class and not with diffkern's: {len(lost)} (of {c_theirs['passed']}).",
+        f"Pass with diffusers' class and not with diffkern's: {len(lost)} (of {c_theirs['passed']}), by cause:",
+        "",
+        "| tests | cause (the error diffkern's class raises) |",
+        "|---|---|",
+    ]
+    causes = {}
+    for row in lost.values():
+        reason = row["reason"]
+        cause = reason.split(" is not supported")[0] if " is not supported" in reason \
+            else ":".join(reason.split(":")[:2])
+        causes[cause] = causes.get(cause, 0) + 1
+    lines += [f"| {n} | {cause.replace('|', '/')} |" for cause, n in sorted(causes.items(), key=lambda c: -c[1])]
+    lines += [
+        "",
+        "Not covered by diffkern's classes, each raising an error that names the option: the NCSN++ (score SDE) "
+        "layout of UNet2DModel (time_embedding_type='fourier', Skip*Block2D blocks, norm_num_groups=None: "
+        "ValueError), and diffusers' attention-processor API on every model (attn_processors, set_attn_processor, "
+        "set_default_attn_processor, set_attention_slice, xFormers, set_attention_backend, fuse_qkv_projections, "
+        "and with them IP-Adapter / custom-diffusion processors: NotImplementedError, since the attention runs on "
+        "diffkern.ops.attention).",
+        "",
+        "Each of them:",
         "",
         "| test | diffkern outcome | reason |",
         "|---|---|---|",
