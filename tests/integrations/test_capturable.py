@@ -135,7 +135,8 @@ def test_unsupported_configurations_are_clear_errors(tmp_path):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     pipe, kwargs = _build("sd", tmp_path)  # PNDM: not a capturable scheduler
-    diffkern.patch(pipe, compile="eager")
+    assert diffkern.patch(pipe, compile="eager").replaced["capturable_step"] == 1
+    assert diffkern.patch(pipe, compile="eager").already["capturable_step"] == 1  # same options: kept
     with pytest.raises(ValueError, match="PNDMScheduler is not supported"):
         _images(pipe, kwargs, 2, 7.5)
     pipe.scheduler = _scheduler(pipe, "DDIMScheduler")

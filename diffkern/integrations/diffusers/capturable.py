@@ -230,7 +230,15 @@ class CapturedStep:
     def __init__(self, base, compile=False, cuda_graphs=False):
         self.compile_kwargs = None
         if compile:
-            kw = {"backend": compile} if isinstance(compile, str) else dict(compile) if isinstance(compile, dict) else {}
+            if isinstance(compile, str):
+                kw = {"backend": compile}
+            elif isinstance(compile, dict):
+                kw = dict(compile)
+            elif compile is True:
+                kw = {}
+            else:
+                raise TypeError(f"compile must be True, a backend name or a dict of torch.compile arguments, "
+                                f"got {type(compile).__name__}")
             if kw.get("fullgraph") is False:
                 raise ValueError("compile: fullgraph=False defeats the point (one graph per step); leave it out")
             kw["fullgraph"] = True
@@ -470,8 +478,9 @@ def captured_class(base):
     return cls
 
 
-def patch_pipeline(pipe, compile=False, cuda_graphs=False) -> CapturedStep:
-    """Put `pipe` on the captured step (see the module docstring). Idempotent for the same options."""
+def patch_pipeline(pipe, compile=False, cuda_graphs=False):
+    """Put `pipe` on the captured step (see the module docstring): the new CapturedStep, or None when
+    `pipe` already runs on one with the same options."""
     name = type(pipe).__name__
     base = getattr(type(pipe), "_diffkern_base", type(pipe))
     if base.__name__ not in SUPPORTED_PIPELINES or base.__module__.split(".")[0] != "diffusers":
@@ -479,7 +488,11 @@ def patch_pipeline(pipe, compile=False, cuda_graphs=False) -> CapturedStep:
                          f"{', '.join(SUPPORTED_PIPELINES)}, whose denoising loops were checked)")
     if cuda_graphs and not torch.cuda.is_available():
         raise RuntimeError("cuda_graphs=True needs a CUDA device (torch.cuda.is_available() is False)")
+    old = pipe.__dict__.get("_diffkern_capture")
+    if old is not None and old.options == (compile, bool(cuda_graphs)):
+        return None  # already on the captured step with these options (its compiled graphs are kept)
     engine = CapturedStep(base, compile=compile, cuda_graphs=cuda_graphs)
+    engine.options = (compile, bool(cuda_graphs))
     pipe.__dict__["_diffkern_capture"] = engine
     pipe.__class__ = captured_class(base)
     return engine

@@ -268,8 +268,8 @@ def patch(obj, *, attention: bool = True, norm: bool = True, scheduler: bool = T
                             f"the scheduler), got {type(obj).__name__}")
         from diffkern.integrations.diffusers import capturable
 
-        capturable.patch_pipeline(obj, compile=compile, cuda_graphs=cuda_graphs)
-        report.replaced["capturable_step"] += 1
+        new = capturable.patch_pipeline(obj, compile=compile, cuda_graphs=cuda_graphs)
+        (report.replaced if new is not None else report.already)["capturable_step"] += 1
     if any("dispatcher" in why for _, _, why in report.left):
         report.notes.append(DISPATCHER_NOTE)
     if attention:
