@@ -13,7 +13,7 @@ On a CPU the sizes are reduced (SD 64x64 pixels x 3 steps; GLIDE base 32x32 x 3 
 64x64 x 2 steps; full channel widths) so that the suite takes a minute or two, and "peak memory" is
 the process's RSS high-water mark (it only grows: read it as an upper bound per row).
 Each pipeline runs once to warm up, then is timed interleaved with the others (median of 5 runs on
-a GPU, 3 on a CPU; `make bench`'s quick suite: SD only, 2 steps) on the
+a GPU, 3 on a CPU; `make bench`'s quick suite: SD only, 1 step on a CPU) on the
 reference backend (plain PyTorch ops: the speed-up baseline), on diffkern's automatic backends
 and, for SD, diffusers. Add a family: a function (device, full) -> Setup in FAMILIES.
 """
@@ -160,7 +160,7 @@ def _measure_once(fn, module, device):
 
 
 def run(device, quick=False, compile_reference=False, log=print, full_size=False):
-    """Rows of every family (quick: sd15 only, 2 steps); compile_reference is not used (no compiled peer).
+    """Rows of every family (quick: sd15 only, 1 step on a CPU); compile_reference is not used (no compiled peer).
     The backends of a family run interleaved, one call each per round (3 rounds on a CPU, 5 on a GPU),
     after one warm-up call each."""
     full = device.type == "cuda" or full_size
@@ -169,7 +169,7 @@ def run(device, quick=False, compile_reference=False, log=print, full_size=False
     for name, make in FAMILIES.items():
         if quick and name != "sd15":
             continue
-        s = make(device, full, **({"steps": 2} if quick and not full else {}))
+        s = make(device, full, **({"steps": 1} if quick and not full else {}))
         samples = {b: [] for b in s.calls}
         with torch.inference_mode():
             for b, fn in s.calls.items():
