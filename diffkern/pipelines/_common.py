@@ -66,12 +66,6 @@ def unet_forward(unet, x, t, context):
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
-def vae_encode(vae, x):
-    """The posterior of `x` (ours returns it; diffusers' wraps it in `.latent_dist`)."""
-    out = vae.encode(x)
-    return getattr(out, "latent_dist", out)
-
-
 def vae_decode(vae, z):
     out = vae.decode(z)
     return out if isinstance(out, torch.Tensor) else out[0]

@@ -1,44 +1,40 @@
-"""Stable Diffusion inpainting (the 9-channel inpainting checkpoints) on diffkern models and schedulers.
+"""Stable Diffusion inpainting (the 9-channel inpainting checkpoints): diffusers' own
+StableDiffusionInpaintPipeline on diffkern's UNet, VAE and schedulers, behind diffkern's adapter (see
+diffkern.pipelines.stable_diffusion: construction, from_pretrained / from_loaded, prompt encoding,
+progress= and callback=).
 
     pipe = StableDiffusionInpaintPipeline.from_pretrained("sd-inpainting", dtype=torch.float16, device="cuda")
     image = pipe("a red cat on a bench", image=photo, mask_image=mask,
                  generator=torch.Generator().manual_seed(0)).images[0]
 
 The inpainting UNet sees, at every step, 4 + 1 + 4 channels: the noisy latents, the mask downsampled to
-the latent grid, and the VAE latents of the image with the masked region zeroed. The call follows
-diffusers' StableDiffusionInpaintPipeline step for step, so equal weights and seed give equal images:
-
-- image: as the image-to-image pipeline reads it ([-1, 1]), resized to height x width (default: the
-  UNet's sample_size x 8, not the image's size, as diffusers);
-- mask_image: grayscale, resized to height x width the same way, then binarised at 0.5 (white, 1,
-  is repainted); the masked image is image * (mask < 0.5);
-- random draws from the generator, in diffusers' order: with strength < 1 a posterior sample of the
-  image's latents, then the noise x_T (the pure noise at strength 1, else the image latents noised to
-  the first timestep), then a posterior sample of the masked image's latents (diffusers samples here
-  too, it does not take the mode), then each step's noise.
-
-Differences: no safety checker, no padding_mask_crop / masked_image_latents / 4-channel (non-inpainting)
-UNets; the guidance combine runs inside the scheduler's fused step; the scheduler is a diffkern one.
+the latent grid, and the VAE latents of the image with the masked region zeroed. diffkern reads the
+image (as the image-to-image pipeline, resized to height x width: default the UNet's sample_size x 8)
+and the mask (`preprocess_mask`: grayscale, resized, binarised at 0.5; white, 1, is repainted), checks
+the counts, and hands both to diffusers' __call__, whose draws (posterior samples, x_T, step noise) and
+loop are then diffusers' own. diffusers' padding_mask_crop / masked_image_latents pass through as
+keywords; 4-channel (non-inpainting) UNets are refused.
 """
 
 from __future__ import annotations
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from diffkern.pipelines import _common as C
-from diffkern.pipelines.stable_diffusion import _StableDiffusionBase, check_strength, strength_timesteps
-from diffkern.schedulers.sampling import denoise_loop
+from diffkern.pipelines.stable_diffusion import _DiffusersSDAdapter, check_strength
 
 
-class StableDiffusionInpaintPipeline(_StableDiffusionBase):
+class StableDiffusionInpaintPipeline(_DiffusersSDAdapter, diffusers.StableDiffusionInpaintPipeline):
     """Repaint the white part of a mask following a prompt, with an SD inpainting UNet (in_channels 9).
 
     Components as StableDiffusionPipeline's; the UNet must take 2 * latent_channels + 1 input channels.
     """
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, safety_checker=None,
+                 feature_extractor=None, image_encoder=None, requires_safety_checker=False):
         latent = vae.config.latent_channels
         got = unet.config.in_channels
         if got != 2 * latent + 1:
@@ -47,13 +43,14 @@ class StableDiffusionInpaintPipeline(_StableDiffusionBase):
                 f"+ masked-image latents {latent}), this one takes {got}: load an inpainting checkpoint "
                 "(e.g. stable-diffusion-inpainting); a text-to-image checkpoint cannot inpaint with this "
                 "pipeline")
-        super().__init__(unet, vae, text_encoder, tokenizer, scheduler)
+        super().__init__(unet, vae, text_encoder, tokenizer, scheduler, safety_checker, feature_extractor,
+                         image_encoder, requires_safety_checker)
 
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, mask_image=None, negative_prompt=None, *, strength=1.0,
                  num_inference_steps=50, guidance_scale=7.5, num_images_per_prompt=1, generator=None,
                  latents=None, eta=0.0, output_type="pil", height=None, width=None, prompt_embeds=None,
-                 negative_prompt_embeds=None, progress=None, callback=None, clip_skip=None):
+                 negative_prompt_embeds=None, progress=None, callback=None, clip_skip=None, **kwargs):
         """Inpaint `image` where `mask_image` is white, following `prompt` (or `prompt_embeds`).
 
         Args:
@@ -71,18 +68,17 @@ class StableDiffusionInpaintPipeline(_StableDiffusionBase):
                 noised image latents even when strength < 1.
             The other arguments are StableDiffusionPipeline's.
         Returns:
-            ImagePipelineOutput with `.images`.
+            diffusers' StableDiffusionPipelineOutput (`.images`, `.nsfw_content_detected`).
         """
         if image is None or mask_image is None:
             raise ValueError("image, mask_image: both are required (the picture and where to repaint it)")
         check_strength(strength)
+        if isinstance(num_inference_steps, int) and int(num_inference_steps * strength) < 1:
+            raise ValueError(f"strength: {strength} x num_inference_steps={num_inference_steps} leaves no "
+                             "denoising step; raise either")
         prompts, count = self._prompts(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds)
         batch = count * num_images_per_prompt
-        self._common_checks(output_type, generator, num_images_per_prompt, batch, num_inference_steps)
         height, width = self._size(height, width)
-        guided = guidance_scale > 1
-        context = self._context(prompts, negative_prompt, num_images_per_prompt, guided, clip_skip,
-                                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
         f = self.vae_scale_factor
         pixels = C.preprocess_image(image, height, width, f)
         mask = preprocess_mask(mask_image, height, width)
@@ -90,56 +86,20 @@ class StableDiffusionInpaintPipeline(_StableDiffusionBase):
         if n_masks != n_images and 1 not in (n_images, n_masks):
             raise ValueError(f"mask_image: {n_masks} masks for {n_images} images; give one mask or one per "
                              "image")
-        masked = pixels * (mask < 0.5)  # the repainted region becomes 0 (mid-gray), as diffusers feeds it
-        for name, n in (("image", n_images), ("mask_image", masked.shape[0])):
+        for name, n in (("image", n_images), ("mask_image", max(n_images, n_masks))):
             if batch % n:
                 raise ValueError(f"{name}: {n} cannot be spread over {batch} outputs (prompts x "
                                  "num_images_per_prompt); give one or one per output")
-
-        sched = self.scheduler
-        timesteps = strength_timesteps(sched, num_inference_steps, strength, self.device)
-        shape = (batch, self.vae.config.latent_channels, height // f, width // f)
-        x = self._initial_latents(shape, pixels, latents, strength, timesteps[:1], generator)
-        masked_latents = _tile(self._encode(masked, generator), batch)
-        small_mask = _tile(F.interpolate(mask, size=shape[2:]), batch)  # nearest, as diffusers
-        extra = torch.cat([small_mask.to(device=self.device, dtype=self.dtype), masked_latents], dim=1)
-        extra = torch.cat([extra, extra]) if guided else extra  # UNet input: latents, mask, masked latents
-        x = denoise_loop(
-            C.guided_model_fn(self.unet, context, guided, extra=extra),
-            sched, x, timesteps, guidance_scale=guidance_scale if guided else None, generator=generator,
-            progress=self.progress if progress is None else progress, step_kwargs=C.step_kwargs(sched, eta),
-            callback=callback,
-        )
-        return self._finish(x, output_type)
-
-    def _initial_latents(self, shape, pixels, latents, strength, first_t, generator):
-        """x at the first timestep: given latents, pure noise (strength 1) or the noised image latents."""
-        sigma = self.scheduler.init_noise_sigma
-        if latents is not None:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-            return latents.to(device=self.device, dtype=self.dtype) * sigma
-        # the image is encoded (a posterior draw) only when it is needed, before the noise: diffusers' order
-        init = None if strength == 1 else _tile(self._encode(pixels, generator), shape[0])
-        noise = C.initial_noise(shape, generator, self.device, self.dtype)
-        if init is None:
-            return noise * sigma
-        return self.scheduler.add_noise(init, noise, first_t.repeat(shape[0]))
-
-    def _encode(self, pixels, generator):
-        """Scaled posterior samples of `pixels`, one per image; a list of generators gives image i
-        generator i (diffusers encodes before repeating, unlike its image-to-image pipeline)."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        pixels = pixels.to(device=self.device, dtype=vae_dtype)
-        if isinstance(generator, (list, tuple)):
-            generator = list(generator[: pixels.shape[0]])
-        z = C.vae_encode(self.vae, pixels).sample(generator)
-        return (self.vae.config.scaling_factor * z).to(self.dtype)
-
-
-def _tile(x, batch):
-    """[x; x; ...] up to `batch` rows (torch's repeat: the whole batch again, not each row in a row)."""
-    return x.repeat(batch // x.shape[0], *([1] * (x.dim() - 1)))
+        self._check_latents(latents, (batch, self.vae.config.latent_channels, height // f, width // f))
+        # diffkern's reading of image and mask, handed to diffusers as [0, 1] / {0, 1} tensors at the size
+        kwargs.update(image=(pixels / 2 + 0.5).clamp(0, 1), mask_image=mask, strength=strength, eta=eta,
+                      height=height, width=width, latents=latents)
+        return self._run(super().__call__, prompt=prompt, negative_prompt=negative_prompt,
+                         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                         guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
+                         num_inference_steps=num_inference_steps, generator=generator,
+                         output_type=output_type, clip_skip=clip_skip, progress=progress, callback=callback,
+                         kwargs=kwargs)
 
 
 def preprocess_mask(mask_image, height, width):
