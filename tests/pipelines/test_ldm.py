@@ -36,8 +36,9 @@ def _unet2d(in_channels=3, seed=2):
     torch.manual_seed(seed)
     return randomise(diffusers.UNet2DModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8,
                                            in_channels=in_channels, out_channels=3, norm_num_groups=4,
-                                           down_block_types=("DownBlock2D", "DownBlock2D"),
-                                           up_block_types=("UpBlock2D", "UpBlock2D")), seed, scale=0.05)
+                                           attention_head_dim=8,  # the LDM releases' layout: attention
+                                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                           up_block_types=("AttnUpBlock2D", "UpBlock2D")), seed, scale=0.05)
 
 
 def _components(pipe):

@@ -22,9 +22,9 @@ Families: the class-conditional ImageNet model (cin256 / cin256-v2) -> LDMClassC
 text-to-image model (txt2img-1p4B: BERTEmbedder, an x-transformers encoder -> diffkern LDMBertModel with
 diffusers' keys, KL-f8) -> LDMTextToImagePipeline (pass tokenizer=, the bert-base-uncased tokenizer). Not yet:
 the unconditional, super-resolution and inpainting models (their UNets are openaimodel without the spatial
-transformer, i.e. diffusers UNet2DModel with AttnDownBlock2D / resblock_updown, which diffkern's UNet2DModel
-does not build), and VQ autoencoders with encoder attention (vq-f8 / f16: AttnDownEncoderBlock2D): each
-raises CheckpointError / NotImplementedError saying so.
+transformer, i.e. diffusers UNet2DModel with AttnDownBlock2D: the key map, with its per-head qkv split, is not
+written yet; their diffusers folders load), and VQ autoencoders with encoder attention (vq-f8 / f16:
+AttnDownEncoderBlock2D): each raises CheckpointError / NotImplementedError saying so.
 `ema=True` reads the model_ema.* copy of the UNet weights when the file has one (CompVis's ema_scope).
 """
 
@@ -111,8 +111,8 @@ def _unet(sd, section, image_size):
     if not params.get("use_spatial_transformer"):
         raise CheckpointError(
             "model.diffusion_model: an openaimodel UNet without the spatial transformer (the unconditional, "
-            "super-resolution and inpainting LDMs; diffusers' UNet2DModel with AttnDownBlock2D) is not "
-            "supported by diffkern's UNet2DModel yet")
+            "super-resolution and inpainting LDMs; diffusers' UNet2DModel with AttnDownBlock2D): its key map "
+            "(qkv split per head) is not written yet; load the diffusers folder instead")
     if params.get("resblock_updown"):
         raise CheckpointError("model.diffusion_model: resblock_updown is not supported")
     heads = {}
@@ -267,7 +267,8 @@ def load_latent_diffusion(checkpoint, config, *, dtype=None, device="cpu", ema=F
     .safetensors of the same state dict), `config` its .yaml. dtype: the weights' dtype (None keeps the
     file's). ema: use the file's EMA UNet weights (model_ema.*). tokenizer: for the text-to-image model,
     the BERT tokenizer CompVis downloads (bert-base-uncased): a transformers tokenizer or its folder.
-    Raises CheckpointError naming what does not fit, NotImplementedError for the families not supported yet (see the module docstring)."""
+    Raises CheckpointError naming what does not fit, NotImplementedError for the families not supported
+    yet (see the module docstring)."""
     from diffkern.models.weights import read_state_dict
     from diffkern.schedulers import SCHEDULERS
 
