@@ -48,7 +48,8 @@ t2 = time.time()
 res = dict(model="SDXL base UNet2DConditionModel (random weights, real config)", parameters=params,
            dtype="bfloat16", weights_gib=round(weights_gib, 3), rss_before_gib=round(base, 3),
            peak_rss_after_build_gib=round(after_build, 3), peak_rss_after_forward_gib=round(rss_gib(), 3),
-           forward_latent="1x4x32x32, 77x2048 context", forward_finite=bool(torch.isfinite(out.float()).all()),
+           forward_latent="1x4x32x32, 77x2048 context",
+           forward_finite=bool(torch.isfinite(out.float()).all()),
            build_s=round(t1 - t0, 1), forward_s=round(t2 - t1, 1), torch=torch.__version__,
            machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
            how="OMP_NUM_THREADS=1 python benchmarks/results/sdxl_unet_bf16_memory_cpu.py OUT.json "
