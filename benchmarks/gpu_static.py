@@ -602,7 +602,7 @@ def markdown(results, errors, nvcc, roof, command):
     if attn:
         md += ["", f"Warpgroup MMA (HGMMA) in the attention kernels: {sum(1 for r in attn if r.wgmma)} of "
                f"{len(attn)} configs (the rest use {', '.join(sorted({r.mma or 'no MMA' for r in attn if not r.wgmma})) or '-'})."]
-    md += ["", "## csrc/cuda (nvcc -arch=sm_90a -O3 -Xptxas -v)", ""]
+    md += ["", "## csrc/cuda (nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -Xptxas -v)", ""]
     if isinstance(nvcc, str):
         md.append(f"not compiled: {nvcc}")
     else:
