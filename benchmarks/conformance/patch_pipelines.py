@@ -340,6 +340,7 @@ def main(argv=None):
     ap.add_argument("-k", default="", help="pytest -k selection")
     ap.add_argument("--timeout", type=int, default=300, help="per-test timeout (pytest-timeout), seconds")
     ap.add_argument("--report-only", action="store_true", help="rewrite report.md from an earlier run")
+    ap.add_argument("--rerun", choices=("off", "patch"), help="run this mode only, keep the other's earlier results")
     ap.add_argument("files", nargs="+", help="test files relative to tests/pipelines")
     args = ap.parse_args(argv)
     args.command_line = " ".join(["python", "benchmarks/conformance/patch_pipelines.py"] + (argv or sys.argv[1:]))
@@ -348,6 +349,10 @@ def main(argv=None):
     timings_file = out / "timings.json"
     if args.report_only:
         timings = json.loads(timings_file.read_text())
+    elif args.rerun:
+        timings = json.loads(timings_file.read_text())
+        timings[args.rerun] = _run(args.rerun, args, out)
+        timings_file.write_text(json.dumps(timings))
     else:
         timings = {mode: _run(mode, args, out) for mode in ("off", "patch")}
         timings_file.write_text(json.dumps(timings))

@@ -94,3 +94,22 @@ def test_set_default_attn_processor_on_a_patched_model(tmp_path):
     diffkern.patch(unet)
     unet.set_default_attn_processor()
     assert {type(p) for p in unet.attn_processors.values()} == {AttnAddedKVProcessor}
+
+
+def test_swap_keeps_config_values_the_pipeline_edited(tmp_path):
+    """StableDiffusionPipeline.__init__ rewrites an old scheduler config (steps_offset 0 -> 1) and leaves
+    the key in `_use_default_values`; diffkern's scheduler must run with the edited value (diffusers'
+    own pipeline tests: 0.012 image difference before this was fixed)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    old = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                        set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(**{**_tiny.sd(tmp_path).components, "scheduler": old})
+    assert pipe.scheduler.config.steps_offset == 1 and "steps_offset" in pipe.scheduler.config._use_default_values
+    pipe.scheduler.set_timesteps(2)
+    want = pipe.scheduler.timesteps.tolist()
+    diffkern.patch(pipe)
+    assert type(pipe.scheduler).__module__.startswith("diffkern")
+    pipe.scheduler.set_timesteps(2)
+    assert pipe.scheduler.timesteps.tolist() == want == [501, 1]
+    assert dict(pipe.scheduler.config) == dict(old.config)

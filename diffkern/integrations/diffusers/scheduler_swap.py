@@ -30,15 +30,20 @@ def swap(scheduler):
     cls = diffkern_scheduler_class(name)
     if cls is None:
         return None, f"diffkern has no {name}"
-    # the whole config, private keys included: `_use_default_values` (the keys the user never set) must
-    # carry over, or `OtherScheduler.from_config(pipe.scheduler.config)` on the patched pipeline would
-    # take this scheduler's defaults for them where the unpatched one takes OtherScheduler's own
+    # built from every value of the config, the keys listed in `_use_default_values` included: a pipeline
+    # may have edited the config after construction (StableDiffusionPipeline sets steps_offset=1 on old
+    # configs, leaving the key in `_use_default_values`), and from_config would drop such a key and take
+    # the class default instead of the value the unpatched scheduler runs with
+    config = {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
     try:
-        new = cls.from_config(scheduler.config)
+        new = cls.from_config(config)
     except Exception as e:  # a config value diffkern's class does not take: leave diffusers' scheduler
         return None, f"diffkern's {name} rejects this config: {type(e).__name__}: {e}"
-    # and keys this class does not take stay in its config as in diffusers' (e.g. clip_sample=False in
-    # SD's PNDM config must reach a DDIMScheduler.from_config(pipe.scheduler.config) later)
+    # then the config is made the original's: `_use_default_values` (the keys the user never set) carries
+    # over, or `OtherScheduler.from_config(pipe.scheduler.config)` on the patched pipeline would take this
+    # scheduler's defaults for them where the unpatched one takes OtherScheduler's own; and keys this class
+    # does not take stay in its config as in diffusers' (e.g. clip_sample=False in SD's PNDM config must
+    # reach a DDIMScheduler.from_config(pipe.scheduler.config) later)
     carried = {k: v for k, v in scheduler.config.items()
                if k not in new.config or (k == "_use_default_values" and new.config[k] != v)}
     if carried:
