@@ -32,11 +32,11 @@ bad = {
     "strided": dict(x=x[..., ::2], num_groups=4),
     "out shape": dict(x=x, num_groups=4, out=torch.empty(2, 8, 4, 5)),
 }
-ORDER = ["x", "num_groups", "weight", "bias", "scale", "shift", "eps", "silu", "out"]
+ORDER = ["x", "num_groups", "weight", "bias", "scale", "shift", "eps", "activation", "out"]
 
 
 def call(kw, positional):
-    args = dict(weight=None, bias=None, scale=None, shift=None, eps=1e-5, silu=False, out=None)
+    args = dict(weight=None, bias=None, scale=None, shift=None, eps=1e-5, activation=0, out=None)
     args.update(kw)
     if positional:
         return ext.group_norm_forward(*[args[k] for k in ORDER])

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -86,6 +87,9 @@ def _check(args, batch):
         raise UsageError("no checkpoint given (--checkpoint PATH).\n" + WHERE_TO_PUT_WEIGHTS)
     if not Path(args.checkpoint).exists():
         raise UsageError(f"checkpoint not found: {args.checkpoint}\n" + WHERE_TO_PUT_WEIGHTS)
+    other = _other_family(args.checkpoint)
+    if other:
+        raise UsageError(f"--checkpoint {args.checkpoint}: {other}")
     if not batch and not args.prompt:
         raise UsageError("--prompt: give the text to draw")
     if args.steps < 1 or args.num_images < 1:
@@ -105,6 +109,23 @@ def _check(args, batch):
         check_image(args.init_image, "--init-image")
     if args.backend is not None:
         check_backend(args.backend)
+
+
+# folders whose pipeline has its own family option (their runners take other arguments than SD's)
+_OTHER_FAMILIES = {"StableDiffusionXL": "--sdxl", "LDMPipeline": "--ldm", "LDMSuperResolutionPipeline": "--ldm"}
+
+
+def _other_family(checkpoint):
+    """A message when `checkpoint` is a diffusers folder of the SDXL or LDM families (None otherwise)."""
+    index = Path(checkpoint) / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        return None  # not a readable folder index: the loader says what is wrong with it
+    for prefix, option in _OTHER_FAMILIES.items():
+        if isinstance(name, str) and name.startswith(prefix):
+            return f"a {name} folder: use `diffkern generate {option} {checkpoint}`"
+    return None
 
 
 def _size_problem(key, value):

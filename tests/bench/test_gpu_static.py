@@ -40,12 +40,5 @@ def test_dispatcher_configs_compile_for_sm90a_without_spills(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| guided_step | _guided_step_kernel |" in report and "Roofline floors" in report
     failed = [line for line in text.splitlines() if line.startswith("FAILED:")]
-    if failed:
-        # Known (2026-12-06): module-level `_NAN: tl.constexpr = tl.PropagateNan.ALL` is an annotation, not a
-        # constexpr; Triton 3.9's GPU compiler refuses the global (the CPU interpreter does not check). The fix
-        # belongs to the kernels: `_NAN = tl.constexpr(tl.PropagateNan.ALL)`. Anything else fails the test.
-        other = [line for line in failed if "Cannot access global variable _NAN" not in line]
-        assert not other, "\n".join(other)
-        pytest.xfail("Triton kernels fail to compile for the GPU as written (global _NAN not a tl.constexpr): "
-                     + "; ".join(" ".join(line.split()[1:3]) for line in failed))
+    assert not failed, "\n".join(failed)
     assert int(m.group(1)) > 0

@@ -37,6 +37,7 @@ def test_generate_writes_diffusers_image_and_checks_options(tmp_path, capsys):
             (["--sdxl", folder, "--mask-image", str(out)], "--mask-image: give the --sdxl-init-image"),
             (["--sdxl", folder, "--high-noise-frac", "1.5"], "--high-noise-frac"),
             (["--sdxl", folder, "--sdxl-scheduler", "nope"], "unknown scheduler"),
-            (["--sdxl", folder, "--init-image", str(out)], "--init-image")):
+            (["--sdxl", folder, "--init-image", str(out)], "--init-image"),
+            (["--checkpoint", folder], "use `diffkern generate --sdxl")):  # SD's runner would crash on it
         assert main(["generate", "--prompt", "x", "--output", str(tmp_path / "x.png"), *argv]) == 2
         assert message in capsys.readouterr().err

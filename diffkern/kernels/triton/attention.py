@@ -322,19 +322,21 @@ def _bwd_dq_kernel(
              _to(dq * scale, dq_ptr.dtype.element_ty, DOT_MODE), mask=mask)
 
 
-def _config(D, dtype, device, backward):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)."""
+def _config(D, dtype, device, backward, masked=False):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). masked: a prefix, a bias or causal masking is on;
+    their extra tiles (bias, masks) need more registers, so those variants get 8 warps (or smaller tiles):
+    at 4 warps they spilled 0.3-5 KB per thread on sm_90a (benchmarks/results/gpu-static-sm90a.md)."""
     block_d = max(16, triton.next_power_of_2(D))
     if device.type != "cuda":
         return 16, 16, block_d, 4, 1  # the interpreter runs programs one by one: small tiles, fast tests
     wide = dtype == torch.float32 and block_d >= 128  # fp32 tiles take twice the shared memory
     if backward:  # two fp32 (BLOCK_N, BLOCK_D) accumulators live in registers
-        block = 64 if block_d <= 128 and not wide else 32
-        return block, block, block_d, 4 if block_d <= 64 else 8, 2
+        block = 64 if block_d <= 128 and not wide and not (masked and block_d == 128) else 32
+        return block, block, block_d, 8, 2  # 4 warps spilled even unmasked at BLOCK_D 64 (dkdv, 280 B)
     if block_d <= 64:
-        return 128, 64, block_d, 4, 3
+        return 128, 64, block_d, 8 if masked else 4, 3
     if block_d <= 128:
-        return 64, 64 if not wide else 32, block_d, 4 if not wide else 8, 3 if not wide else 2
+        return 64, 64 if not wide else 32, block_d, 8 if (wide or masked) else 4, 3 if not wide else 2
     return 64, 32, block_d, 8, 2
 
 
@@ -380,7 +382,9 @@ def attention_forward(q, k, v, kp, vp, bias, causal, scale):
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    block_m, block_n, block_d, num_warps, num_stages = _config(D, q.dtype, q.device, backward=False)
+    masked = bool(causal) or bias is not None or (kp is not None and kp.shape[2] > 0)
+    block_m, block_n, block_d, num_warps, num_stages = _config(D, q.dtype, q.device, backward=False,
+                                                               masked=masked)
     has_prefix, Sp, kp_, vp_, bias_, strides = _segments(q, k, v, kp, vp, bias)
     grid = (triton.cdiv(Sq, block_m), B * H)
     _fwd_kernel[grid](q, k, v, kp_, vp_, bias_, out, lse, H, Sq, Sk, Sp, D, float(scale) * 1.4426950408889634,
@@ -407,12 +411,14 @@ def attention_backward(do, q, k, v, kp, vp, bias, causal, scale, out, lse, need_
             if t is not None:
                 t.zero_()
         return dq, dk, dv, dkp, dvp, dbias
-    block_m, block_n, block_d, num_warps, num_stages = _config(D, q.dtype, q.device, backward=True)
+    masked = bool(causal) or bias is not None or (kp is not None and kp.shape[2] > 0)
+    block_m, block_n, block_d, num_warps, num_stages = _config(D, q.dtype, q.device, backward=True,
+                                                               masked=masked)
     has_prefix, Sp, kp_, vp_, bias_, strides = _segments(q, k, v, kp, vp, bias)
     lse = lse.contiguous()
     delta = torch.empty((B * H, Sq), device=q.device, dtype=torch.float32)
     _bwd_preprocess_kernel[(triton.cdiv(Sq, block_m), B * H)](
-        out, do, delta, H, Sq, D, *out.stride(), *do.stride(), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+        out, do, delta, H, Sq, D, *out.stride(), *do.stride(), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8)
     flags = dict(CAUSAL=bool(causal), HAS_PREFIX=has_prefix, HAS_BIAS=bias is not None,
                  DOT_MODE=_dot_mode(q), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                  num_warps=num_warps, num_stages=num_stages)

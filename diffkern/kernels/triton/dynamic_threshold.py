@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 # clamps keep NaN (tl.minimum / tl.maximum drop it by default)
-_NAN: tl.constexpr = tl.PropagateNan.ALL
+_NAN = tl.constexpr(tl.PropagateNan.ALL)
 
 # (shift, bits) of the three digits; bit 31 of |x|'s pattern is always 0
 LEVELS = ((20, 11), (10, 10), (0, 10))

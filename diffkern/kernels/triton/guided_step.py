@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 # clamps keep NaN (tl.minimum / tl.maximum drop it by default): a NaN prediction stays NaN
-_NAN: tl.constexpr = tl.PropagateNan.ALL
+_NAN = tl.constexpr(tl.PropagateNan.ALL)
 
 
 @triton.jit
