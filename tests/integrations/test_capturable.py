@@ -83,7 +83,8 @@ CASES = [("sd", "DDIMScheduler"), ("sd", "EulerDiscreteScheduler"), ("sd", "DPMS
          ("if", "DDIMScheduler"), ("if", "DPMSolverMultistepScheduler")]
 
 
-FAST = [("sd", "DPMSolverMultistepScheduler"), ("sdxl", "EulerDiscreteScheduler"), ("if", "DDIMScheduler")]
+# SD 1.x + DPM-Solver++ 2M runs compiled in the default set (test_compiled_step_is_one_graph_...)
+FAST = [("sdxl", "EulerDiscreteScheduler"), ("if", "DDIMScheduler")]
 
 
 @pytest.mark.parametrize("family,scheduler", FAST + [pytest.param(*c, marks=SLOW) for c in CASES if c not in FAST])
