@@ -54,9 +54,14 @@ def main(argv=None):
     p.add_argument("--out", default=DEFAULT_OUT,
                    help="folder for the results (default %(default)s, untracked; official: benchmarks/results)")
     args = p.parse_args(argv)
-    quick = not args.full
-    timing.SPREAD_BOUND = args.max_spread
+    previous_bound, timing.SPREAD_BOUND = timing.SPREAD_BOUND, args.max_spread
+    try:  # the bound is module state that the report code reads; a caller of main() gets it back
+        return _run(args, not args.full)
+    finally:
+        timing.SPREAD_BOUND = previous_bound
 
+
+def _run(args, quick):
     device = torch.device(args.device)
     allocator = harness.pin_cpu_allocator() if device.type == "cpu" else None
     env = harness.environment(device, allocator)
