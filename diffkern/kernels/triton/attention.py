@@ -331,10 +331,13 @@ def _config(D, dtype, device, backward, masked=False):
         return 16, 16, block_d, 4, 1  # the interpreter runs programs one by one: small tiles, fast tests
     wide = dtype == torch.float32 and block_d >= 128  # fp32 tiles take twice the shared memory
     if backward:  # two fp32 (BLOCK_N, BLOCK_D) accumulators live in registers
-        block = 64 if block_d <= 128 and not wide and not (masked and block_d == 128) else 32
+        if masked:  # + the bias / mask tiles: 64 x 64 spilled 72 B (dq), 32 x 32 at BLOCK_D 256 500 B (dkdv)
+            block = 32 if block_d <= 128 else 16
+        else:
+            block = 64 if block_d <= 128 and not wide else 32
         return block, block, block_d, 8, 2  # 4 warps spilled even unmasked at BLOCK_D 64 (dkdv, 280 B)
-    if block_d <= 64:
-        return 128, 64, block_d, 8 if masked else 4, 3
+    if block_d <= 64:  # masked: 128 x 64 spilled 2.8 KB at 8 warps; 64 x 64 4.3 KB at 4 warps, 36 B at 8
+        return (64, 32, block_d, 4, 3) if masked else (128, 64, block_d, 4, 3)
     if block_d <= 128:
         return 64, 64 if not wide else 32, block_d, 8 if (wide or masked) else 4, 3 if not wide else 2
     return 64, 32, block_d, 8, 2
