@@ -12,7 +12,7 @@ extension (diffkern._C) and Triton are loaded lazily, on the first call that nee
 """
 
 from diffkern._dispatch import use_backend
-from diffkern import models, nn, ops, schedulers
+from diffkern import nn, ops
 
 __version__ = "0.1.0"
 
@@ -20,11 +20,16 @@ __all__ = ["ops", "nn", "models", "schedulers", "use_backend", "patch", "unpatch
            "__version__"]
 
 _INTEGRATION = ("patch", "unpatch", "PatchReport")
+_ON_DIFFUSERS = ("models", "schedulers")  # stand on diffusers' classes: imported on first use
 
 
 def __getattr__(name):
-    # patch / unpatch / PatchReport come from diffkern.integrations.diffusers on first use, so that
-    # `import diffkern` never imports the integration (nor diffusers, which it imports per call)
+    # models / schedulers and patch / unpatch / PatchReport are imported on first use, so that
+    # `import diffkern` (ops, kernels, nn) works without diffusers installed and never imports it
+    if name in _ON_DIFFUSERS:
+        import importlib
+
+        return importlib.import_module(f"diffkern.{name}")
     if name in _INTEGRATION:
         from diffkern.integrations import diffusers as integration
 
