@@ -28,7 +28,8 @@ import torch
 SPREAD_BOUND = 0.10   # IQR / median above this: the row is unreliable (no speed-up printed)
 MIN_ROUNDS = 7        # fewer samples give no usable quartiles
 MAX_ROUNDS = 60
-BATCH_SECONDS = {"cpu": 2e-3, "cuda": 5e-4}  # one sample is at least this long (clock resolution, launch noise)
+BATCH_SECONDS = {"cpu": 2e-2, "cuda": 5e-4}  # one sample is at least this long (clock resolution, launch and
+# scheduler noise: 2 ms CPU samples gave IQRs of 10-37% of the median on a quiet 2-core VM)
 CASE_SECONDS = 1.0    # time budget per case beyond MIN_ROUNDS
 
 
