@@ -11,6 +11,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffkern import ops
+from diffkern.schedulers.schedules import space_timesteps
 
 
 def randn_like_diffusers(shape, generator, device, dtype):
@@ -41,6 +42,16 @@ def with_extension_keys(parent, **extra):
     head = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
     added = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in extra.items()]
     return inspect.Signature(head + added + tail)
+
+
+def init_respacing(scheduler, timestep_respacing):
+    """The `timestep_respacing` extension key of DDPM / DDIM: recorded in the config only when used
+    (diffusers warns on unknown keys), and the kept timesteps in `scheduler.use_timesteps`."""
+    scheduler.use_timesteps = None
+    if timestep_respacing is not None:
+        scheduler.register_to_config(timestep_respacing=timestep_respacing)
+        kept = space_timesteps(scheduler.config.num_train_timesteps, timestep_respacing)
+        scheduler.use_timesteps = sorted(kept)
 
 
 def coeff_rows(batch, values):

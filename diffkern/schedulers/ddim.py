@@ -10,8 +10,8 @@ import torch
 from diffusers.schedulers import scheduling_ddim_inverse
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
-from diffkern.schedulers._base import FusedStep, coeff_rows, sqrt, threshold_fallback, with_extension_keys
-from diffkern.schedulers.schedules import space_timesteps
+from diffkern.schedulers._base import (FusedStep, coeff_rows, init_respacing, sqrt, threshold_fallback,
+                                       with_extension_keys)
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -30,10 +30,7 @@ class DDIMScheduler(FusedStep, diffusers.DDIMScheduler):
 
     def __init__(self, *args, timestep_respacing=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.use_timesteps = None
-        if timestep_respacing is not None:  # absent from the config unless used (diffusers warns on unknown keys)
-            self.register_to_config(timestep_respacing=timestep_respacing)
-            self.use_timesteps = sorted(space_timesteps(self.config.num_train_timesteps, timestep_respacing))
+        init_respacing(self, timestep_respacing)
 
     __init__.__signature__ = with_extension_keys(diffusers.DDIMScheduler, timestep_respacing=None)
 

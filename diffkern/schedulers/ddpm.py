@@ -7,8 +7,7 @@ import diffusers
 import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
-from diffkern.schedulers._base import FusedStep, threshold_fallback, with_extension_keys
-from diffkern.schedulers.schedules import space_timesteps
+from diffkern.schedulers._base import FusedStep, init_respacing, threshold_fallback, with_extension_keys
 
 FUSED_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "learned_range")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -29,10 +28,8 @@ class DDPMScheduler(FusedStep, diffusers.DDPMScheduler):
 
     def __init__(self, *args, timestep_respacing=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.use_timesteps = None
-        if timestep_respacing is not None:  # absent from the config unless used (diffusers warns on unknown keys)
-            self.register_to_config(timestep_respacing=timestep_respacing)
-            self.use_timesteps = sorted(space_timesteps(self.config.num_train_timesteps, timestep_respacing))
+        init_respacing(self, timestep_respacing)
+        if self.use_timesteps is not None:
             self.set_timesteps()
 
     __init__.__signature__ = with_extension_keys(diffusers.DDPMScheduler, timestep_respacing=None)
